@@ -1,0 +1,1 @@
+"""DTM: Dynamic Token Morphing masked-image-model pretraining in JAX/Flax NNX."""

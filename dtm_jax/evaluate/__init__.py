@@ -1,0 +1,1 @@
+"""Evaluation of pretrained students: linear probe, fine-tuning, kNN."""

@@ -1,0 +1,1 @@
+"""Student ViT (BEiT-style), CLIP vision tower and checkpoint converters."""

@@ -1,0 +1,1 @@
+"""tf.data input pipelines. The only package of this project that imports TensorFlow."""
