@@ -1,0 +1,173 @@
+"""Times the jitted DTM pretraining step on synthetic in-memory batches (no TensorFlow, so it runs on GPU hosts).
+
+Standard tables (one command each):
+  python benchmarks/train_step.py --table=gpu   # ViT-S/16 and ViT-B/16 students, CLIP ViT-B/16 teacher, 224², bf16,
+                                                # batch 256, DTM on and off (H100/H200)
+  python benchmarks/train_step.py --table=cpu   # ViT-Tiny student + ViT-Tiny-sized CLIP teacher, 224², fp32, batch 16
+One configuration:
+  python benchmarks/train_step.py --student=base --teacher=B/16 --batch=256 --dtype=bfloat16 --dtm=both
+
+Prints per configuration: step time (median over the timed steps), images/s, TFLOP/s per device, MFU (analytic
+FLOPs: student forward+backward = 3× forward, teacher forward, morphing; peak from metrics.PEAK_BF16_FLOPS), peak
+device memory, the number of compilations of the step, and the DTM overhead = step time with DTM ÷ step time with the
+token-wise loss (num_merge = 0), both measured in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import os
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from dtm_jax import metrics, optim, sharding, targets, train
+from dtm_jax.models import clip, functional, vit
+
+TABLES = {
+    "gpu": [dict(student="small", teacher="B/16", batch=256, dtype="bfloat16", image_size=224),
+            dict(student="base", teacher="B/16", batch=256, dtype="bfloat16", image_size=224)],
+    "cpu": [dict(student="tiny", teacher="tiny", batch=16, dtype="float32", image_size=224)],
+}
+# A CLIP-style teacher of ViT-Tiny size for the CPU table (the authors' CPU reference used the same sizes).
+TINY_CLIP = dict(width=192, depth=12, num_heads=3, mlp_dim=768, proj_dim=512)
+
+
+def _target_config(teacher: str, dtype: str, attention: str | None) -> ml_collections.ConfigDict:
+  overrides = dict(TINY_CLIP) if teacher == "tiny" else {}
+  if attention:
+    overrides["attention_impl"] = attention
+  return ml_collections.ConfigDict(dict(kind="clip", init="random", variant="B/16" if teacher == "tiny" else teacher,
+                                        overrides=overrides, dtype=dtype, seed=0))
+
+
+def _run_config(dtm_enabled: bool, accum: int) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      seed=0, grad_accum_steps=accum,
+      dtm=dict(enabled=dtm_enabled, num_schedules=2, max_merge=-1, max_iters=14, per_image=False, protect_first=True,
+               loss="smooth_l1", beta=2.0, normalize_target=False, weighting="token")))
+
+
+def _optim_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(base_lr=1.5e-3, lr_scaling="sqrt", lr_reference_batch=2048, min_lr=1e-5,
+                                        warmup_steps=100, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05,
+                                        no_decay_names=("cls_token", "pos_embed"), grad_clip=3.0, layer_decay=1.0))
+
+
+def measure(*, student: str, teacher: str, batch: int, dtype: str, image_size: int, dtm: bool, steps: int,
+            attention: str | None = None, accum: int = 1, patch_size: int = 16, fsdp: int = 1) -> dict:
+  """Builds the step once and times `steps` steps after warm-up. Returns the figures as a dict."""
+  target = targets.build_target(_target_config(teacher, dtype, attention), image_size=image_size,
+                                patch_size=patch_size)
+  model_cfg = vit.get_config(student, image_size=image_size, patch_size=patch_size, dtype=jnp.dtype(dtype),
+                             drop_path_rate=0.1, out_dim=target.out_dim, attention_impl=attention)
+  tokens = model_cfg.num_patches
+  config = _run_config(dtm, accum)
+  mesh = sharding.make_mesh(-1, fsdp)
+  student_fm, abstract_params = functional.abstract_split(lambda: vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
+  tx, schedule = optim.make_optimizer(_optim_config(), abstract_params, total_steps=10_000, global_batch_size=batch)
+  param_sh = sharding.param_shardings(abstract_params, mesh)
+  opt_sh = sharding.param_shardings(jax.eval_shape(tx.init, abstract_params), mesh)
+  rep = sharding.replicated(mesh)
+  state_sh = {"step": rep, "params": param_sh, "opt_state": opt_sh, "nonfinite": rep}
+
+  def init_state():
+    _, params = functional.split_module(vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "nonfinite": jnp.full((2,), -1, jnp.int32)}
+
+  state = jax.jit(init_state, out_shardings=state_sh)()
+  target_sh = sharding.param_shardings(target.params, mesh)
+  target_params = jax.device_put(target.params, target_sh)
+  loss_and_grads = train.make_loss_and_grads(student=student_fm, target=target, config=config, tokens=tokens)
+  step_fn = train.make_train_step(loss_and_grads=loss_and_grads, tx=tx, lr_schedule=schedule)
+  traces = []
+
+  def traced(*args):
+    traces.append(1)
+    return step_fn(*args)
+
+  batch_sh = sharding.batch_sharding(mesh)
+  step = jax.jit(traced, in_shardings=(state_sh, target_sh, batch_sh), out_shardings=(state_sh, rep),
+                 donate_argnums=(0,))
+  rng = np.random.default_rng(0)
+  masks = rng.random((batch, tokens)).argsort(axis=1) < int(round(tokens * 75 / 196))
+  data = jax.device_put({"image": jnp.asarray(rng.standard_normal((batch, image_size, image_size, 3)), jnp.float32),
+                         "mask": jnp.asarray(masks)}, batch_sh)
+
+  for _ in range(3):  # compile + warm-up
+    state, out = step(state, target_params, data)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, out = step(state, target_params, data)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - t0)
+  step_time = statistics.median(times)
+
+  flops = batch * (3 * targets.transformer_flops(model_cfg, model_cfg.out_dim) + target.forward_flops +
+                   (metrics.morphing_flops(tokens=tokens, dim=target.out_dim, num_schedules=2, max_iters=14)
+                    if dtm else 0.0))
+  tflops = flops / step_time / jax.device_count() / 1e12
+  peak = metrics.peak_flops_per_device(jax.devices()[0].device_kind)
+  stats = jax.devices()[0].memory_stats() or {}
+  return {
+      "student": student, "teacher": teacher, "batch": batch, "dtype": dtype, "image_size": image_size,
+      "dtm": dtm, "attention": attention or "default", "step_ms": 1e3 * step_time, "images_per_s": batch / step_time,
+      "tflops_per_device": tflops, "mfu": tflops * 1e12 / peak if peak else float("nan"),
+      "peak_memory_gib": stats.get("peak_bytes_in_use", float("nan")) / 2 ** 30, "compilations": len(traces),
+      "loss": float(out["loss"]),
+  }
+
+
+def _row(r: dict, overhead: float | None) -> str:
+  mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] == r["mfu"] else "n/a"
+  mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] == r["peak_memory_gib"] else "n/a"
+  ovh = f"{overhead:.3f}" if overhead else "—"
+  return (f"| {r['student']} | {r['teacher']} | {r['batch']} | {r['dtype']} | {'on' if r['dtm'] else 'off'} | "
+          f"{r['attention']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | {r['tflops_per_device']:.2f} | {mfu} | "
+          f"{mem} | {r['compilations']} | {ovh} |")
+
+
+HEADER = ("| student | teacher | batch | dtype | DTM | attention | step ms | images/s | TFLOP/s/device | MFU | "
+          "peak GiB | compilations | DTM overhead |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--table", choices=sorted(TABLES))
+  parser.add_argument("--student", default="base", choices=sorted(vit.VARIANTS))
+  parser.add_argument("--teacher", default="B/16", choices=sorted(clip.VARIANTS) + ["tiny"])
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--dtm", default="both", choices=["on", "off", "both"])
+  parser.add_argument("--attention", default=None, help="jax.nn.dot_product_attention implementation: xla, cudnn")
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--accum", type=int, default=1)
+  args = parser.parse_args()
+
+  runs = TABLES[args.table] if args.table else [dict(student=args.student, teacher=args.teacher, batch=args.batch,
+                                                     dtype=args.dtype, image_size=args.image_size)]
+  modes = {"on": [True], "off": [False], "both": [False, True]}[args.dtm]
+  print(f"# jax {jax.__version__}, {jax.device_count()} × {jax.devices()[0].device_kind}, "
+        f"backend {jax.default_backend()}", flush=True)
+  print(HEADER, flush=True)
+  for run in runs:
+    results = {}
+    for dtm in modes:
+      results[dtm] = measure(**run, dtm=dtm, steps=args.steps, attention=args.attention, accum=args.accum)
+      overhead = (results[True]["step_ms"] / results[False]["step_ms"]) if dtm and False in results else None
+      print(_row(results[dtm], overhead), flush=True)
+
+
+if __name__ == "__main__":
+  main()

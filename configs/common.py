@@ -1,0 +1,65 @@
+"""The pretraining config every recipe starts from: DTM's ViT-B/16 ImageNet-1K recipe (DTM_SPEC §6).
+
+Recipes override what differs. Values the paper does not publish are marked "unpublished" with the choice made.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Student: BEiT-style ViT (DTM_SPEC §4). dtype is the compute dtype; parameters are float32.
+  c.model = dict(
+      variant="base", image_size=224, patch_size=16, drop_path_rate=0.1,  # drop path 0.1: unpublished.
+      layer_scale_init=0.1, out_dim=512, abs_pos_emb=False, block_rel_pos_bias=True, shared_rel_pos_bias=True,
+      dtype="bfloat16", attention_impl=config_dict.placeholder(str))
+
+  # Target: frozen CLIP ViT-B/16 converted with `python -m dtm_jax.models.convert` (see README).
+  c.target = dict(
+      kind="clip", checkpoint="", init="checkpoint", dtype="bfloat16",
+      variant="B/16", overrides={}, seed=0,  # used by init="random" only
+      features="head", step=config_dict.placeholder(int),  # used by kind="checkpoint" only
+      normalize_patches=True)  # used by kind="pixels" only
+
+  # Dynamic token morphing (DTM_SPEC §2–3); enabled=False is token-wise distillation.
+  c.dtm = dict(enabled=True, num_schedules=2, max_merge=-1, max_iters=14, per_image=False, protect_first=True,
+               loss="smooth_l1", beta=2.0, normalize_target=False, weighting="token")
+
+  c.input = input_config(crop_scale_min=0.2)  # crop scale min 0.2: unpublished (BEiT v2; released code: 0.08).
+
+  c.batch_size = 2048  # unpublished (BEiT v2's norm).
+  c.grad_accum_steps = 1
+  c.num_train_examples = 1_281_167
+  c.total_epochs = 300
+  c.warmup_epochs = 10  # unpublished.
+  c.total_steps = config_dict.placeholder(int)  # set to override the epoch counts
+  c.warmup_steps = config_dict.placeholder(int)
+
+  c.optim = dict(base_lr=1.5e-3, lr_scaling="sqrt", lr_reference_batch=2048, min_lr=1e-5,
+                 b1=0.9, b2=0.98,  # β2 0.98: unpublished.
+                 eps=1e-8, weight_decay=0.05, no_decay_names=("cls_token", "pos_embed"), grad_clip=3.0,
+                 layer_decay=1.0)
+
+  c.mesh = dict(data=-1, fsdp=1, min_fsdp_size=2 ** 18)
+  c.log_every = 50
+  c.progress_every_secs = 60.0
+  c.checkpoint_every = 2000
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  c.allow_config_change = False
+  c.stop_after_step = config_dict.placeholder(int)  # checkpoint and exit after this step (time-limited jobs)
+  c.profile = dict(start_step=10, num_steps=0)  # num_steps > 0 writes a jax.profiler trace to workdir/profile
+  # kNN (DINO protocol) every `every` steps (0: never) on slices of the train split (bank) and eval split (queries).
+  c.eval = dict(every=0, k=20, temperature=0.07, batch_size=1000, train_split="train", eval_split="validation",
+                num_train_examples=50_000, num_eval_examples=10_000)
+  return c
+
+
+def input_config(**overrides) -> ml_collections.ConfigDict:
+  """The input block (input_pipeline's defaults: ImageNet from TFDS) with overrides."""
+  import input_pipeline  # pylint: disable=g-import-not-at-top
+  cfg = input_pipeline.default_config()
+  cfg.update(overrides)
+  return cfg

@@ -1,0 +1,38 @@
+"""The embedded default: DTM pretraining of a small student on Fashion-MNIST on the CPU, then a kNN evaluation.
+
+Command (what `make demo` runs):
+  python main.py --config=configs/demo.py --workdir=workdirs/demo
+Needs only Debian's dataset-fashion-mnist IDX files (no downloads). 28×28 images, patch 4 → 49 tokens, a 4-block
+student of width 96, DTM with the schedule ranges scaled to 49 tokens.
+Target: TARGET_NOTE
+Expected result: DEMO_RESULT
+Evaluate further: `python main.py --mode=linear_probe --config=configs/linear_probe_demo.py --workdir=workdirs/demo/probe
+--config.pretrained.workdir=workdirs/demo` (and configs/finetune_demo.py with --mode=finetune).
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str = ""):
+  del arg
+  c = common.pretrain_config()
+  c.model.update(variant="tiny", image_size=28, patch_size=4, drop_path_rate=0.0, dtype="float32")
+  c.model.update(width=96, depth=4, num_heads=3, out_dim=64)
+  c.target.update(kind="clip", init="random", variant="test", dtype="float32",
+                  overrides=dict(patch_size=4, width=96, depth=4, num_heads=3, mlp_dim=384, proj_dim=64))
+  c.input = common.input_config(source="fashion_mnist", data_dir="/usr/share/datasets/fashion-mnist",
+                                num_masking_patches=19, min_num_patches=4, crop_scale_min=0.35,
+                                mean=(0.286,) * 3, std=(0.353,) * 3, shuffle_buffer=10_000)
+  c.batch_size = 128
+  c.num_train_examples = 60_000
+  c.total_steps = 1500
+  c.warmup_steps = 100
+  c.optim.base_lr = 1.5e-3
+  c.optim.lr_scaling = "none"
+  c.dtm.max_iters = 7
+  c.log_every = 100
+  c.progress_every_secs = 20.0
+  c.checkpoint_every = 500
+  c.then_evaluate = ml_collections.ConfigDict(dict(mode="knn", config_module="configs.knn_demo"))
+  return c

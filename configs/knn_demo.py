@@ -1,0 +1,25 @@
+"""kNN accuracy (DINO protocol) of the demo student on Fashion-MNIST; `make demo` runs it after pretraining.
+
+Command (after `make demo`, which pretrains into workdirs/demo):
+  python main.py --mode=knn --config=configs/knn_demo.py --workdir=workdirs/demo/knn \
+      --config.pretrained.workdir=workdirs/demo
+Expected result: KNN_RESULT
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from configs import demo
+
+
+def get_config(arg: str = ""):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.pretrained = dict(workdir="workdirs/demo", step=config_dict.placeholder(int))  # step: None = latest.
+  c.model = {}  # Overrides of the pretrained student's ViTConfig.
+  c.input = demo.get_config().input  # Bank from input.train_split, queries from input.eval_split.
+  c.input.eval_split = "test"
+  c.features = dict(pooling="mean", num_blocks=1)
+  # k neighbours, temperature T of the exp(similarity / T) votes, and the slices (0 = the whole split).
+  c.knn = dict(k=20, temperature=0.07, batch_size=1000, num_train_examples=0, num_eval_examples=0)
+  c.mesh = dict(data=-1, fsdp=1, min_fsdp_size=2 ** 18)
+  return c

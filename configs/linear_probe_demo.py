@@ -1,0 +1,34 @@
+"""Linear probe of the demo student on Fashion-MNIST: frozen features computed once, probe trained on the CPU.
+
+Command (after `make demo`, which pretrains into workdirs/demo):
+  python main.py --mode=linear_probe --config=configs/linear_probe_demo.py --workdir=workdirs/demo/linear_probe \
+      --config.pretrained.workdir=workdirs/demo
+Expected result: PROBE_RESULT
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from configs import demo
+
+
+def get_config(arg: str = ""):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.pretrained = dict(workdir="workdirs/demo", step=config_dict.placeholder(int))  # step: None = latest.
+  c.model = {}  # Overrides of the pretrained student's ViTConfig (e.g. dtype="bfloat16").
+  c.input = demo.get_config().input  # The pretraining source and normalisation, evaluated without augmentation.
+  c.input.eval_split = "test"
+  c.num_classes = 10
+  c.features = dict(pooling="mean", num_blocks=1)  # "mean" of the patch tokens or "cls"; average the last k blocks.
+  c.precompute_features = True  # Encode train and test once; the probe then trains on fixed features.
+  c.batch_size = 1024
+  c.eval_batch_size = 1000
+  c.epochs = 90
+  c.warmup_epochs = 10
+  # lr = base_lr × batch / lr_reference_batch; LARS (MAE) or "sgd" with momentum.
+  c.optimizer = dict(name="lars", base_lr=0.1, lr_reference_batch=256, momentum=0.9, weight_decay=0.0, min_lr=0.0)
+  c.bn_momentum = 0.9  # Running statistics of the probe's BatchNorm (PyTorch momentum 0.1).
+  c.eval_every_epochs = 10
+  c.mesh = dict(data=-1, fsdp=1, min_fsdp_size=2 ** 18)
+  return c

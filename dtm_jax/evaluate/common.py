@@ -1,0 +1,238 @@
+"""What the three evaluations share: the restored student, its features, the sharded accuracy loop and results.
+
+Everything runs on global jax.Arrays built from each host's slice of the data (`sharding.to_global`), and counts are
+summed on device over the valid examples only, so on several hosts every example is counted exactly once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import nnx
+from jax.sharding import Mesh
+
+from dtm_jax import checkpoint, sharding
+from dtm_jax.models import convert, functional, vit
+
+PyTree = Any
+EncodeFn = Callable[[PyTree, jax.Array], jax.Array]
+POOLINGS = ("mean", "cls")
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+  return sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Restoring the student.
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Student:
+  """A pretrained student: its config, functional `PretrainViT`, sharded parameters and where they came from."""
+  config: vit.ViTConfig
+  model: functional.FunctionalModule
+  params: PyTree
+  checkpoint: str
+  step: int | None
+
+  def source(self) -> dict:
+    return {"checkpoint": self.checkpoint, "step": self.step}
+
+
+def _read_metadata(step_dir: epath.Path) -> dict:
+  path = step_dir / "metadata" / "metadata"
+  if not path.exists():
+    raise FileNotFoundError(f"{step_dir} has no metadata item; it was not written by dtm_jax.train, so the student's "
+                            "architecture is unknown.")
+  return json.loads(path.read_text())
+
+
+def restore_student(pretrained: ml_collections.ConfigDict, mesh: Mesh, *, min_fsdp_size: int = 2 ** 18,
+                    model_overrides: Mapping[str, Any] | None = None) -> Student:
+  """Only the student, restored straight into its shardings on `mesh`.
+
+  `pretrained.workdir`: a pretraining workdir, its `checkpoints/` directory or one step directory, or a directory
+  written by `python -m dtm_jax.models.convert --format=beit`; `pretrained.step`: None for the latest step.
+  `model_overrides`: ViTConfig fields to change (dtype, attention_impl, drop_path_rate).
+  """
+  if not pretrained.get("workdir"):
+    raise ValueError("Set --config.pretrained.workdir to the workdir of a pretraining run (or one of its step "
+                     "directories, or a converted checkpoint) to say which student to evaluate.")
+  overrides = dict(model_overrides or {})
+  if (epath.Path(pretrained.workdir) / convert.CONFIG_FILE).exists():
+    return _restore_converted(pretrained, mesh, min_fsdp_size, overrides)
+  directory, step = checkpoint.find_step_directory(pretrained.workdir, pretrained.get("step"))
+  step_dir = directory / str(step)
+  config = checkpoint.model_config_from_metadata(_read_metadata(step_dir), vit.ViTConfig, **overrides)
+  model, abstract = functional.abstract_split(lambda: vit.PretrainViT(config, rngs=nnx.Rngs(0)))
+  shardings = sharding.param_shardings(abstract, mesh, min_fsdp_size)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  params, _, step = checkpoint.restore_params(step_dir, step, target)
+  logging.info("Evaluating the student of %s (step %d).", step_dir, step)
+  return Student(config=config, model=model, params=params, checkpoint=str(step_dir), step=step)
+
+
+def _restore_converted(pretrained, mesh, min_fsdp_size, overrides) -> Student:
+  if pretrained.get("step") is not None:
+    raise ValueError(f"{pretrained.workdir} is a converted checkpoint, which has no steps; unset "
+                     "config.pretrained.step.")
+  module = convert.load_converted(pretrained.workdir)
+  if not isinstance(module, vit.PretrainViT):
+    raise ValueError(f"{pretrained.workdir} holds a converted {type(module).__name__}, not a pretraining student; "
+                     "convert the pretraining weights (with lm_head) of a BEiT/DTM checkpoint.")
+  config = dataclasses.replace(module.config, **overrides)
+  model, abstract = functional.abstract_split(lambda: vit.PretrainViT(config, rngs=nnx.Rngs(0)))
+  _, host_params = functional.split_module(module)
+  shardings = sharding.param_shardings(abstract, mesh, min_fsdp_size)
+  params = jax.tree.map(_put_global, host_params, shardings)
+  logging.info("Evaluating the converted student in %s.", pretrained.workdir)
+  return Student(config=config, model=model, params=params, checkpoint=str(pretrained.workdir), step=None)
+
+
+def _put_global(value, array_sharding):
+  """The same host value on every process → one global array (multi-host safe)."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, array_sharding, lambda index: value[index])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Features.
+# ---------------------------------------------------------------------------------------------------------------------
+def feature_fn(student: Student, *, pooling: str = "mean", num_blocks: int = 1) -> EncodeFn:
+  """`encode(params, images) -> [B, width]` float32 features of the frozen student (jittable).
+
+  Tokens after the final LayerNorm, pooled by `pooling` ("mean" of the patch tokens or the "cls" token). With
+  `num_blocks` = k > 1, the outputs of the last k blocks each go through the final LayerNorm and their pooled
+  features are averaged (k = 1 is the plain final representation).
+  """
+  if pooling not in POOLINGS:
+    raise ValueError(f"pooling={pooling!r} must be one of {POOLINGS}.")
+  depth = student.config.depth
+  if not 1 <= num_blocks <= depth:
+    raise ValueError(f"num_blocks={num_blocks} must be between 1 and the student depth {depth}.")
+
+  def pool(tokens):
+    return tokens[:, 1:].mean(axis=1) if pooling == "mean" else tokens[:, 0]
+
+  def encode(params, images):
+    module = student.model.bind(params)
+    if num_blocks == 1:
+      return pool(module.encode(images)).astype(jnp.float32)
+    # `nnx.capture` records every method's output; the unused ones are dropped by jit.
+    _, intermediates = nnx.capture(module.encode, nnx.Intermediate, method_outputs=nnx.Intermediate)(images)
+    blocks = nnx.to_pure_dict(intermediates)["blocks"]
+    pooled = [pool(module.norm(blocks[i]["__call__"][0])) for i in range(depth - num_blocks, depth)]
+    return jnp.mean(jnp.stack(pooled), axis=0).astype(jnp.float32)
+
+  return encode
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FeatureSet:
+  """Features [M, D], labels [M] and valid [M] as global arrays split over the batch axes (padding rows invalid)."""
+  features: jax.Array
+  labels: jax.Array
+  valid: jax.Array
+
+  @property
+  def num_valid(self) -> int:
+    return int(jnp.sum(self.valid))
+
+
+def take_batches(batches: Iterable[dict], global_batch_size: int, max_examples: int | None) -> Iterable[dict]:
+  """The first ⌈max_examples / global batch⌉ batches (all of them when max_examples is None or 0).
+
+  Every host stops after the same number of batches, so a slice stays consistent across processes.
+  """
+  limit = -(-max_examples // global_batch_size) if max_examples else None
+  for i, batch in enumerate(batches):
+    if limit is not None and i >= limit:
+      return
+    yield batch
+
+
+def extract_features(encode_fn: EncodeFn, params: PyTree, batches: Iterable[dict], mesh: Mesh) -> FeatureSet:
+  """Features of one pass over eval batches ({"image", "label", "valid"} per host), kept on device."""
+  encode = jax.jit(encode_fn)
+  features, labels, valid = [], [], []
+  for host_batch in batches:
+    batch = sharding.to_global(host_batch, mesh)
+    features.append(encode(params, batch["image"]))
+    labels.append(batch["label"])
+    valid.append(batch["valid"])
+  if not features:
+    raise ValueError("The evaluation data gave no batches; check the split name and the data directory.")
+  concatenate = jax.jit(lambda xs: jnp.concatenate(xs), out_shardings=sharding.batch_sharding(mesh))
+  return FeatureSet(concatenate(features), concatenate(labels), concatenate(valid))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Accuracy.
+# ---------------------------------------------------------------------------------------------------------------------
+def accuracy_counts(scores: jax.Array, labels: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+  """Top-1/top-5 hits and the number of valid examples in a batch (padding excluded)."""
+  top5 = jax.lax.top_k(scores, min(5, scores.shape[-1]))[1]
+  hits = top5 == labels[:, None]
+  valid = valid.astype(jnp.int32)
+  return {"top1_hits": jnp.sum(hits[:, 0] * valid), "top5_hits": jnp.sum(jnp.any(hits, axis=1) * valid),
+          "count": jnp.sum(valid)}
+
+
+def accuracy_from_counts(counts: Mapping[str, jax.Array]) -> dict[str, float]:
+  """Percentages from summed counts."""
+  count = int(counts["count"])
+  if count == 0:
+    raise ValueError("No valid evaluation examples were seen.")
+  return {"top1": 100.0 * int(counts["top1_hits"]) / count, "top5": 100.0 * int(counts["top5_hits"]) / count,
+          "num_examples": count}
+
+
+def add_counts(total: dict | None, counts: dict) -> dict:
+  return counts if total is None else jax.tree.map(jnp.add, total, counts)
+
+
+def make_classifier_evaluator(predict_fn: Callable[..., jax.Array], mesh: Mesh):
+  """`evaluate(params, batches) -> {"top1", "top5", "num_examples"}` (%) for `predict_fn(params, images) -> [B, C]`.
+
+  Compiled once, evaluated on as many passes of eval batches ({"image", "label", "valid"} per host) as needed.
+  """
+  step = jax.jit(lambda p, b: accuracy_counts(predict_fn(p, b["image"]), b["label"], b["valid"]))
+
+  def evaluate(params: PyTree, batches: Iterable[dict]) -> dict[str, float]:
+    total = None
+    for host_batch in batches:
+      total = add_counts(total, step(params, sharding.to_global(host_batch, mesh)))
+    if total is None:
+      raise ValueError("The evaluation data gave no batches; check the split name and the data directory.")
+    return accuracy_from_counts(total)
+
+  return evaluate
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Results.
+# ---------------------------------------------------------------------------------------------------------------------
+def write_results(workdir: str | epath.Path, results: dict) -> None:
+  """`<workdir>/results.json` (process 0) and a clear line on the console."""
+  if jax.process_index() == 0:
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=_json_default) + "\n")
+  scores = ", ".join(f"{k}={v:.2f}%" for k, v in results.items() if k.endswith(("top1", "top5")))
+  line = f"{results.get('mode', 'eval')} of {results.get('checkpoint')} (step {results.get('step')}): {scores}"
+  logging.info(line)
+  print(line, flush=True)
+
+
+def _json_default(value):
+  if isinstance(value, (np.generic, jax.Array)):
+    return np.asarray(value).item()
+  return str(value)

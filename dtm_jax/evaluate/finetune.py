@@ -1,0 +1,209 @@
+"""End-to-end fine-tuning of a pretrained student for classification (DTM_SPEC §6, BEiT v2's recipe).
+
+The classifier is the student's trunk with mean pooling → LayerNorm → linear head (×0.001 at init); the shared
+relative-position table is folded into each block's table, so at step 0 the trunk computes what the student did.
+AdamW with layer-wise lr decay (BEiT layer ids), drop path, Mixup/CutMix and label smoothing in the jitted step,
+RandAugment and random erasing in the input pipeline, warm-up then cosine, optional EMA of the weights. Evaluates
+every `eval_every_epochs`, records the best and the last top-1, and checkpoints at each evaluation; rerunning the
+same command resumes from the fine-tuning workdir (weights, optimizer, EMA, data position, best so far).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from dtm_jax import checkpoint as checkpoint_lib
+from dtm_jax import metrics, optim, sharding
+from dtm_jax.evaluate import common, mixup
+from dtm_jax.models import functional, vit
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+  """The fine-tuned model: config, functional view, and the pretrained checkpoint it started from."""
+  config: vit.ViTConfig
+  model: functional.FunctionalModule
+  source: dict
+
+
+def _constructor(config: vit.ViTConfig, run_config: ml_collections.ConfigDict, seed: int = 0):
+  return lambda: vit.ViTClassifier(config, run_config.num_classes, pooling=run_config.pooling, rngs=nnx.Rngs(seed))
+
+
+def classifier_from_student(student: common.Student, config: ml_collections.ConfigDict,
+                            shardings_of: Callable[[PyTree], PyTree]) -> tuple[Classifier, PyTree]:
+  """A classifier initialised from the student (born sharded: the copy runs under jit)."""
+  clf_config = vit.finetune_config(student.config)
+  model, abstract = functional.abstract_split(_constructor(clf_config, config))
+
+  def init(student_params):
+    classifier = _constructor(clf_config, config, config.seed)()
+    vit.init_classifier_from_pretrained(classifier, student.model.bind(student_params))
+    return functional.split_module(classifier)[1]
+
+  params = jax.jit(init, out_shardings=shardings_of(abstract))(student.params)
+  return Classifier(clf_config, model, student.source()), params
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: PyTree, *, total_steps: int, warmup_steps: int,
+                   depth: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with BEiT layer-wise lr decay: block i gets decay^(depth − i), the embeddings decay^(depth + 1)."""
+  return optim.make_optimizer(config.optim, params, total_steps=total_steps, global_batch_size=config.batch_size,
+                              num_layers=depth, warmup_steps=warmup_steps)
+
+
+def make_train_step(classifier: functional.FunctionalModule, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, num_classes: int, mix: mixup.MixConfig, ema_decay: float):
+  """`step(state, batch, rng) -> (state, metrics)`; state = {"step", "params", "opt_state"[, "ema_params"]}."""
+
+  def train_step(state, batch, rng):
+    mix_rng, drop_rng = jax.random.split(jax.random.fold_in(rng, state["step"]))
+    images, targets, _ = mixup.mix_batch(mix_rng, batch["image"], batch["label"], num_classes=num_classes,
+                                         config=mix)
+
+    def loss_fn(params):
+      logits = classifier.apply(params, images, dropout_rng=drop_rng).astype(jnp.float32)
+      return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    if "ema_params" in state:
+      new_state["ema_params"] = optax.incremental_update(params, state["ema_params"], 1.0 - ema_decay)
+    scalars = {"train_loss": loss, "lr": schedule(state["step"]), "grad_norm": optax.global_norm(grads)}
+    return new_state, scalars
+
+  return train_step
+
+
+def _steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  steps_per_epoch = config.num_train_examples // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"config.batch_size={config.batch_size} exceeds config.num_train_examples="
+                     f"{config.num_train_examples}; lower the batch size.")
+  return steps_per_epoch, config.epochs * steps_per_epoch
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       student_fn: Callable[[], common.Student], train_data_fn: Callable[[int], Iterator[dict]],
+                       eval_data_fn: Callable[[int], Iterable[dict]], mesh) -> dict:
+  """Fine-tune and evaluate; resumes from `<workdir>/checkpoints` when it holds a checkpoint.
+
+  `student_fn()` restores the pretrained student (only called when starting afresh). For the classifier's image
+  size, `train_data_fn(size)` gives an infinite iterator of labelled host batches {"image", "label"} with
+  save/restore, and `eval_data_fn(size)` one pass of {"image", "label", "valid"}.
+  """
+  workdir = epath.Path(workdir)
+  steps_per_epoch, total_steps = _steps(config)
+  eval_every = config.eval_every_epochs * steps_per_epoch
+  checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  rep = sharding.replicated(mesh)
+  shardings_of = lambda tree: sharding.param_shardings(tree, mesh, config.mesh.min_fsdp_size)
+  mix = mixup.MixConfig(**config.mix)
+  use_ema = config.ema_decay > 0
+
+  # ----- Classifier: from the fine-tuning checkpoint when resuming, else from the pretrained student.
+  latest = checkpointer.latest_step()
+  if latest is None:
+    classifier, params = classifier_from_student(student_fn(), config, shardings_of)
+    abstract_params = jax.eval_shape(lambda p: p, params)
+  else:
+    metadata = checkpointer.read_metadata(latest)
+    clf_config = checkpoint_lib.model_config_from_metadata(metadata, vit.ViTConfig)
+    model, abstract_params = functional.abstract_split(_constructor(clf_config, config))
+    classifier = Classifier(clf_config, model, metadata["pretrained"])
+    if metadata.get("config_hash") != checkpoint_lib.config_hash(config.to_dict()):
+      logging.warning("Resuming %s with a config that differs from the one it started with.", workdir)
+  train_data = train_data_fn(classifier.config.image_size)
+  eval_data = lambda: eval_data_fn(classifier.config.image_size)
+  tx, schedule = make_optimizer(config, abstract_params, total_steps=total_steps, depth=classifier.config.depth,
+                                warmup_steps=config.warmup_epochs * steps_per_epoch)
+  abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+                    "opt_state": jax.eval_shape(tx.init, abstract_params)}
+  if use_ema:
+    abstract_state["ema_params"] = abstract_params
+  state_sh = {k: (rep if k == "step" else shardings_of(v)) for k, v in abstract_state.items()}
+
+  best_top1 = 0.0
+  if latest is None:
+    state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p),
+                               **({"ema_params": p} if use_ema else {})}, out_shardings=state_sh)(params)
+    logging.info("Fine-tuning from %s for %d steps (%d epochs).", classifier.source, total_steps, config.epochs)
+  else:
+    with_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+                           state_sh)
+    step, params, train_items, metadata = checkpointer.restore_latest_good(
+        params=with_sh["params"], train={k: v for k, v in with_sh.items() if k != "params"},
+        data_iterator=train_data)
+    state = {"params": params, **train_items}
+    best_top1 = metadata["best_top1"]
+    logging.info("Resumed fine-tuning at step %d of %d from %s.", step, total_steps, checkpointer.directory)
+
+  # ----- Loop.
+  train_step = jax.jit(make_train_step(classifier.model, tx, schedule, num_classes=config.num_classes, mix=mix,
+                                       ema_decay=config.ema_decay),
+                       in_shardings=(state_sh, sharding.batch_sharding(mesh), rep), out_shardings=(state_sh, rep),
+                       donate_argnums=(0,))
+  evaluate = common.make_classifier_evaluator(lambda params, images: classifier.model.apply(params, images), mesh)
+  rng = jax.random.key(config.seed)
+  metadata = {"model_config": checkpoint_lib.model_config_to_json(classifier.config),
+              "pretrained": classifier.source, "config": config.to_dict(),
+              "config_hash": checkpoint_lib.config_hash(config.to_dict())}
+  writer = metrics.MetricsWriter(workdir)
+  progress = metrics.Progress(total_steps, every_secs=config.progress_every_secs)
+  result: dict[str, float] = {}
+  step = int(state["step"])
+  try:
+    while step < total_steps:
+      host_batch = next(train_data)
+      batch = sharding.to_global({"image": host_batch["image"], "label": host_batch["label"]}, mesh)
+      state, scalars = train_step(state, batch, rng)
+      step += 1
+      progress(step)
+      if step % config.log_every == 0:
+        writer.write_scalars(step, jax.device_get(scalars))
+      if step % eval_every == 0 or step == total_steps:
+        result = evaluate(state["params"], eval_data())
+        if use_ema:
+          ema = evaluate(state["ema_params"], eval_data())
+          result.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+        best_top1 = max(best_top1, result["top1"])
+        writer.write_scalars(step, {k: v for k, v in result.items() if k != "num_examples"} | {
+            "best_top1": best_top1, "epoch": step / steps_per_epoch})
+        checkpointer.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
+                          data_iterator=train_data, metadata={**metadata, "step": step, "best_top1": best_top1})
+  finally:
+    checkpointer.close()
+    writer.close()
+  if not result:  # Resumed a run that had already finished.
+    result = evaluate(state["params"], eval_data())
+  return {"mode": "finetune", **classifier.source, "top1": result["top1"], "top5": result["top5"],
+          "best_top1": max(best_top1, result["top1"]), "last_top1": result["top1"],
+          **{k: v for k, v in result.items() if k.startswith("ema_")}, "epochs": config.epochs, "steps": step}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`main.py --mode=finetune`: fine-tune, then write results.json (best and last top-1) and TensorBoard."""
+  import input_pipeline  # pylint: disable=g-import-not-at-top  # Only here: dtm_jax itself never loads TensorFlow.
+
+  mesh = common.make_mesh(config)
+  if config.pretrained.workdir and epath.Path(config.pretrained.workdir).resolve() == epath.Path(workdir).resolve():
+    raise ValueError("--workdir must differ from config.pretrained.workdir: fine-tuning writes its own checkpoints; "
+                     "use e.g. --workdir=<pretraining workdir>/finetune.")
+  student_fn = lambda: common.restore_student(config.pretrained, mesh, min_fsdp_size=config.mesh.min_fsdp_size,
+                                              model_overrides=config.model)
+  image_size = ...
+  results = train_and_evaluate(config, workdir, student_fn=student_fn, train_data=None, eval_data=None, mesh=mesh)
+  common.write_results(workdir, results)
+  return results

@@ -1,0 +1,187 @@
+"""Metric writing, progress, throughput and MFU.
+
+Why not `clu.metric_writers`: it imports TensorFlow at import time, and `dtm_jax/` must run where TensorFlow is absent
+(the GPU/TPU hot path). TensorBoard event files are written here with the `tensorboard` package's record writer and
+protos, which need no TensorFlow. Every scalar also goes to `metrics.jsonl` (one JSON object per line) and the log.
+"""
+from __future__ import annotations
+
+import json
+import logging as logging_std
+import socket
+import time
+from typing import Mapping
+
+import jax
+from absl import logging
+from etils import epath
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+# Dense bf16 peak FLOP/s per device, by `device.device_kind` prefix. Unknown kinds give no MFU.
+PEAK_BF16_FLOPS = {
+    "NVIDIA H200": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA L4": 121e12,
+    "TPU v6": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+    "TPU v3": 123e12,
+}
+
+
+def peak_flops_per_device(device_kind: str) -> float | None:
+  for prefix, flops in PEAK_BF16_FLOPS.items():
+    if device_kind.startswith(prefix):
+      return flops
+  return None
+
+
+def transformer_forward_flops(*, width: int, depth: int, tokens: int, mlp_dim: int, patch_size: int,
+                              in_channels: int = 3, out_dim: int = 0, out_tokens: int = 0) -> float:
+  """Matmul FLOPs (2 per multiply-add) of one ViT forward on one image.
+
+  Per block: qkv 3TD², attention logits and values 2T²D, output projection TD², MLP 2·T·D·M. Plus the patch
+  embedding and an optional output head on `out_tokens` tokens. Norms, softmax and GELU are left out (<1%).
+  """
+  t, d = tokens, width
+  per_block = 4 * t * d * d + 2 * t * t * d + 2 * t * d * mlp_dim
+  patches = tokens - 1
+  embed = patches * patch_size * patch_size * in_channels * d
+  head = out_tokens * d * out_dim
+  return 2.0 * (depth * per_block + embed + head)
+
+
+def morphing_flops(*, tokens: int, dim: int, num_schedules: int, max_iters: int) -> float:
+  """Upper bound of the morphing work per image: each round's (N/2)×(N/2) cosine matrix, plus the group means."""
+  half = tokens // 2
+  similarity = num_schedules * max_iters * 2.0 * half * half * dim
+  group_means = num_schedules * 2 * 2.0 * tokens * dim
+  return similarity + group_means
+
+
+class _DropLibraryInfo(logging_std.Filter):
+  """Drops INFO records logged from inside the named libraries (Orbax logs every file it writes)."""
+
+  def __init__(self, libraries: tuple[str, ...]):
+    super().__init__()
+    self._markers = tuple(f"/{name}/" for name in libraries)
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno > logging_std.INFO or not any(m in record.pathname for m in self._markers)
+
+
+def quiet_library_logs(libraries: tuple[str, ...] = ("orbax",)) -> None:
+  """Keep the run's own INFO lines readable: library INFO chatter is dropped, warnings and errors stay."""
+  logging.get_absl_handler().addFilter(_DropLibraryInfo(libraries))
+
+
+class MetricsWriter:
+  """Scalars to TensorBoard events, metrics.jsonl and the log. Only process 0 writes files."""
+
+  def __init__(self, workdir: str | epath.Path, *, enabled: bool | None = None):
+    self._enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._events = None
+    self._jsonl = None
+    if self._enabled:
+      workdir = epath.Path(workdir)
+      tb_dir = workdir / "tensorboard"
+      tb_dir.mkdir(parents=True, exist_ok=True)
+      name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+      self._events = RecordWriter((tb_dir / name).open("wb"))
+      self._events.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+      self._jsonl = (workdir / "metrics.jsonl").open("a")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float], *, log: bool = True):
+    scalars = {k: float(v) for k, v in scalars.items()}
+    if log:
+      logging.info("[%d] %s", step, ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(scalars.items())))
+    if not self._enabled:
+      return
+    values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+    event = event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values))
+    self._events.write(event.SerializeToString())
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+
+  def flush(self):
+    if self._enabled:
+      self._events.flush()
+      self._jsonl.flush()
+
+  def close(self):
+    if self._enabled:
+      self._events.close()
+      self._jsonl.close()
+      self._enabled = False
+
+
+def _fmt(v: float) -> str:
+  return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+def read_jsonl(path: str | epath.Path) -> list[dict]:
+  """Rows of a metrics.jsonl file (for scripts and tests)."""
+  text = epath.Path(path).read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+class Throughput:
+  """Step time, images/s, TFLOP/s per device and MFU between two calls of `measure`."""
+
+  def __init__(self, *, flops_per_step: float, images_per_step: int):
+    self._flops_per_step = flops_per_step
+    self._images_per_step = images_per_step
+    self._peak = peak_flops_per_device(jax.devices()[0].device_kind)
+    self._last_time = None
+    self._last_step = None
+
+  def start(self, step: int):
+    self._last_time, self._last_step = time.perf_counter(), step
+
+  def measure(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    steps = step - self._last_step
+    out = {}
+    if steps > 0:
+      step_time = (now - self._last_time) / steps
+      tflops = self._flops_per_step / step_time / jax.device_count() / 1e12
+      out = {"step_time_s": step_time, "images_per_s": self._images_per_step / step_time,
+             "tflops_per_device": tflops}
+      if self._peak:
+        out["mfu"] = tflops * 1e12 / self._peak
+    self._last_time, self._last_step = now, step
+    return out
+
+
+class Progress:
+  """Console progress: step, steps/s and ETA, at most every `every_secs` seconds."""
+
+  def __init__(self, total_steps: int, every_secs: float = 30.0):
+    self._total = total_steps
+    self._every = every_secs
+    self._t0 = self._last = time.time()
+    self._step0 = None
+
+  def __call__(self, step: int, force: bool = False):
+    now = time.time()
+    if self._step0 is None:
+      self._step0, self._t0 = step, now
+      return
+    if not force and now - self._last < self._every:
+      return
+    self._last = now
+    rate = (step - self._step0) / max(now - self._t0, 1e-9)
+    eta = (self._total - step) / rate if rate > 0 else float("inf")
+    logging.info("progress: step %d/%d (%.1f%%), %.2f steps/s, ETA %s", step, self._total,
+                 100.0 * step / self._total, rate, _duration(eta))
+
+
+def _duration(seconds: float) -> str:
+  if seconds == float("inf"):
+    return "?"
+  minutes, s = divmod(int(seconds), 60)
+  hours, m = divmod(minutes, 60)
+  return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s"

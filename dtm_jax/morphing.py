@@ -1,0 +1,219 @@
+"""Dynamic token morphing: random schedules, bipartite token grouping and group means (DTM_SPEC §2.4, §3).
+
+Morphing groups contextually similar teacher tokens by repeated bipartite matching (ToMe). Everything here has fixed
+shapes, so any mix of schedules runs through one compiled program inside the jitted training step:
+
+  * the slots of one image live in an array of fixed capacity; the first `count` entries are the current ordered
+    slots, each kept as the *sum* of its members' features and its size (sums merge by plain addition and stay exact
+    on coarse inputs, so equal groups give bit-identical similarities and ties stay ties);
+  * a round is a no-op when it is not needed (`lax.while_loop` stops as soon as no image has rounds left);
+  * the merge of a round is a slot→slot map applied by segment sums, and an original-token→slot label array follows
+    the merges, so the output is the group id of every token.
+
+To save work, the slot array shrinks in a few static steps (N, ¾N, ½N, ¼N) as the slots merge away; this changes no
+result, only the size of the similarity matrices.
+"""
+import functools
+from typing import NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+# Smallest squared norm used when normalising: an all-zero feature gets cosine similarity 0 with everything.
+_MIN_SQUARED_NORM = 1e-24
+
+
+def sample_schedules(rng, batch_size, num_schedules=2, max_merge=196, max_iters=14, per_image=False):
+  """Draws the random morphing schedules of one step (DTM_SPEC §2.4).
+
+  num_merge ~ U{0..max_merge} (tokens to remove) and num_iters ~ U{1..max_iters} (rounds), inclusive bounds. The
+  released code draws one schedule per step and shares it over the batch (per_image=False); per_image=True draws one
+  per image. Set max_merge to the number of tokens when it is not 196.
+
+  Returns:
+    (num_merge, num_iters), each int32 [num_schedules, batch_size].
+  """
+  if max_merge < 0 or max_iters < 1:
+    raise ValueError(f"Need max_merge >= 0 and max_iters >= 1; got max_merge={max_merge}, max_iters={max_iters}.")
+  merge_rng, iters_rng = jax.random.split(rng)
+  draw_shape = (num_schedules, batch_size if per_image else 1)
+  num_merge = jax.random.randint(merge_rng, draw_shape, 0, max_merge + 1, dtype=jnp.int32)
+  num_iters = jax.random.randint(iters_rng, draw_shape, 1, max_iters + 1, dtype=jnp.int32)
+  shape = (num_schedules, batch_size)
+  return jnp.broadcast_to(num_merge, shape), jnp.broadcast_to(num_iters, shape)
+
+
+def merges_per_round(num_merge, num_iters, num_tokens):
+  """Tokens merged away per round, r, as the released code computes it (DTM_SPEC §2.4).
+
+  r = ceil(num_merge / num_iters), or floor(num_merge / num_iters) when r·num_iters would exceed num_tokens. Every
+  round then merges min(r, (slots - protected) // 2), so a schedule may realise fewer merges than it asks for.
+  Works elementwise on integer arrays (numpy or jax) and returns int32.
+  """
+  num_merge = jnp.asarray(num_merge, jnp.int32)
+  num_iters = jnp.maximum(jnp.asarray(num_iters, jnp.int32), 1)
+  ceil = -(-num_merge // num_iters)
+  return jnp.where(ceil * num_iters > num_tokens, num_merge // num_iters, ceil)
+
+
+def morph(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True):
+  """Groups similar tokens by iterated bipartite soft matching, exactly as DTM_SPEC §3 describes.
+
+  Each round splits the ordered slots alternately into A (even positions) and B (odd positions), matches every A
+  slot to its most cosine-similar B slot, merges the r best-matched A slots into their partners and reorders the
+  slots as [unmerged A, B]. The similarity is computed in float32 whatever the input dtype.
+
+  Ties are broken deterministically: an A slot's partner is the first (lowest B position) maximum, and A slots are
+  ranked by a *stable* descending sort of their best score (earlier A position first among equal scores). The
+  released PyTorch code uses an unstable argsort, so its choice among exactly tied scores is unspecified; this one
+  is reproducible (and matches tests/morphing_reference.py).
+
+  Args:
+    tokens: f32/bf16 [B, N, D] teacher tokens; no gradient flows through the grouping.
+    num_merge: int32 [B] (or a scalar), tokens to remove, in [0, N]. 0 leaves every token in its own group.
+    num_iters: int32 [B] (or a scalar), merging rounds k, in [1, max_iters].
+    max_iters: static bound on the rounds; rounds past it are not run.
+    protect_first: faithful mode. The first slot can never be merged away (an artefact of the released code that
+      treats it like a class token), and unmerged A slots keep their positional order. With False every slot can
+      merge and unmerged A slots stay in descending-score order, as the released code leaves them.
+
+  Returns:
+    int32 [B, N] group ids in [0, number of groups): tokens with equal ids form one group; the id is the final slot
+    position, so ids are contiguous.
+  """
+  if tokens.ndim != 3:
+    raise ValueError(f"morph expects tokens of shape [batch, tokens, dim]; got shape {tokens.shape}.")
+  batch, num_tokens, _ = tokens.shape
+  num_merge = jnp.broadcast_to(jnp.asarray(num_merge, jnp.int32), (batch,))
+  num_iters = jnp.broadcast_to(jnp.asarray(num_iters, jnp.int32), (batch,))
+  tokens = lax.stop_gradient(tokens).astype(jnp.float32)
+  per_round = merges_per_round(num_merge, num_iters, num_tokens)
+  morph_image = functools.partial(_morph_image, max_iters=max_iters, protected=int(protect_first))
+  return jax.vmap(morph_image)(tokens, per_round, num_iters)
+
+
+def morph_schedules(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True):
+  """`morph` for each of L schedules: num_merge/num_iters int32 [L, B] → group ids int32 [L, B, N].
+
+  Schedules run one after the other (L is static) so that each stops after its own rounds; a vmap over schedules
+  would run every schedule for as many rounds as the longest one.
+  """
+  return jnp.stack([
+      morph(tokens, merge, iters, max_iters=max_iters, protect_first=protect_first)
+      for merge, iters in zip(num_merge, num_iters)])
+
+
+def group_mean(x, groups):
+  """Replaces every token of x [B, N, C] by the mean of its group (groups int32 [B, N], ids in [0, N)).
+
+  Segment sums, O(N·C) per image; accumulates in float32 and returns x's dtype.
+  """
+  def one_image(features, ids):
+    sums = jax.ops.segment_sum(features.astype(jnp.float32), ids, num_segments=ids.shape[0])
+    sizes = jax.ops.segment_sum(jnp.ones(ids.shape, jnp.float32), ids, num_segments=ids.shape[0])
+    return (sums / jnp.maximum(sizes, 1.0)[:, None])[ids]
+  return jax.vmap(one_image)(x, groups).astype(x.dtype)
+
+
+def group_sizes(groups):
+  """Size of each token's group: groups int32 [B, N] → int32 [B, N]."""
+  def one_image(ids):
+    sizes = jax.ops.segment_sum(jnp.ones(ids.shape, jnp.int32), ids, num_segments=ids.shape[0])
+    return sizes[ids]
+  return jax.vmap(one_image)(groups)
+
+
+def num_groups(groups):
+  """Realised number of groups per image (for logging): groups int32 [B, N] → int32 [B]."""
+  def one_image(ids):
+    sizes = jax.ops.segment_sum(jnp.ones(ids.shape, jnp.int32), ids, num_segments=ids.shape[0])
+    return jnp.sum(sizes > 0, dtype=jnp.int32)
+  return jax.vmap(one_image)(groups)
+
+
+class _Slots(NamedTuple):
+  """Morphing state of one image. Entries at positions >= count are empty (zero sums and sizes)."""
+  sums: jax.Array     # f32 [capacity, D]: sum of the member tokens of each slot, in the current slot order
+  sizes: jax.Array    # f32 [capacity]: number of member tokens
+  labels: jax.Array   # int32 [N]: current slot position of every original token
+  count: jax.Array    # int32 []: number of slots
+  rounds: jax.Array   # int32 []: rounds done
+
+
+def _slot_capacities(num_tokens):
+  """Static slot-array sizes the morphing steps down through as slots merge away: N, ¾N, ½N, ¼N."""
+  capacities = [-(-num_tokens * quarters // 4) for quarters in (4, 3, 2, 1)]
+  return sorted({c for c in capacities if c >= 2}, reverse=True)
+
+
+def _morph_image(tokens, per_round, num_iters, *, max_iters, protected):
+  """Group ids int32 [N] of one image's tokens [N, D] (f32) under r = per_round merges for num_iters rounds."""
+  num_tokens = tokens.shape[0]
+  slots = _Slots(sums=tokens, sizes=jnp.ones((num_tokens,), jnp.float32),
+                 labels=jnp.arange(num_tokens, dtype=jnp.int32), count=jnp.int32(num_tokens), rounds=jnp.int32(0))
+  capacities = _slot_capacities(num_tokens)
+  for capacity, next_capacity in zip(capacities, capacities[1:] + [0]):
+    slots = slots._replace(sums=slots.sums[:capacity], sizes=slots.sizes[:capacity])
+
+    def needs_round(s, next_capacity=next_capacity):
+      merges = jnp.minimum(per_round, (s.count - protected) // 2)
+      return (s.rounds < num_iters) & (s.rounds < max_iters) & (merges > 0) & (s.count > next_capacity)
+
+    slots = lax.while_loop(needs_round, functools.partial(_merge_round, per_round=per_round, protected=protected),
+                           slots)
+  return slots.labels
+
+
+def _merge_round(slots, *, per_round, protected):
+  """One bipartite merging round (DTM_SPEC §3 steps 1–7); assumes it merges at least one slot."""
+  capacity = slots.sizes.shape[0]
+  merges = jnp.minimum(per_round, (slots.count - protected) // 2)
+
+  # Steps 2–4: alternate split, cosine similarity of the slot means, best B partner of every A slot.
+  # XLA turns `x / broadcast(n)` into `x * (1 / n)`, which is inexact; the barrier keeps a true division, so that a
+  # slot of k equal tokens has exactly their feature as its mean and equal groups tie exactly (as in PyTorch).
+  sizes = lax.optimization_barrier(jnp.broadcast_to(jnp.maximum(slots.sizes, 1.0)[:, None], slots.sums.shape))
+  means = slots.sums / sizes
+  similarity = _cosine_similarity(means[0::2], means[1::2])
+  num_a, num_b = similarity.shape
+  a_position, b_position = jnp.arange(num_a), jnp.arange(num_b)
+  similarity = jnp.where(b_position[None, :] < slots.count // 2, similarity, -jnp.inf)
+  best, partner = jnp.max(similarity, axis=1), jnp.argmax(similarity, axis=1)
+  may_merge = (a_position < (slots.count + 1) // 2) & (a_position >= protected)
+  best = jnp.where(may_merge, best, -jnp.inf)
+
+  # Step 5: the `merges` best-matched A slots are sources.
+  rank = _stable_descending_rank(best)
+  is_source = rank < merges
+
+  # Steps 6–7: new order [unmerged A, B]; sources land on their partner.
+  num_unmerged = (slots.count + 1) // 2 - merges
+  if protected:
+    unmerged_position = jnp.cumsum(~is_source) - 1
+  else:
+    unmerged_position = rank - merges
+  destination_a = jnp.where(is_source, num_unmerged + partner, unmerged_position)
+  destination_b = num_unmerged + b_position
+  destination = jnp.zeros((capacity,), jnp.int32).at[0::2].set(destination_a).at[1::2].set(destination_b)
+  position = jnp.arange(capacity)
+  destination = jnp.where(position < slots.count, destination, position)  # empty slots stay empty
+
+  return _Slots(sums=jax.ops.segment_sum(slots.sums, destination, num_segments=capacity),
+                sizes=jax.ops.segment_sum(slots.sizes, destination, num_segments=capacity),
+                labels=destination[slots.labels], count=slots.count - merges, rounds=slots.rounds + 1)
+
+
+def _cosine_similarity(a, b):
+  """[n, D] × [m, D] → [n, m] cosine similarities in full float32 (also on TPU/GPU, whose default is lower)."""
+  def unit(x):
+    return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _MIN_SQUARED_NORM))
+  return jnp.einsum("nd,md->nm", unit(a), unit(b), precision=lax.Precision.HIGHEST,
+                    preferred_element_type=jnp.float32)
+
+
+def _stable_descending_rank(scores):
+  """Position of each score in a stable descending sort: higher scores first, equal scores in index order."""
+  index = jnp.arange(scores.shape[0])
+  ahead = (scores[None, :] > scores[:, None]) | ((scores[None, :] == scores[:, None]) & (index[None, :] < index[:, None]))
+  return jnp.sum(ahead, axis=1, dtype=jnp.int32)

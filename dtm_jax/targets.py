@@ -1,0 +1,147 @@
+"""What the student regresses: per-patch target tokens from a frozen teacher or from the image itself.
+
+Kinds (`config.target.kind`):
+  clip        frozen CLIP vision tower: projected patch tokens after ln_post (the paper). `checkpoint` is a directory
+              written by `python -m dtm_jax.models.convert`; `init="random"` builds a randomly initialised tower of
+              the configured size instead (no download; a weak teacher, used only when no weights are at hand).
+  checkpoint  frozen student-architecture ViT restored from a pretraining workdir of this project (a model teaches
+              the next); targets are its `lm_head` outputs or, with `features="encoder"`, its final patch tokens.
+  pixels      per-patch pixels (the normalised input image cut into patches), optionally standardised per patch.
+Morphing always computes its groups from these target tokens. Teachers run in `dtype` (bf16 by default) under
+stop_gradient; their outputs are returned as float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from etils import epath
+from flax import nnx
+
+from dtm_jax import checkpoint as checkpoint_lib
+from dtm_jax import metrics
+from dtm_jax.models import clip, functional, vit
+
+PyTree = Any
+KINDS = ("clip", "checkpoint", "pixels")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A frozen target: `tokens(params, images) -> f32[B, N, out_dim]`; `params` travel as a jit argument."""
+  kind: str
+  out_dim: int
+  params: PyTree
+  _apply: Callable[[PyTree, jax.Array], jax.Array]
+  description: str
+  forward_flops: float = 0.0  # per image, for throughput/MFU reporting
+
+  def tokens(self, params: PyTree, images: jax.Array) -> jax.Array:
+    return jax.lax.stop_gradient(self._apply(params, images).astype(jnp.float32))
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """[B, H, W, C] → [B, N, p·p·C] in row-major patch order (pixels within a patch row-major, channels last)."""
+  b, h, w, c = images.shape
+  gh, gw = h // patch_size, w // patch_size
+  x = images.reshape(b, gh, patch_size, gw, patch_size, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, patch_size * patch_size * c)
+
+
+def _pixels_target(cfg: ml_collections.ConfigDict, patch_size: int, in_channels: int) -> Target:
+  def apply(params, images):
+    del params
+    x = patchify(images.astype(jnp.float32), patch_size)
+    if cfg.get("normalize_patches", True):
+      mean = x.mean(-1, keepdims=True)
+      var = x.var(-1, keepdims=True)
+      x = (x - mean) * jax.lax.rsqrt(var + 1e-6)
+    return x
+  return Target("pixels", patch_size * patch_size * in_channels, {}, apply, "normalised patch pixels")
+
+
+def transformer_flops(cfg: Any, out_dim: int) -> float:
+  """Forward FLOPs per image of a ViT-like module config (student or CLIP tower)."""
+  patches = (cfg.image_size // cfg.patch_size) ** 2
+  return metrics.transformer_forward_flops(
+      width=cfg.width, depth=cfg.depth, tokens=patches + 1, mlp_dim=cfg.mlp_dim, patch_size=cfg.patch_size,
+      in_channels=cfg.in_channels, out_dim=out_dim, out_tokens=patches)
+
+
+def _module_target(kind: str, module: nnx.Module, description: str) -> Target:
+  fm, params = functional.split_module(module)
+  cfg = module.config
+  images = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.in_channels))
+  out_dim = jax.eval_shape(fm.apply, params, images).shape[-1]
+  return Target(kind, out_dim, params, fm.apply, description, transformer_flops(cfg, out_dim))
+
+
+def random_clip_config(cfg: ml_collections.ConfigDict, image_size: int) -> clip.CLIPVisionConfig:
+  """CLIP tower of `cfg.variant` ("test", "B/16", …) at the run's image size, with `cfg.overrides` applied."""
+  overrides = dict(cfg.get("overrides") or {})
+  return clip.get_config(cfg.variant, **{"image_size": image_size, "dtype": _dtype(cfg.dtype), **overrides})
+
+
+def _clip_target(cfg: ml_collections.ConfigDict, image_size: int) -> Target:
+  if cfg.get("init", "checkpoint") == "random":
+    clip_cfg = random_clip_config(cfg, image_size)
+    module = clip.CLIPVision(clip_cfg, rngs=nnx.Rngs(cfg.get("seed", 0)))
+    return _module_target("clip", module, f"randomly initialised CLIP tower ({cfg.variant}, width {clip_cfg.width}, "
+                          f"depth {clip_cfg.depth}, patch {clip_cfg.patch_size}, seed {cfg.get('seed', 0)})")
+  from dtm_jax.models import convert  # pylint: disable=g-import-not-at-top
+  path = epath.Path(cfg.checkpoint)
+  module = convert.load_converted(path, dtype=_dtype(cfg.dtype), image_size=image_size)
+  return _module_target("clip", module, f"CLIP tower from {path}")
+
+
+def _checkpoint_target(cfg: ml_collections.ConfigDict, image_size: int) -> Target:
+  directory, step = checkpoint_lib.find_step_directory(cfg.checkpoint, cfg.get("step"))
+  metadata = json.loads((directory / str(step) / "metadata" / "metadata").read_text())
+  model_cfg = checkpoint_lib.model_config_from_metadata(metadata, vit.ViTConfig, dtype=_dtype(cfg.dtype),
+                                                        drop_path_rate=0.0)
+  if model_cfg.image_size != image_size:
+    raise ValueError(f"The teacher checkpoint {cfg.checkpoint} was trained at image size {model_cfg.image_size}, "
+                     f"but this run uses {image_size}; use the same image size.")
+  module = nnx.eval_shape(lambda: vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
+  fm, abstract = functional.split_module(module)
+  params, _, _ = checkpoint_lib.restore_params(directory, step, target=abstract)
+  if cfg.get("features", "head") == "encoder":
+    apply = lambda p, images: fm.apply(p, images, method="encode")[:, 1:]
+    return Target("checkpoint", model_cfg.width, params, apply, f"encoder tokens of {directory}/{step}",
+                  transformer_flops(model_cfg, 0))
+  apply = lambda p, images: fm.apply(p, images, None)
+  return Target("checkpoint", model_cfg.out_dim, params, apply, f"lm_head outputs of {directory}/{step}",
+                transformer_flops(model_cfg, model_cfg.out_dim))
+
+
+def build_target(cfg: ml_collections.ConfigDict, *, image_size: int, patch_size: int,
+                 in_channels: int = 3) -> Target:
+  """The target described by `config.target` for a student of this image and patch size."""
+  if cfg.kind == "pixels":
+    return _pixels_target(cfg, patch_size, in_channels)
+  if cfg.kind == "clip":
+    return _clip_target(cfg, image_size)
+  if cfg.kind == "checkpoint":
+    return _checkpoint_target(cfg, image_size)
+  raise ValueError(f"Unknown target kind {cfg.kind!r}; choose one of {KINDS}.")
+
+
+def validate_target_config(cfg: ml_collections.ConfigDict) -> None:
+  """Cheap checks before anything is built or compiled."""
+  if cfg.kind not in KINDS:
+    raise ValueError(f"Unknown target kind {cfg.kind!r} (config.target.kind); choose one of {KINDS}.")
+  needs_path = (cfg.kind == "clip" and cfg.get("init", "checkpoint") != "random") or cfg.kind == "checkpoint"
+  if needs_path:
+    if not cfg.get("checkpoint"):
+      raise ValueError(f"config.target.checkpoint is empty; the {cfg.kind!r} target needs a directory (convert a "
+                       "CLIP checkpoint with `python -m dtm_jax.models.convert`, see README).")
+    if not epath.Path(cfg.checkpoint).exists():
+      raise FileNotFoundError(f"Teacher checkpoint {cfg.checkpoint} (config.target.checkpoint) does not exist.")

@@ -1,0 +1,445 @@
+"""DTM pretraining: distil a frozen target into a BEiT-style student through dynamically morphed tokens.
+
+One function, `train(config, workdir)`, in sections: checks → mesh → student, target, optimizer → state born sharded
+→ resume → input → the jitted step → the loop (logging, evaluation, checkpoints, preemption).
+
+The step is one jitted program per global batch: target forward (bf16, no gradient) → morphing schedules drawn with
+`jax.random` → groups from the target tokens → student forward (bf16 compute, fp32 params) → DTM loss → gradients
+(averaged over `grad_accum_steps` micro-batches by a scan) → optax update. Non-finite loss or gradient norm leaves
+the parameters untouched and records the step; the loop stops with an error at the next sync point and no checkpoint of
+a broken state is ever written.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dtm_jax import checkpoint as checkpoint_lib
+from dtm_jax import losses, metrics, morphing, optim, sharding, targets
+from dtm_jax.models import functional, vit
+
+PyTree = Any
+NONFINITE_LOSS, NONFINITE_GRAD = 1, 2
+# Config keys that may change between a run and its resumption without changing what is computed.
+RESUMABLE_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "profile", "eval",
+                  "allow_config_change", "progress_every_secs", "stop_after_step")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config → model configs, step counts, checks.
+# ----------------------------------------------------------------------------------------------------------------
+def student_config(config: ml_collections.ConfigDict) -> vit.ViTConfig:
+  m = config.model
+  overrides = {k: v for k, v in m.to_dict().items() if k != "variant"}
+  if "dtype" in overrides:
+    overrides["dtype"] = jnp.dtype(overrides["dtype"])
+  return vit.get_config(m.variant, **overrides)
+
+
+def num_patches(config: ml_collections.ConfigDict) -> int:
+  return (config.model.image_size // config.model.patch_size) ** 2
+
+
+def total_and_warmup_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """Steps from `total_steps`/`warmup_steps` or from epochs × num_train_examples / batch_size."""
+  def steps(name):
+    if config.get(f"{name}_steps") is not None:
+      return int(config.get(f"{name}_steps"))
+    epochs = config.get(f"{name}_epochs")
+    if epochs is None:
+      raise ValueError(f"Set config.{name}_steps or config.{name}_epochs.")
+    if not config.get("num_train_examples"):
+      raise ValueError(f"config.{name}_epochs needs config.num_train_examples (images per epoch).")
+    return int(round(epochs * config.num_train_examples / config.batch_size))
+  return steps("total"), steps("warmup")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Every check that needs no compilation, with what to change; raises ValueError listing all problems."""
+  problems = []
+  m = config.model
+  if m.variant not in vit.VARIANTS:
+    problems.append(f"config.model.variant={m.variant!r} is unknown; choose one of {sorted(vit.VARIANTS)}.")
+  if m.image_size % m.patch_size:
+    problems.append(f"config.model.image_size={m.image_size} is not divisible by patch_size={m.patch_size}.")
+  n = num_patches(config)
+  if not 0 < config.input.num_masking_patches <= n:
+    problems.append(f"config.input.num_masking_patches={config.input.num_masking_patches} must be in [1, {n}] "
+                    f"(the {m.image_size}/{m.patch_size} grid has {n} patches).")
+  max_merge = config.dtm.max_merge
+  if max_merge > n:
+    problems.append(f"config.dtm.max_merge={max_merge} exceeds the {n} tokens; use at most {n} (or -1 for N).")
+  if config.dtm.max_iters < 1:
+    problems.append(f"config.dtm.max_iters={config.dtm.max_iters} must be at least 1.")
+  devices, accum = jax.device_count(), config.grad_accum_steps
+  if accum < 1 or config.batch_size % (devices * accum):
+    problems.append(f"config.batch_size={config.batch_size} must be divisible by devices ({devices}) × "
+                    f"grad_accum_steps ({accum}) = {devices * accum}.")
+  try:
+    targets.validate_target_config(config.target)
+  except (ValueError, FileNotFoundError) as e:
+    problems.append(str(e))
+  if problems:
+    raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def flatten_config(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(flatten_config(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+  """Keys (dotted) whose values differ, ignoring those that may change on resumption."""
+  a, b = flatten_config(json.loads(json.dumps(old, default=str))), flatten_config(json.loads(json.dumps(new, default=str)))
+  keys = sorted(set(a) | set(b))
+  return [k for k in keys if a.get(k) != b.get(k) and k.split(".")[0] not in RESUMABLE_KEYS]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The step.
+# ----------------------------------------------------------------------------------------------------------------
+def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets.Target,
+                        config: ml_collections.ConfigDict, tokens: int):
+  """(params, target_params, batch, step) → (loss, mean number of groups, gradients) for one global batch.
+
+  Schedules are drawn for the whole batch from the step's key, then the batch is cut into `grad_accum_steps`
+  micro-batches whose gradients are averaged, so accumulation equals one step on the full batch.
+  """
+  dtm = config.dtm
+  accum = config.grad_accum_steps
+  max_merge = tokens if dtm.max_merge < 0 else dtm.max_merge
+  if not dtm.enabled:
+    max_merge = 0  # token-wise distillation: every schedule merges nothing
+
+  def micro_loss(params, target_params, images, mask, num_merge, num_iters, dropout_rng):
+    target_tokens = target.tokens(target_params, images)
+    groups = morphing.morph_schedules(target_tokens, num_merge, num_iters, max_iters=dtm.max_iters,
+                                      protect_first=dtm.protect_first)
+    pred = student.apply(params, images, mask, dropout_rng=dropout_rng)
+    loss = losses.dtm_loss(pred, target_tokens, groups, kind=dtm.loss, beta=dtm.beta,
+                           normalize_target=dtm.normalize_target, weighting=dtm.weighting)
+    return loss, jnp.mean(jax.vmap(morphing.num_groups)(groups).astype(jnp.float32))
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def loss_and_grads(params, target_params, batch, step):
+    rng = jax.random.fold_in(jax.random.key(config.seed), step)
+    schedule_rng, dropout_rng = jax.random.split(rng)
+    images, mask = batch["image"], batch["mask"]
+    num_merge, num_iters = morphing.sample_schedules(
+        schedule_rng, images.shape[0], num_schedules=dtm.num_schedules, max_merge=max_merge,
+        max_iters=dtm.max_iters, per_image=dtm.per_image)
+    if accum == 1:
+      (loss, groups), grads = grad_fn(params, target_params, images, mask, num_merge, num_iters, dropout_rng)
+      return loss, groups, grads
+
+    # Rows i·A + a go to micro-batch a: each device keeps its own rows, so the split moves no data.
+    def split(x, axis):
+      x = jnp.moveaxis(x, axis, 0)
+      x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+      return jnp.moveaxis(x, 1, axis + 1)
+
+    def body(carry, xs):
+      img, msk, nm, ni, i = xs
+      (l, g), gr = grad_fn(params, target_params, img, msk, nm, ni, jax.random.fold_in(dropout_rng, i))
+      acc_grads, acc_loss, acc_groups = carry
+      return (jax.tree.map(jnp.add, acc_grads, gr), acc_loss + l, acc_groups + g), None
+
+    micro = (split(images, 0), split(mask, 0), split(num_merge, 1), split(num_iters, 1), jnp.arange(accum))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, loss, groups), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
+    return loss / accum, groups / accum, jax.tree.map(lambda g: g / accum, grads)
+
+  return loss_and_grads
+
+
+def make_train_step(*, loss_and_grads, tx: optax.GradientTransformation, lr_schedule: optax.Schedule):
+  """The pure step: (state, target_params, batch) → (state, metrics). Non-finite updates are not applied."""
+
+  def step_fn(state, target_params, batch):
+    step, params = state["step"], state["params"]
+    loss, groups, grads = loss_and_grads(params, target_params, batch, step)
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+
+    finite_loss, finite_grad = jnp.isfinite(loss), jnp.isfinite(grad_norm)
+    ok = finite_loss & finite_grad
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    code = jnp.where(finite_loss, 0, NONFINITE_LOSS) + jnp.where(finite_grad, 0, NONFINITE_GRAD)
+    first_bad = state["nonfinite"]
+    nonfinite = jnp.where((first_bad[0] < 0) & ~ok, jnp.stack([step, code]), first_bad)
+    new_state = {
+        "step": step + 1,
+        "params": keep(new_params, params),
+        "opt_state": keep(new_opt_state, state["opt_state"]),
+        "nonfinite": nonfinite,
+    }
+    step_metrics = {
+        "loss": loss, "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
+        "lr": lr_schedule(step), "num_groups": groups,
+    }
+    return new_state, step_metrics
+
+  return step_fn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preemption.
+# ----------------------------------------------------------------------------------------------------------------
+class PreemptionFlag:
+  """Set by SIGTERM (what schedulers send before preempting); the loop then checkpoints and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def install(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: will save a checkpoint after the current step and exit.")
+    self.requested = True
+
+  def uninstall(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def any_process(self) -> bool:
+    """True if any process was asked to stop (all processes must save the same step)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------------------------------
+def _with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def _put_global(tree: PyTree, shardings: PyTree) -> PyTree:
+  """Identical host values on every process → global arrays with the given shardings (multi-host safe)."""
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  return jax.tree.map(put, tree, shardings)
+
+
+def _check_finite(nonfinite: np.ndarray) -> None:
+  step, code = int(nonfinite[0]), int(nonfinite[1])
+  if step >= 0:
+    what = {NONFINITE_LOSS: "loss", NONFINITE_GRAD: "gradient norm"}.get(code, "loss and gradient norm")
+    raise FloatingPointError(
+        f"Non-finite {what} at step {step}; that update was not applied and no checkpoint of it was written. "
+        "Lower the learning rate or check the input, then rerun the same command to resume from the last "
+        "checkpoint.")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Pretrains per `config` in `workdir`, resuming from its latest good checkpoint. Returns the last metrics."""
+  validate_config(config)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  total_steps, warmup_steps = total_and_warmup_steps(config)
+  tokens = num_patches(config)
+
+  # ----- Mesh.
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  logging.info("Mesh %s over %d devices (%d processes); device kind %s.", dict(mesh.shape), jax.device_count(),
+               jax.process_count(), jax.devices()[0].device_kind)
+
+  # ----- Student, target, optimizer.
+  model_cfg = student_config(config)
+  student_fm, abstract_params = functional.abstract_split(lambda: vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
+  target = targets.build_target(config.target, image_size=model_cfg.image_size, patch_size=model_cfg.patch_size,
+                                in_channels=model_cfg.in_channels)
+  if target.out_dim != model_cfg.out_dim:
+    raise ValueError(f"The target gives {target.out_dim}-dim tokens but the student head has "
+                     f"config.model.out_dim={model_cfg.out_dim}; set config.model.out_dim={target.out_dim}.")
+  logging.info("Target: %s.", target.description)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract_params))
+  logging.info("Student %s: %.2fM parameters, %d tokens of dim %d.", config.model.variant, num_params / 1e6, tokens,
+               model_cfg.width)
+  tx, lr_schedule = optim.make_optimizer(config.optim, abstract_params, total_steps=total_steps,
+                                         global_batch_size=config.batch_size, warmup_steps=warmup_steps)
+
+  # ----- State, born sharded.
+  min_fsdp = config.mesh.min_fsdp_size
+  param_sh = sharding.param_shardings(abstract_params, mesh, min_fsdp)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_sh = sharding.param_shardings(abstract_opt, mesh, min_fsdp)
+  rep = sharding.replicated(mesh)
+  state_sh = {"step": rep, "params": param_sh, "opt_state": opt_sh, "nonfinite": rep}
+
+  def init_state():
+    _, params = functional.split_module(vit.PretrainViT(model_cfg, rngs=nnx.Rngs(config.seed)))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "nonfinite": jnp.full((2,), -1, jnp.int32)}
+
+  abstract_state = jax.eval_shape(init_state)
+  target_sh = sharding.param_shardings(target.params, mesh, min_fsdp)
+  target_params = _put_global(target.params, target_sh)
+
+  # ----- Input.
+  data = build_pretrain_data(config, model_cfg)
+
+  # ----- Resume or initialise.
+  checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
+                                             async_save=config.async_checkpointing)
+  config_dict = config.to_dict()
+  metadata = {"config": config_dict, "config_hash": checkpoint_lib.config_hash(config_dict),
+              "model_config": checkpoint_lib.model_config_to_json(model_cfg), "process_count": jax.process_count(),
+              "jax_version": jax.__version__, "target": target.description}
+  abstract_with_sh = _with_shardings(abstract_state, state_sh)
+  restored = None
+  if checkpointer.latest_step() is not None:
+    latest_metadata = checkpointer.read_metadata(checkpointer.latest_step())
+    diffs = config_differences(latest_metadata.get("config", {}), config_dict)
+    if diffs and not config.allow_config_change:
+      raise ValueError(
+          f"{workdir} holds a checkpoint of a run with a different config (differing keys: {', '.join(diffs)}). "
+          "Use a new --workdir, or pass --config.allow_config_change=True to resume with the new values.")
+    restored = checkpointer.restore_latest_good(
+        params=abstract_with_sh["params"],
+        train={k: v for k, v in abstract_with_sh.items() if k != "params"}, data_iterator=data)
+  if restored is None:
+    state = jax.jit(init_state, out_shardings=state_sh)()
+    logging.info("Starting from scratch at step 0 of %d.", total_steps)
+  else:
+    step, params, train_items, _ = restored
+    state = {"params": params, **train_items}
+    logging.info("Resumed from the checkpoint of step %d in %s.", step, checkpointer.directory)
+  start_step = int(state["step"])
+  checkpoint_lib.assert_processes_agree(start_step, metadata["config_hash"])
+
+  # ----- The jitted step.
+  loss_and_grads = make_loss_and_grads(student=student_fm, target=target, config=config, tokens=tokens)
+  step_fn = make_train_step(loss_and_grads=loss_and_grads, tx=tx, lr_schedule=lr_schedule)
+  batch_sh = sharding.batch_sharding(mesh)
+  traces = []  # one entry per trace of the step: more than one means recompilation (a bug; reported at the end)
+
+  def traced_step(*args):
+    traces.append(1)
+    return step_fn(*args)
+
+  train_step = jax.jit(traced_step, in_shardings=(state_sh, target_sh, batch_sh), out_shardings=(state_sh, rep),
+                       donate_argnums=(0,))
+
+  # ----- Loop.
+  writer = metrics.MetricsWriter(workdir)
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str))
+  flops_per_image = 3 * targets.transformer_flops(model_cfg, model_cfg.out_dim) + target.forward_flops + \
+      morphing_flops(config, tokens, target.out_dim)
+  throughput = metrics.Throughput(flops_per_step=flops_per_image * config.batch_size,
+                                  images_per_step=config.batch_size)
+  progress = metrics.Progress(total_steps, every_secs=config.progress_every_secs)
+  preemption = PreemptionFlag().install()
+  evaluator = make_periodic_evaluator(config, student_fm, mesh)
+  last_metrics: dict[str, float] = {}
+  step = start_step
+  profile = config.profile
+  try:
+    throughput.start(step)
+    while step < total_steps:
+      if profile.num_steps and step == profile.start_step and jax.process_index() == 0:
+        jax.profiler.start_trace(str(workdir / "profile"))
+      batch = sharding.to_global(_pretrain_batch(next(data)), mesh)
+      state, step_metrics = train_step(state, target_params, batch)
+      step += 1
+      if profile.num_steps and step == profile.start_step + profile.num_steps and jax.process_index() == 0:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+      progress(step)
+
+      is_last = step == total_steps
+      if step % config.log_every == 0 or is_last:
+        fetched = jax.device_get({**step_metrics, "nonfinite": state["nonfinite"]})
+        _check_finite(fetched.pop("nonfinite"))
+        last_metrics = {**{k: float(v) for k, v in fetched.items()}, **throughput.measure(step)}
+        last_metrics["corrupt_images"] = float(data.num_corrupt())
+        writer.write_scalars(step, last_metrics)
+      if evaluator and (step % config.eval.every == 0 or is_last):
+        eval_metrics = evaluator(state["params"])
+        writer.write_scalars(step, eval_metrics)
+        last_metrics.update(eval_metrics)
+        throughput.start(step)
+      preempted = preemption.any_process() if (jax.process_count() == 1 or step % 10 == 0) else False
+      preempted |= step == config.get("stop_after_step")
+      if step % config.checkpoint_every == 0 or is_last or preempted:
+        _check_finite(jax.device_get(state["nonfinite"]))
+        checkpointer.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
+                          data_iterator=data, metadata={**metadata, "step": step})
+      if preempted:
+        logging.warning("Preempted: checkpoint of step %d written; exiting.", step)
+        break
+    progress(step, force=True)
+  finally:
+    preemption.uninstall()
+    checkpointer.close()
+    writer.close()
+  if len(traces) > 1:
+    logging.warning("The train step was compiled %d times; expected once.", len(traces))
+  return {**last_metrics, "step": step, "preempted": float(step < total_steps), "step_compilations": len(traces)}
+
+
+def build_pretrain_data(config: ml_collections.ConfigDict, model_cfg: vit.ViTConfig):
+  """This process's pretraining batches: the configured source, or deterministic synthetic batches."""
+  # Imported here so `dtm_jax` stays importable where TensorFlow is absent (benchmarks on GPU hosts).
+  if config.input.source == "synthetic":
+    from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
+    return synthetic.SyntheticPretrain(
+        image_size=model_cfg.image_size, patch_size=model_cfg.patch_size, global_batch_size=config.batch_size,
+        seed=config.seed, num_masking_patches=config.input.num_masking_patches,
+        process_index=jax.process_index(), process_count=jax.process_count())
+  import input_pipeline  # pylint: disable=g-import-not-at-top
+  return input_pipeline.build_pretrain(config.input, image_size=model_cfg.image_size,
+                                       patch_size=model_cfg.patch_size, global_batch_size=config.batch_size,
+                                       seed=config.seed)
+
+
+def _pretrain_batch(host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {"image": host_batch["image"], "mask": host_batch["mask"]}
+
+
+def morphing_flops(config: ml_collections.ConfigDict, tokens: int, dim: int) -> float:
+  if not config.dtm.enabled:
+    return 0.0
+  return metrics.morphing_flops(tokens=tokens, dim=dim, num_schedules=config.dtm.num_schedules,
+                                max_iters=config.dtm.max_iters)
+
+
+def make_periodic_evaluator(config: ml_collections.ConfigDict, student: functional.FunctionalModule, mesh):
+  """kNN on held-out slices during pretraining (config.eval.every > 0), or None. Features: mean-pooled patches."""
+  if not config.eval.every:
+    return None
+  from dtm_jax.evaluate import knn  # pylint: disable=g-import-not-at-top
+
+  def encode(params, images):
+    return student.apply(params, images, method="encode")[:, 1:].mean(axis=1)
+
+  return lambda params: knn.knn_evaluate(encode, params, config.eval, config.input, mesh,
+                                         image_size=config.model.image_size)

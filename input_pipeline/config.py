@@ -1,0 +1,60 @@
+"""The `input` block of a run config: every knob of the input pipeline, with defaults.
+
+Run configs start from `default_config()` and override fields, e.g. the demo:
+  config.input = input_pipeline.default_config()
+  config.input.source = "fashion_mnist"
+  config.input.eval_split = "test"
+  config.input.num_masking_patches = 19      # ~40% of a 7x7 grid
+"""
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SOURCES = ("tfds", "folder", "fashion_mnist")
+
+
+def default_config():
+  """ImageNet-1K pretraining and evaluation settings of DTM_SPEC §6."""
+  c = ml_collections.ConfigDict()
+
+  # --- Where the images come from.
+  # "tfds": a TFDS builder (`dataset`), prepared under `data_dir` (None: TFDS's default dir).
+  # "folder": `data_dir/<split>/<class>/*.{jpg,jpeg,png}`; labels index the sorted class
+  #   folders of `train_split` (the same class list serves every split).
+  # "fashion_mnist": the IDX files in `data_dir` (None: /usr/share/datasets/fashion-mnist,
+  #   Debian's dataset-fashion-mnist); splits "train" and "test"; grey is fed as RGB.
+  c.source = "tfds"
+  c.dataset = "imagenet2012"
+  c.data_dir = ml_collections.config_dict.placeholder(str)
+  c.train_split = "train"
+  c.eval_split = "validation"
+  # TFDS only: encoded examples held for shuffling after the file-level shuffle. It bounds
+  # host RAM and the iterator checkpoint (~110 KB per ImageNet example, so ~1.1 GB here).
+  # Folders and IDX files need no buffer: they are read in a fresh permutation every epoch.
+  c.shuffle_buffer = 10_000
+
+  # --- Pretraining views (DTM_SPEC §6): RandomResizedCrop -> flip -> colour jitter.
+  c.crop_scale_min = 0.08   # The released code's default; BEiT v2 uses 0.2.
+  c.flip = True             # Random horizontal flip (pretraining and fine-tuning).
+  c.color_jitter = 0.4      # Brightness, contrast and saturation strength; 0 turns it off.
+  c.mean = IMAGENET_MEAN    # Normalisation of [0, 1] RGB, for student and teacher alike.
+  c.std = IMAGENET_STD
+
+  # --- BEiT block-wise mask over the patch grid.
+  c.num_masking_patches = 75   # Exactly this many patches are masked in every image.
+  c.min_num_patches = 16       # Smallest block area BEiT aims for.
+  c.min_mask_aspect = 0.3      # Block aspect ratios lie in [0.3, 1 / 0.3].
+
+  # --- Evaluation and fine-tuning (BEiT v2's recipe that DTM reuses).
+  c.crop_pct = 0.875                  # Resize the shorter side to size / crop_pct, centre crop.
+  c.finetune_crop_scale_min = 0.08
+  c.randaug_num_layers = 2            # RandAugment "rand-m9-mstd0.5-inc1"; 0 turns it off.
+  c.randaug_magnitude = 9.0
+  c.randaug_magnitude_std = 0.5
+  c.random_erase_prob = 0.25          # One erased box of per-pixel normal noise.
+
+  # --- Throughput and host resources.
+  c.num_parallel_calls = -1   # Images decoded and augmented at once; -1 = tf.data AUTOTUNE.
+  c.prefetch = 2              # Batches kept ready ahead of the training step.
+  c.threadpool_size = 0       # Threads of the pipeline's private pool; 0 = TF's shared pool.
+  return c

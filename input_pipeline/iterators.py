@@ -1,0 +1,83 @@
+"""Python-side handles on the tf.data pipelines: numpy batches, resume state, skip counts.
+
+Resume uses tf.data's own iterator checkpointing (`tf.train.Checkpoint(iterator=...)`): the
+saved state is the position of every stage plus the elements buffered at that moment, and a
+fresh pipeline built from the same config and seed continues the exact same stream after
+`restore`. No Python-side read-ahead exists, so the batch after `save` is the first batch
+after `restore`. See `input_pipeline.pipeline` for what the state holds and how big it gets.
+"""
+import os
+
+import tensorflow as tf
+
+# Per-element count of corrupt files skipped so far, carried by folder-source batches.
+SKIPPED_KEY = "_num_skipped"
+_STATE_PREFIX = "data_iterator"
+
+
+class DataIterator:
+  """Endless per-host numpy batches whose position can be saved and restored.
+
+  Arrays are read-only views of TensorFlow's buffers (no copy); copy before writing.
+  """
+
+  def __init__(self, dataset):
+    self._iterator = dataset.as_numpy_iterator()
+    self._num_corrupt = tf.Variable(0, dtype=tf.int64, trainable=False)
+    self._checkpoint = tf.train.Checkpoint(iterator=self._iterator, num_corrupt=self._num_corrupt)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = dict(next(self._iterator))
+    skipped = batch.pop(SKIPPED_KEY, None)
+    if skipped is not None:
+      self._num_corrupt.assign(int(skipped.max()))
+    return batch
+
+  def num_corrupt(self):
+    """Corrupt or unreadable images skipped so far (folder sources; 0 for the others)."""
+    return int(self._num_corrupt.numpy())
+
+  def save(self, directory):
+    """Writes the iterator state into `directory` (local or tf.io.gfile path, one per process)."""
+    tf.io.gfile.makedirs(directory)
+    self._checkpoint.write(os.path.join(directory, _STATE_PREFIX))
+
+  def restore(self, directory):
+    """Continues from the state that `save(directory)` wrote, in a pipeline built the same way."""
+    prefix = os.path.join(directory, _STATE_PREFIX)
+    if not tf.io.gfile.exists(prefix + ".index"):
+      raise FileNotFoundError(f"No data-iterator state in {directory} (expected "
+                              f"{prefix}.index, written by DataIterator.save).")
+    self._checkpoint.read(prefix).assert_consumed()
+
+
+class EvalData:
+  """One pass over an evaluation split per iteration, padded to the same steps on every host.
+
+  Batches are {"image", "label", "valid"}; valid is False on padding. Over all hosts, every
+  readable example of the split appears exactly once per pass.
+  """
+
+  def __init__(self, dataset, *, num_examples, num_batches, local_examples):
+    self._dataset = dataset
+    self.num_examples = num_examples   # In the split, over all hosts.
+    self.num_batches = num_batches     # Per pass, the same on every host.
+    self._local_examples = local_examples
+    self._num_corrupt = 0
+
+  def __iter__(self):
+    num_valid = 0
+    for batch in self._dataset.as_numpy_iterator():
+      num_valid += int(batch["valid"].sum())
+      yield batch
+    self._num_corrupt = self._local_examples - num_valid
+
+  def __len__(self):
+    return self.num_batches
+
+  def num_corrupt(self):
+    """Images of this host that could not be read during the last complete pass."""
+    return self._num_corrupt

@@ -1,0 +1,307 @@
+"""Where examples come from: TFDS builders, image folders, Fashion-MNIST IDX files.
+
+A source hands the pipeline, per host, a tf.data stream of *keys* and a `load(key)` that
+turns a key into {"image": encoded bytes or uint8 [h, w, 3], "label": int} inside the
+pipeline's parallel map. Keys are cheap (TFDS: the encoded example; folders and IDX files:
+an example index), so shuffling and checkpointing them costs little, and the expensive
+(and, for folders, failure-prone) reading happens where errors can be skipped and counted.
+
+Sharding: TFDS splits per host with `tfds.split_for_jax_process` (even slices); folders and
+IDX files give host p the examples p, p + P, p + 2P, ... of their sorted order. Training
+streams are infinite; folder and IDX sources visit their host's examples in a new random
+permutation each epoch, computed from (seed, epoch), so no shuffle buffer is needed.
+"""
+import dataclasses
+import gzip
+import os
+import struct
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+  """A per-host stream of example keys and the TF function that loads one."""
+  keys: tf.data.Dataset
+  load: Callable[[Any], dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitCounts:
+  """Example counts of an evaluation split."""
+  local: int          # On this host.
+  largest_host: int   # On the host that holds the most; every host pads up to it.
+  total: int          # Over all hosts.
+
+
+def get_source(cfg):
+  """The source that `cfg.source` names, configured from the `input` ConfigDict."""
+  if cfg.source == "tfds":
+    return TfdsSource(cfg.dataset, cfg.data_dir, cfg.shuffle_buffer)
+  if cfg.source == "folder":
+    return FolderSource(cfg.data_dir, cfg.train_split)
+  if cfg.source == "fashion_mnist":
+    return FashionMnistSource(cfg.data_dir or FASHION_MNIST_DIR)
+  raise ValueError(f"input.source={cfg.source!r} is unknown; use 'tfds', 'folder' or "
+                   "'fashion_mnist'.")
+
+
+class TfdsSource:
+  """A TFDS builder read with SkipDecoding, so images stay encoded until the crop is known."""
+  skips_corrupt = False   # Prepared TFDS data was decoded once already; errors are real bugs.
+
+  def __init__(self, name, data_dir, shuffle_buffer):
+    try:
+      self._builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise ValueError(f"input.dataset={name!r} is not a TFDS dataset (see "
+                       "https://www.tensorflow.org/datasets/catalog).") from e
+    features = self._builder.info.features
+    if "image" not in features:
+      raise ValueError(f"TFDS dataset {name!r} has no 'image' feature (it has "
+                       f"{sorted(features)}); only image datasets can feed this pipeline.")
+    self.has_labels = "label" in features
+    self._shuffle_buffer = shuffle_buffer
+
+  def train(self, split, *, seed, process_index, process_count):
+    host_split = tfds.split_for_jax_process(split, process_index=process_index,
+                                            process_count=process_count)
+    keys = self._read(host_split, split, shuffle_seed=seed)
+    keys = keys.shuffle(self._shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    return Examples(keys, load=lambda example: example)
+
+  def evaluation(self, split, *, process_index, process_count):
+    def host(index):
+      return self._read(tfds.split_for_jax_process(split, process_index=index,
+                                                   process_count=process_count), split)
+    keys = host(process_index)
+    counts = SplitCounts(
+        local=_cardinality(keys),
+        largest_host=_cardinality(host(0)),   # Even splits give the remainder to the first hosts.
+        total=_cardinality(self._read(split, split)))
+    return Examples(keys, load=lambda example: example), counts
+
+  def _read(self, split, requested, shuffle_seed=None):
+    """Examples of `split` as {"image": bytes, "label"}; `requested` names it in errors."""
+    try:
+      examples = self._builder.as_dataset(
+          split=split, shuffle_files=shuffle_seed is not None,
+          decoders={"image": tfds.decode.SkipDecoding()},
+          read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False))
+    except AssertionError as e:  # TFDS's "could not find data" for a dataset never prepared.
+      if self._builder.is_prepared():
+        raise
+      raise FileNotFoundError(_not_prepared_message(self._builder)) from e
+    except ValueError as e:      # Unknown split names and malformed slices.
+      raise ValueError(f"Split {requested!r} of TFDS dataset {self._builder.name!r}: {e}") from e
+    keep = ("image", "label") if self.has_labels else ("image",)
+    return examples.map(lambda example: {k: example[k] for k in keep})
+
+
+def _cardinality(dataset):
+  count = int(dataset.cardinality())
+  if count < 0:
+    raise ValueError("TFDS did not report the size of an evaluation split; cannot pad the "
+                     "last batch so that every host runs the same number of steps.")
+  return count
+
+
+def _not_prepared_message(builder):
+  """Where to put which files, for a dataset that `download_and_prepare` has not built."""
+  root = builder.data_dir_root
+  manual_dir = os.path.join(root, "downloads", "manual")
+  prepare = (f"python -c \"import tensorflow_datasets as tfds; tfds.builder({builder.name!r}, "
+             f"data_dir={root!r}).download_and_prepare()\"")
+  if builder.name == "imagenet2012":
+    missing = [f for f in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+               if not tf.io.gfile.exists(os.path.join(manual_dir, f))]
+    where = (f"Put {' and '.join(missing)} (from https://image-net.org/download-images, after "
+             f"registering) in {manual_dir}, then run once:\n  {prepare}" if missing else
+             f"The archives are in {manual_dir}; run once:\n  {prepare}")
+    return (f"ImageNet (imagenet2012) is not prepared under {root}. {where}\n"
+            "It writes ~150 GB of TFRecords next to the archives (see the README section "
+            "'Preparing ImageNet for TFDS'); set input.data_dir to that directory.")
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    return (f"TFDS dataset {builder.name!r} is not prepared under {root}. It needs a manual "
+            f"download into {manual_dir}:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}\n"
+            f"then run once:\n  {prepare}")
+  return (f"TFDS dataset {builder.name!r} is not prepared under {root}. Run once (it "
+          f"downloads the data):\n  {prepare}\nor set input.data_dir to where it is prepared.")
+
+
+class _IndexedSource:
+  """Shared logic of sources whose examples are addressed by index in a sorted table."""
+  has_labels = True
+
+  def _table(self, split):
+    """Returns (num_examples, load) where load maps a global example index to an example."""
+    raise NotImplementedError
+
+  def _check_host_examples(self, split, host_indices):
+    """Lets a source reject a host's examples before the stream starts."""
+
+  def train(self, split, *, seed, process_index, process_count):
+    num_examples, load = self._table(split)
+    host_indices = np.arange(process_index, num_examples, process_count)
+    if not host_indices.size:
+      raise ValueError(f"Split {split!r} has {num_examples} examples, too few to give each of "
+                       f"{process_count} processes one.")
+    self._check_host_examples(split, host_indices)
+    host_indices = tf.constant(host_indices, tf.int64)
+
+    def epoch(epoch_index):
+      order = tf.random.experimental.stateless_shuffle(
+          host_indices, seed=tf.stack([tf.constant(seed, tf.int64), epoch_index]))
+      return tf.data.Dataset.from_tensor_slices(order)
+
+    keys = tf.data.Dataset.range(np.iinfo(np.int64).max).flat_map(epoch)
+    return Examples(keys, load)
+
+  def evaluation(self, split, *, process_index, process_count):
+    num_examples, load = self._table(split)
+    host_indices = np.arange(process_index, num_examples, process_count)
+    if host_indices.size:
+      self._check_host_examples(split, host_indices)
+    counts = SplitCounts(local=len(host_indices),
+                         largest_host=len(range(0, num_examples, process_count)),
+                         total=num_examples)
+    return Examples(tf.data.Dataset.from_tensor_slices(host_indices), load), counts
+
+
+class FolderSource(_IndexedSource):
+  """Images in `root/<split>/<class>/*.{jpg,jpeg,png}`, labelled by sorted class folder.
+
+  The class list comes from the training split's folder so that every split uses the same
+  label ids. Corrupt or truncated files are skipped (and counted) by the pipeline.
+  """
+  skips_corrupt = True
+
+  def __init__(self, root, train_split):
+    if not root:
+      raise ValueError("input.source='folder' needs input.data_dir: a directory with one "
+                       "sub-folder per split, each holding one sub-folder per class.")
+    self._root = root
+    self._train_split = train_split
+    self._files = {}
+    self._classes = _subfolders(self._split_dir(train_split))
+    if not self._classes:
+      raise ValueError(f"{self._split_dir(train_split)} has no class sub-folders; expected "
+                       "<split>/<class>/<image files>.")
+
+  def _split_dir(self, split):
+    path = os.path.join(self._root, split)
+    if not tf.io.gfile.isdir(path):
+      present = (sorted(tf.io.gfile.listdir(self._root)) if tf.io.gfile.isdir(self._root)
+                 else "nothing: the directory does not exist")
+      raise FileNotFoundError(f"Split folder {path} not found; {self._root} holds {present}. "
+                              "Check input.data_dir and the split name.")
+    return path
+
+  def files(self, split):
+    """Sorted image paths of a split and their labels (listed once per split)."""
+    if split not in self._files:
+      self._files[split] = self._list_files(split)
+    return self._files[split]
+
+  def _list_files(self, split):
+    split_dir = self._split_dir(split)
+    class_ids = {name: i for i, name in enumerate(self._classes)}
+    paths, labels = [], []
+    for name in _subfolders(split_dir):
+      class_dir = os.path.join(split_dir, name)
+      if name not in class_ids:
+        raise ValueError(f"Class folder {class_dir} is not in the training split's folder "
+                         f"{os.path.join(self._root, self._train_split)}; labels would not "
+                         "match. Every split must use the training split's classes.")
+      images = sorted(f for f in tf.io.gfile.listdir(class_dir)
+                      if f.lower().endswith(IMAGE_EXTENSIONS))
+      paths += [os.path.join(class_dir, f) for f in images]
+      labels += [class_ids[name]] * len(images)
+    if not paths:
+      raise ValueError(f"No {'/'.join(IMAGE_EXTENSIONS)} files in the class folders of "
+                       f"{split_dir}.")
+    return paths, labels
+
+  def _table(self, split):
+    paths, labels = self.files(split)
+    paths_t = tf.constant(paths)
+    labels_t = tf.constant(labels, tf.int32)
+
+    def load(index):
+      return {"image": tf.io.read_file(tf.gather(paths_t, index)),
+              "label": tf.gather(labels_t, index)}
+    return len(paths), load
+
+  def _check_host_examples(self, split, host_indices):
+    """Fails early if none of this host's files decodes: skipping would then never end."""
+    paths, _ = self.files(split)
+    for index in host_indices:
+      try:
+        tf.io.decode_image(tf.io.read_file(paths[index]), channels=3, expand_animations=False)
+        return
+      except tf.errors.OpError:
+        continue
+    raise ValueError(f"None of the {len(host_indices)} image files of split {split!r} under "
+                     f"{self._root} that this host reads can be decoded.")
+
+
+def _subfolders(directory):
+  """Sorted names of the sub-directories (gfile lists them with a trailing '/' on GCS)."""
+  names = (name.rstrip("/") for name in tf.io.gfile.listdir(directory))
+  return sorted(n for n in names if tf.io.gfile.isdir(os.path.join(directory, n)))
+
+
+class FashionMnistSource(_IndexedSource):
+  """Fashion-MNIST from its four IDX files (gzipped or not); splits 'train' and 'test'."""
+  skips_corrupt = False
+  _PREFIXES = {"train": "train", "test": "t10k"}
+
+  def __init__(self, directory):
+    self._dir = directory
+
+  def _table(self, split):
+    if split not in self._PREFIXES:
+      raise ValueError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}.")
+    prefix = self._PREFIXES[split]
+    images = _read_idx(self._path(f"{prefix}-images-idx3-ubyte"))
+    labels = _read_idx(self._path(f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+      raise ValueError(f"Fashion-MNIST {split} files in {self._dir} disagree: images "
+                       f"{images.shape}, labels {labels.shape}.")
+    images_t = tf.constant(images)
+    labels_t = tf.constant(labels.astype(np.int32))
+
+    def load(index):
+      grey = tf.gather(images_t, index)[..., None]
+      return {"image": tf.tile(grey, [1, 1, 3]), "label": tf.gather(labels_t, index)}
+    return len(labels), load
+
+  def _path(self, name):
+    for candidate in (name + ".gz", name):
+      path = os.path.join(self._dir, candidate)
+      if tf.io.gfile.exists(path):
+        return path
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {name}[.gz] not found in {self._dir}. Install Debian's package "
+        "(sudo apt-get install dataset-fashion-mnist, which fills "
+        f"{FASHION_MNIST_DIR}; `make fashion-mnist` does it) or point input.data_dir at the "
+        "four *-ubyte.gz files.")
+
+
+def _read_idx(path):
+  """An IDX array (the MNIST file format: big-endian header, then raw uint8 data)."""
+  with tf.io.gfile.GFile(path, "rb") as f:
+    data = f.read()
+  if path.endswith(".gz"):
+    data = gzip.decompress(data)
+  zeros, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+  if zeros != 0 or dtype_code != 0x08:
+    raise ValueError(f"{path} is not a uint8 IDX file.")
+  shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)

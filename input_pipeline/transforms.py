@@ -1,0 +1,181 @@
+"""Per-image TensorFlow ops: decode with a crop window, resize, colour, flip, normalise, erase.
+
+Every random op is stateless and takes `rng`, an int64 [2] seed tensor, so a view is a pure
+function of (image, rng): that is what makes the streams reproducible and resumable.
+Images are float32 RGB in [0, 255] until `normalize`, which maps [0, 1] values by mean/std.
+
+The crop is chosen from the stored image's size *before* decoding, so JPEGs are decoded only
+inside the crop window (`decode_and_crop_jpeg`); other formats are decoded, then cropped.
+"""
+import math
+
+import tensorflow as tf
+
+# torchvision's RandomResizedCrop: aspect ratios log-uniform in [3/4, 4/3], 10 tries.
+_CROP_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
+_CROP_ATTEMPTS = 10
+# timm's RandomErasing: area fraction in [0.02, 1/3], aspect log-uniform in [0.3, 1/0.3].
+_ERASE_AREA = (0.02, 1 / 3)
+_ERASE_LOG_ASPECT = (math.log(0.3), -math.log(0.3))
+_ERASE_ATTEMPTS = 10
+# ITU-R 601 luma, as PIL and torchvision compute greyscale.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def split_rng(rng, num):
+  """`num` independent seeds derived from `rng`."""
+  return tf.unstack(tf.random.experimental.stateless_split(rng, num))
+
+
+def decode_and_crop(image, window_fn):
+  """Decodes (if needed) and crops an image to the window `window_fn(height, width)` picks.
+
+  Args:
+    image: encoded bytes (scalar tf.string: JPEG, PNG, GIF or BMP) or uint8 [h, w, 3].
+    window_fn: maps the image's int32 height and width to int32 [top, left, crop_h, crop_w].
+
+  Returns:
+    uint8 [crop_h, crop_w, 3].
+  """
+  if image.dtype != tf.string:
+    return _crop(image, window_fn)
+
+  def jpeg():
+    shape = tf.image.extract_jpeg_shape(image)
+    return tf.image.decode_and_crop_jpeg(image, window_fn(shape[0], shape[1]), channels=3)
+
+  def other_format():
+    decoded = tf.io.decode_image(image, channels=3, expand_animations=False)
+    return _crop(decoded, window_fn)
+
+  cropped = tf.cond(tf.io.is_jpeg(image), jpeg, other_format)
+  cropped.set_shape([None, None, 3])
+  return cropped
+
+
+def _crop(image, window_fn):
+  shape = tf.shape(image)
+  top, left, height, width = tf.unstack(window_fn(shape[0], shape[1]))
+  return image[top:top + height, left:left + width]
+
+
+def random_resized_crop_window(rng, height, width, scale_min):
+  """torchvision's RandomResizedCrop window: area in [scale_min, 1] of the image, 10 tries.
+
+  When no try fits, the fallback is torchvision's: a centre crop at the nearest allowed
+  aspect ratio. Returns int32 [top, left, crop_h, crop_w].
+  """
+  area_rng, ratio_rng, top_rng, left_rng = split_rng(rng, 4)
+  h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  area = h * w * tf.random.stateless_uniform([_CROP_ATTEMPTS], area_rng, scale_min, 1.0)
+  ratio = tf.exp(tf.random.stateless_uniform([_CROP_ATTEMPTS], ratio_rng, *_CROP_LOG_RATIO))
+  crop_w = tf.round(tf.sqrt(area * ratio))
+  crop_h = tf.round(tf.sqrt(area / ratio))
+  fits = (crop_w > 0) & (crop_h > 0) & (crop_w <= w) & (crop_h <= h)
+  first = tf.argmax(tf.cast(fits, tf.int32))
+
+  min_ratio, max_ratio = (math.exp(r) for r in _CROP_LOG_RATIO)
+  image_ratio = w / h
+  fallback_w = tf.where(image_ratio > max_ratio, tf.round(h * max_ratio), w)
+  fallback_h = tf.where(image_ratio < min_ratio, tf.round(w / min_ratio), h)
+
+  found = tf.reduce_any(fits)
+  crop_h = tf.where(found, crop_h[first], fallback_h)
+  crop_w = tf.where(found, crop_w[first], fallback_w)
+  # Uniform integer offsets in [0, h - crop_h]; the fallback is centred.
+  top = tf.where(found, _uniform_int(top_rng, h - crop_h), tf.floor((h - crop_h) / 2))
+  left = tf.where(found, _uniform_int(left_rng, w - crop_w), tf.floor((w - crop_w) / 2))
+  return tf.cast(tf.stack([top, left, crop_h, crop_w]), tf.int32)
+
+
+def _uniform_int(rng, high):
+  """A uniform integer in [0, high] (both included), as a float."""
+  return tf.minimum(tf.floor(tf.random.stateless_uniform([], rng) * (high + 1)), high)
+
+
+def center_crop_window(height, width, size, crop_pct):
+  """The region that "resize shorter side to size / crop_pct, centre crop size" keeps.
+
+  Cropping this window and resizing it to size x size equals resize-then-crop up to
+  resampling at the borders, and decodes far fewer JPEG pixels.
+  """
+  resize_to = math.floor(size / crop_pct)
+  short = tf.cast(tf.minimum(height, width), tf.float32)
+  side = tf.minimum(tf.round(short * size / resize_to), short)
+  top = tf.round((tf.cast(height, tf.float32) - side) / 2)
+  left = tf.round((tf.cast(width, tf.float32) - side) / 2)
+  return tf.cast(tf.stack([top, left, side, side]), tf.int32)
+
+
+def resize(image, size):
+  """Bicubic, antialiased (as PIL resamples) resize to size x size; float32 in [0, 255]."""
+  resized = tf.image.resize(image, [size, size], method="bicubic", antialias=True)
+  return tf.clip_by_value(resized, 0.0, 255.0)
+
+
+def random_flip(image, rng):
+  return tf.image.stateless_random_flip_left_right(image, rng)
+
+
+def grayscale(image):
+  """Luma of an RGB image, shape [h, w, 1]."""
+  return tf.tensordot(image, tf.constant(_LUMA), axes=[[-1], [0]])[..., None]
+
+
+def color_jitter(image, rng, strength):
+  """torchvision ColorJitter(strength, strength, strength) on [0, 1] RGB.
+
+  Brightness, contrast and saturation factors are uniform in [1 - s, 1 + s] and the three
+  ops run in a random order, each followed by a clip to [0, 1].
+  """
+  factor_rng, order_rng = split_rng(rng, 2)
+  factors = tf.random.stateless_uniform([3], factor_rng, max(0.0, 1 - strength), 1 + strength)
+  order = tf.argsort(tf.random.stateless_uniform([3], order_rng))
+
+  def brightness(x):
+    return x * factors[0]
+
+  def contrast(x):
+    return _blend(tf.reduce_mean(grayscale(x)), x, factors[1])
+
+  def saturation(x):
+    return _blend(grayscale(x), x, factors[2])
+
+  for step in range(3):
+    image = tf.switch_case(order[step], [lambda op=op, x=image: op(x) for op in
+                                         (brightness, contrast, saturation)])
+    image = tf.clip_by_value(image, 0.0, 1.0)
+  return image
+
+
+def _blend(degenerate, image, factor):
+  return degenerate + factor * (image - degenerate)
+
+
+def normalize(image01, mean, std):
+  return (image01 - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def random_erase(image, rng, prob):
+  """timm RandomErasing(prob, mode="pixel", count=1) on a normalised image.
+
+  With probability `prob`, one box (area 2-33% of the image, aspect log-uniform in
+  [0.3, 1/0.3], first of 10 tries that fits) is replaced by per-pixel normal noise.
+  """
+  height, width, channels = image.shape
+  apply_rng, area_rng, aspect_rng, top_rng, left_rng, noise_rng = split_rng(rng, 6)
+  area = height * width * tf.random.stateless_uniform([_ERASE_ATTEMPTS], area_rng, *_ERASE_AREA)
+  aspect = tf.exp(tf.random.stateless_uniform([_ERASE_ATTEMPTS], aspect_rng, *_ERASE_LOG_ASPECT))
+  box_h = tf.round(tf.sqrt(area * aspect))
+  box_w = tf.round(tf.sqrt(area / aspect))
+  fits = (box_h < height) & (box_w < width)
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  box_h, box_w = box_h[first], box_w[first]
+  top = _uniform_int(top_rng, height - box_h)
+  left = _uniform_int(left_rng, width - box_w)
+  rows = tf.range(height, dtype=tf.float32)[:, None, None]
+  cols = tf.range(width, dtype=tf.float32)[None, :, None]
+  in_box = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
+  erase = tf.reduce_any(fits) & (tf.random.stateless_uniform([], apply_rng) < prob)
+  noise = tf.random.stateless_normal([height, width, channels], noise_rng)
+  return tf.where(in_box & erase, noise, image)

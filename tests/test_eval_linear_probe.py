@@ -1,0 +1,104 @@
+"""Linear probe: separable features reach ~100%, padding is ignored, and the student's features are as documented."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import linear_probe_demo
+from dtm_jax import metrics, sharding
+from dtm_jax.evaluate import common, linear_probe
+from dtm_jax.models import functional, vit
+
+import eval_testing
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return sharding.make_mesh(data=4, fsdp=2)
+
+
+def probe_config(**overrides):
+  config = linear_probe_demo.get_config()
+  config.update(num_classes=5, batch_size=64, epochs=12, warmup_epochs=2, eval_every_epochs=4, **overrides)
+  return config
+
+
+def clustered_features(rng, num, num_padding, mesh):
+  """5 well-separated Gaussian clusters in 16-d, plus padding rows of huge values and wrong labels."""
+  centres = 4.0 * np.random.default_rng(0).normal(size=(5, 16))
+  labels = rng.integers(0, 5, num)
+  features = centres[labels] + rng.normal(size=(num, 16))
+  features = np.concatenate([features, np.full((num_padding, 16), 1e3)]).astype(np.float32)
+  labels = np.concatenate([labels, np.zeros(num_padding, int)]).astype(np.int32)
+  valid = np.arange(num + num_padding) < num
+  rows = sharding.batch_sharding(mesh)
+  return common.FeatureSet(*(jax.device_put(x, rows) for x in (features, labels, valid)))
+
+
+# LARS scales each step by 0.001·|w|/|g|: it needs MAE's peak lr (0.1 × 16384 / 256 = 6.4) to move at all.
+@pytest.mark.parametrize("optimizer,base_lr", [("lars", 6.4 * 256 / 64), ("sgd", 0.1)])
+def test_probe_on_separable_features_reaches_100_percent(mesh, tmp_path, optimizer, base_lr):
+  rng = np.random.default_rng(1)
+  train = clustered_features(rng, 1000, 24, mesh)
+  test = clustered_features(rng, 400, 8, mesh)
+  config = probe_config()
+  config.optimizer.update(name=optimizer, base_lr=base_lr)
+  writer = metrics.MetricsWriter(tmp_path)
+  result = linear_probe.train_on_features(config, train, test, mesh, writer)
+  writer.close()
+  assert result["top1"] >= 99.0 and result["top5"] == 100.0
+  assert result["steps"] == 12 * (1000 // 64)
+  rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in rows if "top1" in r] == [4 * 15, 8 * 15, 12 * 15]
+  losses = [r["train_loss"] for r in rows]
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_batch_norm_statistics_ignore_padding():
+  features = jnp.array([[1.0, 2.0], [3.0, 6.0], [1e6, -1e6]])
+  valid = jnp.array([True, True, False])
+  stats = {"mean": jnp.zeros(2), "var": jnp.ones(2)}
+  normed, new_stats = linear_probe.normalize_train(features, valid, stats, momentum=0.9)
+  np.testing.assert_allclose(normed[:2], [[-1, -1], [1, 1]], rtol=1e-5)
+  np.testing.assert_allclose(new_stats["mean"], 0.1 * np.array([2.0, 4.0]), rtol=1e-6)
+  np.testing.assert_allclose(new_stats["var"], 0.9 + 0.1 * np.array([1.0, 4.0]), rtol=1e-6)
+
+
+def test_batch_larger_than_the_data_is_a_clear_error(mesh, tmp_path):
+  rng = np.random.default_rng(0)
+  train = clustered_features(rng, 40, 0, mesh)
+  with pytest.raises(ValueError, match="batch_size"):
+    linear_probe.train_on_features(probe_config(), train, train, mesh, metrics.MetricsWriter(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def student():
+  config = eval_testing.tiny_student_config()
+  model, params = functional.split_module(vit.PretrainViT(config, rngs=nnx.Rngs(0)))
+  return common.Student(config=config, model=model, params=params, checkpoint="memory", step=0), params
+
+
+def test_features_pool_the_final_tokens(student):
+  student, params = student
+  images = jnp.asarray(eval_testing.tinted_images(np.random.default_rng(0), np.arange(4) % 4))
+  tokens = student.model.apply(params, images, method="encode")
+  mean = common.feature_fn(student, pooling="mean")(params, images)
+  cls = common.feature_fn(student, pooling="cls")(params, images)
+  np.testing.assert_allclose(mean, tokens[:, 1:].mean(axis=1), rtol=1e-6)
+  np.testing.assert_allclose(cls, tokens[:, 0], rtol=1e-6)
+
+
+def test_features_average_the_last_blocks(student):
+  """Last 2 of 2 blocks = mean of the full model's features and those of its first block alone (+ final norm)."""
+  student, params = student
+  images = jnp.asarray(eval_testing.tinted_images(np.random.default_rng(0), np.arange(4) % 4))
+  one_block = vit.get_config("test", image_size=16, patch_size=4, out_dim=8, depth=1)
+  truncated, _ = functional.split_module(vit.PretrainViT(one_block, rngs=nnx.Rngs(0)))
+  first_block_params = {**params, "blocks": {0: params["blocks"][0]}}
+  first = truncated.apply(first_block_params, images, method="encode")[:, 1:].mean(axis=1)
+  last = student.model.apply(params, images, method="encode")[:, 1:].mean(axis=1)
+  both = jax.jit(common.feature_fn(student, pooling="mean", num_blocks=2))(params, images)
+  np.testing.assert_allclose(both, (first + last) / 2, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="num_blocks"):
+    common.feature_fn(student, num_blocks=3)

@@ -1,0 +1,192 @@
+"""The pretraining loop: sharded equivalence, one compilation, resume, preemption, accumulation, multi-process."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import test_tiny
+from dtm_jax import metrics, sharding, targets, train
+from dtm_jax.models import functional, vit
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def tiny_config(**overrides):
+  config = test_tiny.get_config()
+  with config.unlocked():
+    for key, value in overrides.items():
+      node = config
+      *parents, leaf = key.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config
+
+
+def losses_by_step(workdir):
+  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _components(config):
+  model_cfg = train.student_config(config)
+  student, _ = functional.abstract_split(lambda: vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
+  _, params = functional.split_module(vit.PretrainViT(model_cfg, rngs=nnx.Rngs(config.seed)))
+  target = targets.build_target(config.target, image_size=model_cfg.image_size, patch_size=model_cfg.patch_size)
+  loss_and_grads = train.make_loss_and_grads(student=student, target=target, config=config,
+                                             tokens=train.num_patches(config))
+  return params, target, loss_and_grads
+
+
+def _batch(config, seed=0):
+  from input_pipeline import synthetic
+  it = synthetic.SyntheticPretrain(image_size=config.model.image_size, patch_size=config.model.patch_size,
+                                   global_batch_size=config.batch_size, seed=seed,
+                                   num_masking_patches=config.input.num_masking_patches)
+  return next(it)
+
+
+def _run_on_mesh(mesh, params, target, loss_and_grads, batch):
+  param_sh = sharding.param_shardings(params, mesh, min_fsdp_size=64)
+  target_sh = sharding.param_shardings(target.params, mesh, min_fsdp_size=64)
+  fn = jax.jit(loss_and_grads, in_shardings=(param_sh, target_sh, sharding.batch_sharding(mesh), None))
+  put = lambda tree, sh: jax.tree.map(jax.device_put, tree, sh)
+  return jax.device_get(fn(put(params, param_sh), put(target.params, target_sh),
+                           sharding.to_global(batch, mesh), jnp.int32(0)))
+
+
+def test_first_step_on_sharded_mesh_equals_one_device():
+  config = tiny_config()
+  params, target, loss_and_grads = _components(config)
+  batch = _batch(config)
+  one = _run_on_mesh(sharding.make_mesh(1, 1, devices=jax.devices()[:1]), params, target, loss_and_grads, batch)
+  many = _run_on_mesh(sharding.make_mesh(4, 2), params, target, loss_and_grads, batch)
+  assert np.isfinite(one[0]) and one[0] > 0
+  np.testing.assert_allclose(many[0], one[0], rtol=1e-5)
+  np.testing.assert_allclose(many[1], one[1], rtol=1e-6)
+  for g_many, g_one in zip(jax.tree.leaves(many[2]), jax.tree.leaves(one[2])):
+    np.testing.assert_allclose(g_many, g_one, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_accumulation_equals_full_batch():
+  config = tiny_config(batch_size=32)
+  params, target, full = _components(config)
+  accumulated = _components(tiny_config(batch_size=32, grad_accum_steps=4))[2]
+  batch = _batch(config)
+  mesh = sharding.make_mesh(8, 1)
+  loss_full, groups_full, grads_full = _run_on_mesh(mesh, params, target, full, batch)
+  loss_acc, groups_acc, grads_acc = _run_on_mesh(mesh, params, target, accumulated, batch)
+  np.testing.assert_allclose(loss_acc, loss_full, rtol=1e-5)
+  np.testing.assert_allclose(groups_acc, groups_full, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_acc), jax.tree.leaves(grads_full)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_training_on_data_fsdp_mesh_learns_compiles_once_and_checkpoints(tmp_path):
+  config = tiny_config(**{"mesh.data": 4, "mesh.fsdp": 2, "mesh.min_fsdp_size": 64, "log_every": 1})
+  result = train.train(config, str(tmp_path))
+  assert result["step"] == 20 and result["step_compilations"] == 1
+  curve = losses_by_step(tmp_path)
+  assert sorted(curve) == list(range(1, 21))
+  assert np.mean([curve[s] for s in range(16, 21)]) < 0.8 * np.mean([curve[s] for s in range(1, 6)])
+  steps = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
+  assert steps == [10, 20]
+  assert (tmp_path / "config.json").exists()
+  assert list((tmp_path / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("source", ["synthetic", "fashion_mnist"])
+def test_resume_continues_exactly(tmp_path, source):
+  overrides = {"log_every": 1, "checkpoint_every": 5, "input.source": source}
+  uninterrupted = tmp_path / "uninterrupted"
+  train.train(tiny_config(**overrides), str(uninterrupted))
+  resumed = tmp_path / "resumed"
+  first = train.train(tiny_config(**overrides, stop_after_step=10), str(resumed))
+  assert first["step"] == 10 and first["preempted"] == 1.0
+  second = train.train(tiny_config(**overrides), str(resumed))
+  assert second["step"] == 20
+  expected, got = losses_by_step(uninterrupted), losses_by_step(resumed)
+  assert sorted(got) == list(range(1, 21))
+  for step in range(11, 21):
+    assert abs(got[step] - expected[step]) <= 1e-6 * max(1.0, abs(expected[step])), step
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+  train.train(tiny_config(stop_after_step=5), str(tmp_path))
+  with pytest.raises(ValueError, match="optim.base_lr"):
+    train.train(tiny_config(**{"optim.base_lr": 1e-4}), str(tmp_path))
+  result = train.train(tiny_config(**{"optim.base_lr": 1e-4, "allow_config_change": True}), str(tmp_path))
+  assert result["step"] == 20
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _main_command(workdir, *extra):
+  return [sys.executable, os.path.join(REPO, "main.py"), "--config=" + os.path.join(REPO, "configs/test_tiny.py"),
+          f"--workdir={workdir}", *extra]
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = REPO
+  return env
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(_main_command(workdir, "--config.total_steps=100000", "--config.checkpoint_every=100000",
+                                        "--config.log_every=1"), env=_env(2), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 120
+  while time.time() < deadline and len(losses_by_step(workdir) if (workdir / "metrics.jsonl").exists() else {}) < 3:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  steps = sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
+  assert len(steps) == 1 and steps[0] >= 3, steps
+  logged = max(losses_by_step(workdir))
+  assert steps[0] == logged  # the checkpoint is of the last step taken
+  # The checkpoint restores: the same command resumes from it.
+  resumed = subprocess.run(_main_command(workdir, "--config.total_steps=100000", "--config.checkpoint_every=100000",
+                                         "--config.log_every=1", f"--config.stop_after_step={steps[0] + 2}"),
+                           env=_env(2), capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  assert f"Resumed from the checkpoint of step {steps[0]}" in resumed.stderr
+  assert max(losses_by_step(workdir)) == steps[0] + 2
+
+
+def test_two_processes_match_one_process(tmp_path):
+  single = tmp_path / "single"
+  train.train(tiny_config(log_every=1, total_steps=8, checkpoint_every=4), str(single))
+  port = _free_port()
+  multi = tmp_path / "multi"
+  procs = [subprocess.Popen(_main_command(multi, "--config.log_every=1", "--config.total_steps=8",
+                                          "--config.checkpoint_every=4", f"--coordinator_address=127.0.0.1:{port}",
+                                          "--num_processes=2", f"--process_id={i}"),
+                            env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+  expected, got = losses_by_step(single), losses_by_step(multi)
+  assert sorted(got) == list(range(1, 9))
+  for step in expected:
+    np.testing.assert_allclose(got[step], expected[step], rtol=2e-5)
+  checkpoint = multi / "checkpoints" / "8" / "data_iterator"
+  assert sorted(os.listdir(checkpoint)) == ["process_0_of_2", "process_1_of_2"]

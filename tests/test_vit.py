@@ -1,0 +1,296 @@
+"""Student ViT: parity with Hugging Face BEiT, initialisation, masking, drop path, shapes and parameter counts."""
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from dtm_jax.models import convert
+from dtm_jax.models import layers
+from dtm_jax.models import vit
+from tests import torch_reference as ref
+
+# One small geometry for every test: JAX compiles each initialiser and op once per shape, so sharing it keeps the
+# file fast. It matches tests/torch_reference.TINY_BEIT.
+SMALL = dict(image_size=32, patch_size=8, out_dim=16)
+CONFIG = vit.get_config("test", **SMALL)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return vit.PretrainViT(CONFIG, rngs=nnx.Rngs(0))
+
+
+def _images(batch=2, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, 32, 32, 3)), jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract(variant, kind):
+  """Shapes-only model of a named size (no memory, no compilation); cached across the shape and count tests."""
+  if kind == "pretrain":
+    return nnx.eval_shape(lambda: vit.PretrainViT(vit.get_config(variant), rngs=nnx.Rngs(0)))
+  config = vit.get_config(variant, shared_rel_pos_bias=False)
+  return nnx.eval_shape(lambda: vit.ViTClassifier(config, 1000, rngs=nnx.Rngs(0)))
+
+
+def _param_count(module):
+  return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param)))
+
+
+def _masked(batch=2, num_patches=16, positions=(1, 5, 6, 11)):
+  mask = np.zeros((batch, num_patches), bool)
+  mask[:, list(positions)] = True
+  return mask
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # DTM default: per-block + shared relative bias, layer scale.
+    dict(use_absolute_position_embeddings=True, use_shared_relative_position_bias=False,
+         layer_scale_init_value=0.0),
+])
+def test_student_matches_hf_beit(overrides):
+  torch_model = ref.hf_beit(**overrides)
+  x, x_torch = ref.images(2, 32)
+  mask = _masked()
+  with torch.no_grad():
+    want = torch_model(x_torch, bool_masked_pos=torch.from_numpy(mask)).last_hidden_state.numpy()
+  weights = ref.beit_to_unilm(ref.numpy_state(torch_model))
+  rng = np.random.default_rng(1)
+  weights["lm_head.weight"] = rng.normal(size=(16, 32)).astype(np.float32)
+  weights["lm_head.bias"] = rng.normal(size=(16,)).astype(np.float32)
+  converted = convert.convert_weights(weights, "beit")
+  model = convert.build_module(converted)
+  assert isinstance(model, vit.PretrainViT)
+  assert converted.config.abs_pos_emb == overrides.get("use_absolute_position_embeddings", False)
+
+  features = np.asarray(model.encode(jnp.asarray(x), jnp.asarray(mask)))
+  np.testing.assert_allclose(features, want, atol=1e-4, rtol=0)
+  predictions = np.asarray(model(jnp.asarray(x), jnp.asarray(mask)))
+  expected = want[:, 1:] @ weights["lm_head.weight"].T + weights["lm_head.bias"]
+  np.testing.assert_allclose(predictions, expected, atol=1e-4, rtol=0)
+
+
+def test_classifier_matches_hf_beit_mean_pooling():
+  torch_model = ref.hf_beit_classifier(num_labels=5)
+  x, x_torch = ref.images(3, 32, seed=2)
+  with torch.no_grad():
+    want = torch_model(x_torch).logits.numpy()
+  converted = convert.convert_weights(ref.beit_to_unilm(ref.numpy_state(torch_model)), "beit")
+  assert (converted.kind, converted.module_kwargs) == ("vit_classifier", dict(num_classes=5, pooling="mean"))
+  np.testing.assert_allclose(np.asarray(convert.build_module(converted)(jnp.asarray(x))), want, atol=1e-4, rtol=0)
+
+
+def test_wrong_head_count_breaks_parity():
+  """The parity tests can fail: the same weights split into the wrong number of heads give other features."""
+  torch_model = ref.hf_beit(use_relative_position_bias=False, use_shared_relative_position_bias=False)
+  x, x_torch = ref.images(1, 32)
+  with torch.no_grad():
+    want = torch_model(x_torch).last_hidden_state.numpy()
+  weights = ref.beit_to_unilm(ref.numpy_state(torch_model))
+  weights.update({"lm_head.weight": np.zeros((4, 32), np.float32), "lm_head.bias": np.zeros((4,), np.float32)})
+  right = convert.build_module(convert.convert_weights(weights, "beit", num_heads=2, image_size=32))
+  wrong = convert.build_module(convert.convert_weights(weights, "beit", num_heads=4, image_size=32))
+  assert np.abs(np.asarray(right.encode(jnp.asarray(x))) - want).max() < 1e-4
+  assert np.abs(np.asarray(wrong.encode(jnp.asarray(x))) - want).max() > 1e-2
+
+
+def test_initialisation_follows_beit(model):
+  std = 0.02
+  # N(0, 1) restricted to [-1, 1] has standard deviation sqrt(1 - 2φ(1) / (2Φ(1) - 1)) ≈ 0.54.
+  phi1, cdf1 = math.exp(-0.5) / math.sqrt(2 * math.pi), 0.5 * (1 + math.erf(1 / math.sqrt(2)))
+  unit_std = math.sqrt(1 - 2 * phi1 / (2 * cdf1 - 1))
+
+  def check_trunc_normal(array, bound):
+    array = np.asarray(array).ravel()
+    assert np.abs(array).max() <= bound * (1 + 1e-6)
+    assert np.abs(array).max() >= 0.97 * bound  # The cut is at ±1σ, not further out.
+    assert abs(array.std() / (unit_std * bound) - 1) < 0.1
+    assert abs(array.mean()) < 0.1 * bound
+
+  for w in (model.patch_embed.kernel, model.lm_head.kernel, model.blocks[0].attn.qkv.kernel,
+            model.blocks[1].mlp.fc1.kernel):
+    check_trunc_normal(w[...], std)
+  for token in (model.cls_token, model.mask_token):  # Too few values for statistics: check the cut only.
+    assert 0 < np.abs(np.asarray(token[...])).max() <= std
+  for l, block in enumerate(model.blocks, start=1):
+    check_trunc_normal(block.attn.proj.kernel[...], std / math.sqrt(2 * l))
+    check_trunc_normal(block.mlp.fc2.kernel[...], std / math.sqrt(2 * l))
+    np.testing.assert_allclose(block.attn_layer_scale[...], 0.1)
+    np.testing.assert_allclose(block.mlp_layer_scale[...], 0.1)
+    for zero in (block.attn.q_bias, block.attn.v_bias, block.attn.rel_pos_bias, block.attn.proj.bias,
+                 block.mlp.fc2.bias, block.norm1.bias):
+      np.testing.assert_array_equal(zero[...], 0.0)
+    np.testing.assert_array_equal(block.norm1.scale[...], 1.0)
+  np.testing.assert_array_equal(model.shared_rel_pos_bias[...], 0.0)
+  assert model.shared_rel_pos_bias.shape == (layers.num_relative_positions(4), 2)
+
+  classifier = vit.ViTClassifier(CONFIG, num_classes=16, rngs=nnx.Rngs(1))
+  head = np.asarray(classifier.head.kernel[...])
+  assert 0 < np.abs(head).max() <= std * 1e-3
+
+
+def test_relative_position_table_size_and_index():
+  assert layers.num_relative_positions(14) == 732
+  index = layers.relative_position_index(3)
+  assert index.shape == (10, 10) and index.max() == layers.num_relative_positions(3) - 1
+  # Patches with the same offset share a table row; different offsets do not.
+  assert index[1 + 0, 1 + 4] == index[1 + 4, 1 + 8]  # (0,0)→(1,1) and (1,1)→(2,2).
+  assert index[1 + 0, 1 + 1] != index[1 + 0, 1 + 3]  # right vs down.
+  assert len(np.unique(index[1:, 1:])) == (2 * 3 - 1) ** 2
+
+
+def test_masked_patches_are_replaced_by_the_mask_token(model):
+  x = np.asarray(_images())
+  mask = _masked(positions=(0, 5))  # Patch 5 is row 1, column 1 of the 4×4 grid.
+  base = np.asarray(model(jnp.asarray(x), jnp.asarray(mask)))
+
+  in_masked_patch = x.copy()
+  in_masked_patch[:, 8:16, 8:16] += 5.0
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(in_masked_patch), jnp.asarray(mask))), base, atol=1e-6)
+  in_visible_patch = x.copy()
+  in_visible_patch[:, 0:8, 8:16] += 5.0  # Patch 1.
+  assert np.abs(np.asarray(model(jnp.asarray(in_visible_patch), jnp.asarray(mask))) - base).max() > 1e-3
+
+  no_mask = np.zeros((2, 16), bool)
+  np.testing.assert_allclose(np.asarray(model.encode(jnp.asarray(x), jnp.asarray(no_mask))),
+                             np.asarray(model.encode(jnp.asarray(x))), atol=1e-6)
+  all_masked = np.asarray(model(jnp.asarray(x), jnp.ones((2, 16), bool)))
+  np.testing.assert_allclose(all_masked[0], all_masked[1], atol=1e-6)  # Nothing of the image is left.
+
+
+def test_drop_path_uses_explicit_keys(model):
+  dropping = vit.PretrainViT(dataclasses.replace(CONFIG, drop_path_rate=0.5), rngs=nnx.Rngs(0))  # Same weights.
+  x, mask = _images(), jnp.asarray(_masked())
+  deterministic = np.asarray(model(x, mask))
+  np.testing.assert_array_equal(np.asarray(dropping(x, mask)), deterministic)
+  key_a = np.asarray(dropping(x, mask, jax.random.key(0)))
+  np.testing.assert_array_equal(np.asarray(dropping(x, mask, jax.random.key(0))), key_a)
+  assert np.abs(key_a - deterministic).max() > 1e-3
+  assert np.abs(np.asarray(dropping(x, mask, jax.random.key(1))) - key_a).max() > 1e-3
+  np.testing.assert_array_equal(np.asarray(model(x, mask, jax.random.key(0))), deterministic)  # Rate 0.
+
+  dropped = np.asarray(layers.drop_path(jnp.ones((4000, 3, 2)), 0.25, jax.random.key(0)))
+  assert set(np.unique(dropped)) == {0.0, np.float32(1 / 0.75)}
+  assert (dropped == dropped[:, :1, :1]).all()  # Whole samples are dropped.
+  assert abs(dropped.mean() - 1.0) < 0.05
+
+
+def test_split_state_holds_only_params_and_jits():
+  model = vit.PretrainViT(dataclasses.replace(CONFIG, drop_path_rate=0.1), rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  assert {type(v) for _, v in nnx.to_flat_state(state)} == {nnx.Param}
+  x, mask = _images(), jnp.asarray(_masked())
+
+  @jax.jit
+  def step(state, x, mask, rng):
+    return nnx.merge(graphdef, state)(x, mask, rng)
+
+  np.testing.assert_allclose(np.asarray(step(state, x, mask, jax.random.key(3))),
+                             np.asarray(model(x, mask, jax.random.key(3))), atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params(model):
+  bf16 = vit.PretrainViT(dataclasses.replace(CONFIG, dtype=jnp.bfloat16), rngs=nnx.Rngs(0))
+  assert {v.dtype for _, v in nnx.to_flat_state(nnx.state(bf16, nnx.Param))} == {jnp.dtype(jnp.float32)}
+  x, mask = _images(), jnp.asarray(_masked())
+  out = bf16(x, mask)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(model(x, mask)), atol=0.05)
+
+
+@pytest.mark.parametrize("variant", sorted(vit.VARIANTS))
+def test_variant_shapes(variant):
+  config = vit.get_config(variant)
+  width, depth, heads = vit.VARIANTS[variant]
+  assert (config.width, config.depth, config.num_heads, config.num_patches) == (width, depth, heads, 196)
+  graphdef, state = nnx.split(_abstract(variant, "pretrain"))
+  images = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+  mask = jax.ShapeDtypeStruct((2, 196), jnp.bool_)
+  out = jax.eval_shape(lambda s, x, m: nnx.merge(graphdef, s)(x, m), state, images, mask)
+  tokens = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).encode(x), state, images)
+  assert out.shape == (2, 196, 512) and tokens.shape == (2, 197, width)
+  assert len(state["blocks"]) == depth
+  assert state["blocks"][0]["attn"]["rel_pos_bias"].shape == (732, heads)
+
+
+def test_classifier_shapes():
+  classifier = vit.ViTClassifier(CONFIG, 10, pooling="cls", rngs=nnx.Rngs(0))
+  assert classifier(_images(3)).shape == (3, 10)
+  assert classifier.norm is not None and classifier.fc_norm is None
+
+
+# Known BEiT sizes (timm/unilm): ViT-B/16 with a 1000-class head ≈ 86.5M parameters, ViT-L/16 ≈ 304.4M.
+@pytest.mark.parametrize("variant,known_millions", [("small", None), ("base", 86.5), ("large", 304.4)])
+def test_parameter_counts_match_beit(variant, known_millions):
+  width, depth, heads = vit.VARIANTS[variant]
+  hf = dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=4 * width,
+            layer_scale_init_value=0.1, use_relative_position_bias=True)
+  with torch.device("meta"):  # Counts only; nothing is allocated.
+    torch_classifier = transformers.BeitForImageClassification(transformers.BeitConfig(
+        **hf, use_shared_relative_position_bias=False, use_mean_pooling=True, num_labels=1000))
+    torch_trunk = transformers.BeitModel(transformers.BeitConfig(
+        **hf, use_shared_relative_position_bias=True, use_mask_token=True, use_mean_pooling=False),
+        add_pooling_layer=False)
+  torch_count = lambda m: sum(p.numel() for p in m.parameters())
+
+  classifier = _param_count(_abstract(variant, "classifier"))
+  assert classifier == torch_count(torch_classifier)
+  if known_millions:
+    assert round(classifier / 1e6, 1) == known_millions
+  lm_head = width * 512 + 512
+  assert _param_count(_abstract(variant, "pretrain")) == torch_count(torch_trunk) + lm_head
+
+
+def test_classifier_from_pretrained_keeps_the_function():
+  pretrained = vit.PretrainViT(CONFIG, rngs=nnx.Rngs(0))
+  # Non-zero relative tables, so folding the shared one into each block is visible.
+  rng = np.random.default_rng(0)
+  pretrained.shared_rel_pos_bias[...] = jnp.asarray(rng.normal(size=pretrained.shared_rel_pos_bias.shape),
+                                                    jnp.float32)
+  for block in pretrained.blocks:
+    block.attn.rel_pos_bias[...] = jnp.asarray(rng.normal(size=block.attn.rel_pos_bias.shape), jnp.float32)
+
+  classifier = vit.ViTClassifier(vit.finetune_config(CONFIG, drop_path_rate=0.1), 16, pooling="cls",
+                                 rngs=nnx.Rngs(1))
+  assert classifier.shared_rel_pos_bias is None
+  vit.init_classifier_from_pretrained(classifier, pretrained)
+  np.testing.assert_allclose(classifier.blocks[1].attn.rel_pos_bias[...],
+                             pretrained.blocks[1].attn.rel_pos_bias[...] + pretrained.shared_rel_pos_bias[...])
+  x = _images()
+  np.testing.assert_allclose(np.asarray(classifier(x)), np.asarray(classifier.head(pretrained.encode(x)[:, 0])),
+                             atol=1e-5)
+
+  mean_pool = vit.ViTClassifier(vit.finetune_config(CONFIG), 16, rngs=nnx.Rngs(1))
+  fresh_fc_norm = np.asarray(mean_pool.fc_norm.scale[...])
+  vit.init_classifier_from_pretrained(mean_pool, pretrained)
+  np.testing.assert_array_equal(mean_pool.patch_embed.kernel[...], pretrained.patch_embed.kernel[...])
+  np.testing.assert_array_equal(mean_pool.fc_norm.scale[...], fresh_fc_norm)
+
+  wider = nnx.eval_shape(lambda: vit.ViTClassifier(vit.get_config("test", width=64, **SMALL), 16, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="width"):
+    vit.init_classifier_from_pretrained(wider, pretrained)
+  no_tables = dataclasses.replace(CONFIG, block_rel_pos_bias=False, shared_rel_pos_bias=False)
+  with pytest.raises(ValueError, match="block_rel_pos_bias=True"):
+    vit.init_classifier_from_pretrained(vit.ViTClassifier(no_tables, 16, rngs=nnx.Rngs(0)), pretrained)
+
+
+def test_config_errors_say_what_to_do(model):
+  with pytest.raises(ValueError, match="choose one of"):
+    vit.get_config("huge")
+  with pytest.raises(ValueError, match="Unknown ViTConfig fields"):
+    vit.get_config("test", widht=3)
+  with pytest.raises(ValueError, match="multiple of patch_size"):
+    vit.get_config("test", image_size=30, patch_size=8)
+  with pytest.raises(ValueError, match="attention_impl"):
+    vit.get_config("test", attention_impl="flash")
+  with pytest.raises(ValueError, match="image_size"):
+    model(jnp.zeros((1, 28, 28, 3)), jnp.zeros((1, 16), bool))
+  with pytest.raises(ValueError, match="mask must be bool"):
+    model(jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 15), bool))
