@@ -21,11 +21,14 @@ def pretrain_config() -> ml_collections.ConfigDict:
       kind="clip", checkpoint="", init="checkpoint", dtype="bfloat16",
       variant="B/16", overrides={}, seed=0,  # used by init="random" only
       features="head", step=config_dict.placeholder(int),  # used by kind="checkpoint" only
-      normalize_patches=True)  # used by kind="pixels" only
+      normalize_patches=True,  # used by kind="pixels" only
+      ema_momentum=0.996, ema_momentum_end=1.0)  # used by kind="ema" only
 
   # Dynamic token morphing (DTM_SPEC §2–3); enabled=False is token-wise distillation.
+  # fixed_schedule=(num_merge, num_iters) replaces the random draw (the paper's "no dynamic schedule" ablation).
   c.dtm = dict(enabled=True, num_schedules=2, max_merge=-1, max_iters=14, per_image=False, protect_first=True,
-               loss="smooth_l1", beta=2.0, normalize_target=False, weighting="token")
+               loss="smooth_l1", beta=2.0, normalize_target=False, weighting="token",
+               fixed_schedule=config_dict.placeholder(tuple))
 
   c.input = input_config(crop_scale_min=0.2)  # crop scale min 0.2: unpublished (BEiT v2; released code: 0.08).
 

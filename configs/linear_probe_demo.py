@@ -22,6 +22,8 @@ def get_config(arg: str = ""):
   c.num_classes = 10
   c.features = dict(pooling="mean", num_blocks=1)  # "mean" of the patch tokens or "cls"; average the last k blocks.
   c.precompute_features = True  # Encode train and test once; the probe then trains on fixed features.
+  c.augment = True  # Without precomputed features: random crop + flip (+ the input block's RandAugment/erasing).
+  c.num_train_examples = 60_000  # Without precomputed features: turns epochs into steps.
   c.batch_size = 1024
   c.eval_batch_size = 1000
   c.epochs = 90

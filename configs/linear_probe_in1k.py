@@ -20,10 +20,12 @@ def get_config(arg: str = ""):
   c.seed = 0
   c.pretrained = dict(workdir="", step=config_dict.placeholder(int))  # step: None = latest.
   c.model = dict(dtype="bfloat16")  # Overrides of the pretrained student's ViTConfig.
-  c.input = common.input_config()
+  c.input = common.input_config(randaug_num_layers=0, random_erase_prob=0.0)  # MAE: RandomResizedCrop + flip only.
   c.num_classes = 1000
   c.features = dict(pooling="mean", num_blocks=1)
-  c.precompute_features = False
+  c.precompute_features = False  # Encode every augmented training batch (True: fixed features of the eval crop).
+  c.augment = True
+  c.num_train_examples = 1_281_167  # Turns epochs into steps.
   c.batch_size = 16384
   c.eval_batch_size = 1024
   c.epochs = 90

@@ -6,6 +6,9 @@ Kinds (`config.target.kind`):
               the configured size instead (no download; a weak teacher, used only when no weights are at hand).
   checkpoint  frozen student-architecture ViT restored from a pretraining workdir of this project (a model teaches
               the next); targets are its `lm_head` outputs or, with `features="encoder"`, its final patch tokens.
+  ema         momentum teacher of the student (BYOL / data2vec style): the EMA copy of the student encodes the
+              unmasked image; targets are its final patch tokens, layer-normalised without affine parameters.
+              The EMA parameters live in the train state (`ema_params`) and follow `ema_momentum(step)`.
   pixels      per-patch pixels (the normalised input image cut into patches), optionally standardised per patch.
 Morphing always computes its groups from these target tokens. Teachers run in `dtype` (bf16 by default) under
 stop_gradient; their outputs are returned as float32.
@@ -27,7 +30,7 @@ from dtm_jax import metrics
 from dtm_jax.models import clip, functional, vit
 
 PyTree = Any
-KINDS = ("clip", "checkpoint", "pixels")
+KINDS = ("clip", "checkpoint", "ema", "pixels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Target:
   _apply: Callable[[PyTree, jax.Array], jax.Array]
   description: str
   forward_flops: float = 0.0  # per image, for throughput/MFU reporting
+  is_ema: bool = False  # params are the student's EMA, kept in the train state rather than frozen here
 
   def tokens(self, params: PyTree, images: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient(self._apply(params, images).astype(jnp.float32))
@@ -122,9 +126,37 @@ def _checkpoint_target(cfg: ml_collections.ConfigDict, image_size: int) -> Targe
                 transformer_flops(model_cfg, model_cfg.out_dim))
 
 
-def build_target(cfg: ml_collections.ConfigDict, *, image_size: int, patch_size: int,
-                 in_channels: int = 3) -> Target:
+def _ema_target(student_config: vit.ViTConfig) -> Target:
+  teacher_config = dataclasses.replace(student_config, drop_path_rate=0.0)
+  fm, _ = functional.abstract_split(lambda: vit.PretrainViT(teacher_config, rngs=nnx.Rngs(0)))
+
+  def apply(params, images):
+    tokens = fm.apply(params, images, method="encode")[:, 1:].astype(jnp.float32)
+    mean = tokens.mean(-1, keepdims=True)
+    return (tokens - mean) * jax.lax.rsqrt(tokens.var(-1, keepdims=True) + 1e-6)
+
+  return Target("ema", student_config.width, {}, apply, "EMA of the student (final patch tokens, normalised)",
+                transformer_flops(teacher_config, 0), is_ema=True)
+
+
+def ema_momentum(cfg: ml_collections.ConfigDict, step: jax.Array, total_steps: int) -> jax.Array:
+  """BYOL's schedule: momentum rises from `ema_momentum` to `ema_momentum_end` along a cosine over the run."""
+  progress = jnp.clip(step / max(total_steps, 1), 0.0, 1.0)
+  start, end = cfg.ema_momentum, cfg.ema_momentum_end
+  return end - (end - start) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0
+
+
+def ema_update(ema_params: PyTree, params: PyTree, momentum: jax.Array) -> PyTree:
+  return jax.tree.map(lambda e, p: momentum * e + (1.0 - momentum) * p, ema_params, params)
+
+
+def build_target(cfg: ml_collections.ConfigDict, *, image_size: int, patch_size: int, in_channels: int = 3,
+                 student_config: vit.ViTConfig | None = None) -> Target:
   """The target described by `config.target` for a student of this image and patch size."""
+  if cfg.kind == "ema":
+    if student_config is None:
+      raise ValueError("The 'ema' target needs the student config.")
+    return _ema_target(student_config)
   if cfg.kind == "pixels":
     return _pixels_target(cfg, patch_size, in_channels)
   if cfg.kind == "clip":

@@ -83,6 +83,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f"config.dtm.max_merge={max_merge} exceeds the {n} tokens; use at most {n} (or -1 for N).")
   if config.dtm.max_iters < 1:
     problems.append(f"config.dtm.max_iters={config.dtm.max_iters} must be at least 1.")
+  fixed = config.dtm.get("fixed_schedule")
+  if fixed and not (len(fixed) == 2 and 0 <= fixed[0] <= n and 1 <= fixed[1] <= config.dtm.max_iters):
+    problems.append(f"config.dtm.fixed_schedule={fixed} must be (num_merge in [0, {n}], num_iters in "
+                    f"[1, max_iters={config.dtm.max_iters}]).")
   devices, accum = jax.device_count(), config.grad_accum_steps
   if accum < 1 or config.batch_size % (devices * accum):
     problems.append(f"config.batch_size={config.batch_size} must be divisible by devices ({devices}) × "
@@ -144,9 +148,14 @@ def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets
     rng = jax.random.fold_in(jax.random.key(config.seed), step)
     schedule_rng, dropout_rng = jax.random.split(rng)
     images, mask = batch["image"], batch["mask"]
-    num_merge, num_iters = morphing.sample_schedules(
-        schedule_rng, images.shape[0], num_schedules=dtm.num_schedules, max_merge=max_merge,
-        max_iters=dtm.max_iters, per_image=dtm.per_image)
+    if dtm.get("fixed_schedule"):  # the paper's ablation: the same (num_merge, num_iters) every step
+      shape = (dtm.num_schedules, images.shape[0])
+      num_merge = jnp.full(shape, dtm.fixed_schedule[0], jnp.int32)
+      num_iters = jnp.full(shape, dtm.fixed_schedule[1], jnp.int32)
+    else:
+      num_merge, num_iters = morphing.sample_schedules(
+          schedule_rng, images.shape[0], num_schedules=dtm.num_schedules, max_merge=max_merge,
+          max_iters=dtm.max_iters, per_image=dtm.per_image)
     if accum == 1:
       (loss, groups), grads = grad_fn(params, target_params, images, mask, num_merge, num_iters, dropout_rng)
       return loss, groups, grads
@@ -171,11 +180,18 @@ def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets
   return loss_and_grads
 
 
-def make_train_step(*, loss_and_grads, tx: optax.GradientTransformation, lr_schedule: optax.Schedule):
-  """The pure step: (state, target_params, batch) → (state, metrics). Non-finite updates are not applied."""
+def make_train_step(*, loss_and_grads, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+                    ema_momentum=None):
+  """The pure step: (state, target_params, batch) → (state, metrics). Non-finite updates are not applied.
+
+  With `ema_momentum(step)` the target is the student's EMA, kept in `state["ema_params"]` and updated after each
+  optimizer step; the `target_params` argument is then unused.
+  """
 
   def step_fn(state, target_params, batch):
     step, params = state["step"], state["params"]
+    if ema_momentum is not None:
+      target_params = state["ema_params"]
     loss, groups, grads = loss_and_grads(params, target_params, batch, step)
     grad_norm = optax.global_norm(grads)
     updates, new_opt_state = tx.update(grads, state["opt_state"], params)
@@ -193,6 +209,8 @@ def make_train_step(*, loss_and_grads, tx: optax.GradientTransformation, lr_sche
         "opt_state": keep(new_opt_state, state["opt_state"]),
         "nonfinite": nonfinite,
     }
+    if ema_momentum is not None:
+      new_state["ema_params"] = targets.ema_update(state["ema_params"], new_state["params"], ema_momentum(step))
     step_metrics = {
         "loss": loss, "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
         "lr": lr_schedule(step), "num_groups": groups,
@@ -275,7 +293,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   model_cfg = student_config(config)
   student_fm, abstract_params = functional.abstract_split(lambda: vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
   target = targets.build_target(config.target, image_size=model_cfg.image_size, patch_size=model_cfg.patch_size,
-                                in_channels=model_cfg.in_channels)
+                                in_channels=model_cfg.in_channels, student_config=model_cfg)
   if target.out_dim != model_cfg.out_dim:
     raise ValueError(f"The target gives {target.out_dim}-dim tokens but the student head has "
                      f"config.model.out_dim={model_cfg.out_dim}; set config.model.out_dim={target.out_dim}.")
@@ -294,10 +312,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   rep = sharding.replicated(mesh)
   state_sh = {"step": rep, "params": param_sh, "opt_state": opt_sh, "nonfinite": rep}
 
+  if target.is_ema:
+    state_sh["ema_params"] = param_sh
+
   def init_state():
     _, params = functional.split_module(vit.PretrainViT(model_cfg, rngs=nnx.Rngs(config.seed)))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "nonfinite": jnp.full((2,), -1, jnp.int32)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "nonfinite": jnp.full((2,), -1, jnp.int32)}
+    if target.is_ema:
+      state["ema_params"] = params
+    return state
 
   abstract_state = jax.eval_shape(init_state)
   target_sh = sharding.param_shardings(target.params, mesh, min_fsdp)
@@ -337,7 +361,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   # ----- The jitted step.
   loss_and_grads = make_loss_and_grads(student=student_fm, target=target, config=config, tokens=tokens)
-  step_fn = make_train_step(loss_and_grads=loss_and_grads, tx=tx, lr_schedule=lr_schedule)
+  momentum = (lambda step: targets.ema_momentum(config.target, step, total_steps)) if target.is_ema else None
+  step_fn = make_train_step(loss_and_grads=loss_and_grads, tx=tx, lr_schedule=lr_schedule, ema_momentum=momentum)
   batch_sh = sharding.batch_sharding(mesh)
   traces = []  # one entry per trace of the step: more than one means recompilation (a bug; reported at the end)
 

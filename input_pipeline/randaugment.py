@@ -8,6 +8,7 @@ PIL's bicubic; TF's projective transform offers nearest and bilinear only).
 
 Images are float32 RGB in [0, 255] with a static size; results stay in [0, 255].
 """
+import functools
 import math
 
 import tensorflow as tf
@@ -29,19 +30,24 @@ def rand_augment(image, rng, *, num_layers, magnitude, magnitude_std, fill):
     magnitude_std: standard deviation of the per-layer strength (timm's mstd).
     fill: RGB colour in [0, 255] for pixels that geometric ops bring in from outside.
   """
+  if not num_layers:
+    return image
   fill = tf.constant(fill, tf.float32)
-  identity = len(_OPS)
-  for layer_rng in transforms.split_rng(rng, num_layers) if num_layers else []:
-    op_rng, apply_rng, level_rng, sign_rng = transforms.split_rng(layer_rng, 4)
-    op = tf.random.stateless_uniform([], op_rng, 0, len(_OPS), dtype=tf.int32)
-    applied = tf.random.stateless_uniform([], apply_rng) < _APPLY_PROB
-    level = magnitude + magnitude_std * tf.random.stateless_normal([], level_rng)
-    level = tf.clip_by_value(level, 0.0, _MAX_LEVEL) / _MAX_LEVEL
-    sign = tf.where(tf.random.stateless_uniform([], sign_rng) < 0.5, -1.0, 1.0)
-    branches = [lambda fn=fn, x=image: fn(x, level, sign, fill) for fn in _OPS]
-    branches.append(lambda x=image: x)
-    image = tf.switch_case(tf.where(applied, op, identity), branches)
-  return image
+  op_rng, apply_rng, level_rng, sign_rng = transforms.split_rng(rng, 4)
+  ops = tf.random.stateless_uniform([num_layers], op_rng, 0, len(_OPS), dtype=tf.int32)
+  applied = tf.random.stateless_uniform([num_layers], apply_rng) < _APPLY_PROB
+  ops = tf.where(applied, ops, len(_OPS))   # The last branch is the identity.
+  levels = magnitude + magnitude_std * tf.random.stateless_normal([num_layers], level_rng)
+  levels = tf.clip_by_value(levels, 0.0, _MAX_LEVEL) / _MAX_LEVEL
+  signs = tf.where(tf.random.stateless_uniform([num_layers], sign_rng) < 0.5, -1.0, 1.0)
+
+  def layer(x, params):
+    op, level, sign = params
+    branches = [functools.partial(fn, x, level, sign, fill) for fn in _OPS]
+    return tf.switch_case(op, branches + [lambda: x])
+
+  # A loop rather than unrolled layers: the 16 branches are traced once, not per layer.
+  return tf.foldl(layer, (ops, levels, signs), initializer=image)
 
 
 # --- The ops. Each is fn(image, level in [0, 1], sign in {-1, 1}, fill) -> image.

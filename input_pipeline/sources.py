@@ -12,6 +12,7 @@ streams are infinite; folder and IDX sources visit their host's examples in a ne
 permutation each epoch, computed from (seed, epoch), so no shuffle buffer is needed.
 """
 import dataclasses
+import functools
 import gzip
 import os
 import struct
@@ -67,6 +68,7 @@ class TfdsSource:
       raise ValueError(f"TFDS dataset {name!r} has no 'image' feature (it has "
                        f"{sorted(features)}); only image datasets can feed this pipeline.")
     self.has_labels = "label" in features
+    self._name = name
     self._shuffle_buffer = shuffle_buffer
 
   def train(self, split, *, seed, process_index, process_count):
@@ -97,7 +99,7 @@ class TfdsSource:
     except AssertionError as e:  # TFDS's "could not find data" for a dataset never prepared.
       if self._builder.is_prepared():
         raise
-      raise FileNotFoundError(_not_prepared_message(self._builder)) from e
+      raise FileNotFoundError(_not_prepared_message(self._builder, self._name)) from e
     except ValueError as e:      # Unknown split names and malformed slices.
       raise ValueError(f"Split {requested!r} of TFDS dataset {self._builder.name!r}: {e}") from e
     keep = ("image", "label") if self.has_labels else ("image",)
@@ -112,11 +114,11 @@ def _cardinality(dataset):
   return count
 
 
-def _not_prepared_message(builder):
+def _not_prepared_message(builder, name):
   """Where to put which files, for a dataset that `download_and_prepare` has not built."""
-  root = builder.data_dir_root
+  root = str(builder.data_dir_root)
   manual_dir = os.path.join(root, "downloads", "manual")
-  prepare = (f"python -c \"import tensorflow_datasets as tfds; tfds.builder({builder.name!r}, "
+  prepare = (f"python -c \"import tensorflow_datasets as tfds; tfds.builder({name!r}, "
              f"data_dir={root!r}).download_and_prepare()\"")
   if builder.name == "imagenet2012":
     missing = [f for f in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
@@ -125,13 +127,13 @@ def _not_prepared_message(builder):
              f"registering) in {manual_dir}, then run once:\n  {prepare}" if missing else
              f"The archives are in {manual_dir}; run once:\n  {prepare}")
     return (f"ImageNet (imagenet2012) is not prepared under {root}. {where}\n"
-            "It writes ~150 GB of TFRecords next to the archives (see the README section "
-            "'Preparing ImageNet for TFDS'); set input.data_dir to that directory.")
+            f"It writes ~150 GB of TFRecords to {os.path.join(root, 'imagenet2012')} (README: "
+            f"'Preparing ImageNet for TFDS'); keep input.data_dir={root!r}.")
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-    return (f"TFDS dataset {builder.name!r} is not prepared under {root}. It needs a manual "
+    return (f"TFDS dataset {name!r} is not prepared under {root}. It needs a manual "
             f"download into {manual_dir}:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}\n"
             f"then run once:\n  {prepare}")
-  return (f"TFDS dataset {builder.name!r} is not prepared under {root}. Run once (it "
+  return (f"TFDS dataset {name!r} is not prepared under {root}. Run once (it "
           f"downloads the data):\n  {prepare}\nor set input.data_dir to where it is prepared.")
 
 
@@ -294,6 +296,7 @@ class FashionMnistSource(_IndexedSource):
         "four *-ubyte.gz files.")
 
 
+@functools.lru_cache(maxsize=4)   # Train and eval pipelines of one run share the arrays.
 def _read_idx(path):
   """An IDX array (the MNIST file format: big-endian header, then raw uint8 data)."""
   with tf.io.gfile.GFile(path, "rb") as f:

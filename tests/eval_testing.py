@@ -23,8 +23,9 @@ def save_pretraining_checkpoints(workdir, steps, config=None):
   config = config or tiny_student_config()
   saved = {}
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=len(steps), async_save=False)
+  init = jax.jit(lambda key: functional.split_module(vit.PretrainViT(config, rngs=nnx.Rngs(key)))[1])
   for step in steps:
-    _, params = functional.split_module(vit.PretrainViT(config, rngs=nnx.Rngs(step)))
+    params = init(jax.random.key(step))
     ckpt.save(step, params=params, train={"step": np.int32(step)}, data_iterator=None,
               metadata={"model_config": checkpoint.model_config_to_json(config), "step": step})
     saved[step] = jax.device_get(params)

@@ -86,9 +86,8 @@ def test_vit_b16_shapes_match_hf_clip():
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["B/16", "L/14"])
-def test_parameter_counts_match_hf_clip(variant):
-  config = clip.get_config(variant)
+def test_parameter_count_matches_hf_clip():
+  config = clip.get_config("B/16")
   with torch.device("meta"):
     hf_model = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
         hidden_size=config.width, intermediate_size=config.mlp_dim, num_hidden_layers=config.depth,

@@ -75,6 +75,12 @@ def test_hf_clip_directory(tmp_path, hf_clip):
   np.testing.assert_allclose(np.asarray(teacher(jnp.asarray(x))), ref.hf_clip_patch_tokens(hf_clip, x_torch),
                              atol=1e-4, rtol=0)
 
+  resized = convert.load_converted(out, image_size=48)  # A run at another image size.
+  x, x_torch = ref.images(1, 48, seed=5)
+  np.testing.assert_allclose(np.asarray(resized(jnp.asarray(x))),
+                             ref.hf_clip_patch_tokens(hf_clip, x_torch, interpolate_pos_encoding=True),
+                             atol=1e-4, rtol=0)
+
   with pytest.raises(SystemExit, match="contradicts 4"):
     _run_cli(tmp_path, "hf_clip", tmp_path / "hf" / "model.safetensors", "--num_heads=8", output="other")
 
@@ -123,10 +129,12 @@ def test_beit_pretraining_checkpoint(tmp_path, hf_beit):
   bf16 = convert.load_converted(out, dtype=jnp.bfloat16)
   assert bf16.config.dtype == jnp.bfloat16 and bf16.lm_head.kernel[...].dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(bf16(jnp.asarray(x), jnp.asarray(mask)), np.float32), want, atol=0.15)
+  with pytest.raises(convert.ConversionError, match="resizing BEiT"):
+    convert.load_converted(out, image_size=64)
 
 
 def test_beit_classifier_checkpoint(tmp_path):
-  torch_model = ref.hf_beit_classifier(seed=5, num_labels=5)
+  torch_model = ref.hf_beit_classifier(seed=5, num_labels=16)
   source = _torch_file(tmp_path / "finetuned.pth", {"model": ref.beit_to_unilm(ref.numpy_state(torch_model))})
   classifier = convert.load_converted(_run_cli(tmp_path, "beit", source))
   assert isinstance(classifier, vit.ViTClassifier) and classifier.pooling == "mean"

@@ -67,57 +67,72 @@ def test_finetune_optimizer_scales_each_update_by_its_layer():
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end on a learnable toy task, from a restored pretraining checkpoint.
 # ---------------------------------------------------------------------------------------------------------------------
-BATCH, STEPS_PER_EPOCH = 32, 12
+BATCH, STEPS_PER_EPOCH, EPOCHS = 32, 8, 2
 
 
-@pytest.fixture(scope="module")
-def pretraining_workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("pretrain")
-  eval_testing.save_pretraining_checkpoints(workdir, steps=(5, 7))
-  return workdir
+class Preempted(Exception):
+  pass
 
 
-def finetune_config(pretraining_workdir, **overrides):
+class PreemptedStream(eval_testing.TintedStream):
+  """Stops the run when asked for batch `stop_at`; records which batch it started from."""
+
+  def __init__(self, stop_at=None):
+    super().__init__(BATCH)
+    self.stop_at, self.first = stop_at, None
+
+  def __next__(self):
+    if self.step == self.stop_at:
+      raise Preempted
+    self.first = self.step if self.first is None else self.first
+    return super().__next__()
+
+
+def finetune_config(pretraining_workdir):
   config = finetune_demo.get_config()
   config.pretrained.update(workdir=str(pretraining_workdir), step=5)
   config.update(num_classes=eval_testing.NUM_CLASSES, num_train_examples=BATCH * STEPS_PER_EPOCH, batch_size=BATCH,
-                eval_batch_size=64, epochs=2, warmup_epochs=0, ema_decay=0.9, log_every=4)
-  config.update(overrides)
+                eval_batch_size=64, epochs=EPOCHS, warmup_epochs=0, ema_decay=0.9, log_every=4)
   config.optim.update(base_lr=2e-3, layer_decay=0.75)
   return config
 
 
-def run_finetune(config, workdir, mesh, student_fn=None):
-  stream = eval_testing.TintedStream(BATCH)
-  student_fn = student_fn or (lambda: common.restore_student(config.pretrained, mesh, model_overrides=config.model))
-  result = finetune.train_and_evaluate(
-      config, str(workdir), student_fn=student_fn, train_data_fn=lambda size: stream,
-      eval_data_fn=lambda size: eval_testing.tinted_eval_batches(200, config.eval_batch_size), mesh=mesh)
-  return result, stream
+def run_finetune(config, workdir, mesh, stream, student_fn):
+  return finetune.train_and_evaluate(
+      config, str(workdir), student_fn=student_fn, train_data_fn=lambda image_size: stream,
+      eval_data_fn=lambda image_size: eval_testing.tinted_eval_batches(200, config.eval_batch_size), mesh=mesh)
 
 
-def test_finetune_learns_records_best_and_last_and_resumes(pretraining_workdir, tmp_path):
+def test_finetune_from_a_restored_checkpoint_learns_and_resumes(tmp_path):
+  eval_testing.save_pretraining_checkpoints(tmp_path / "pretrain", steps=(5, 7))
   mesh = sharding.make_mesh(data=4, fsdp=2)
-  config = finetune_config(pretraining_workdir)
-  result, stream = run_finetune(config, tmp_path, mesh)
-  chance = 100.0 / eval_testing.NUM_CLASSES
+  config = finetune_config(tmp_path / "pretrain")
+  restored = []
+
+  def restore_student():
+    restored.append(common.restore_student(config.pretrained, mesh, model_overrides=config.model))
+    return restored[-1]
+
+  # Preempted during the second epoch, after the checkpoint that follows the first epoch's evaluation.
+  stream = PreemptedStream(stop_at=STEPS_PER_EPOCH + 3)
+  with pytest.raises(Preempted):
+    run_finetune(config, tmp_path / "finetune", mesh, stream, restore_student)
+  assert [s.step for s in restored] == [5]  # the requested pretraining step, not the latest (7)
+
+  # The same command again resumes from that checkpoint: no second restore, data stream continues at batch 8.
+  stream = PreemptedStream()
+  result = run_finetune(config, tmp_path / "finetune", mesh, stream, restore_student)
+  assert len(restored) == 1
+  assert stream.first == STEPS_PER_EPOCH and stream.step == EPOCHS * STEPS_PER_EPOCH
   assert result["checkpoint"].endswith("checkpoints/5") and result["step"] == 5
-  assert result["steps"] == 2 * STEPS_PER_EPOCH and stream.step == 2 * STEPS_PER_EPOCH
+  assert result["steps"] == EPOCHS * STEPS_PER_EPOCH
+
+  chance = 100.0 / eval_testing.NUM_CLASSES
   assert result["last_top1"] == result["top1"] > 2 * chance
   assert result["ema_top1"] > chance
-  rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  rows = metrics.read_jsonl(tmp_path / "finetune" / "metrics.jsonl")
   evals = [r for r in rows if "top1" in r]
-  assert [r["step"] for r in evals] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]  # every epoch
+  assert [r["step"] for r in evals] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]  # every epoch, once
   assert result["best_top1"] == max(r["top1"] for r in evals)
-  assert all(np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
-
-  # A longer run in the same workdir resumes from its last checkpoint: weights, optimizer and data position.
-  def no_restore():
-    raise AssertionError("a resumed fine-tuning must not restore the pretrained student again")
-
-  config = finetune_config(pretraining_workdir, epochs=3)
-  resumed, stream = run_finetune(config, tmp_path, mesh, student_fn=no_restore)
-  assert stream.step == 3 * STEPS_PER_EPOCH  # continued from batch 24, not from 0
-  assert resumed["steps"] == 3 * STEPS_PER_EPOCH
-  assert resumed["checkpoint"] == result["checkpoint"] and resumed["step"] == 5
-  assert resumed["best_top1"] >= result["best_top1"]
+  losses = [r["train_loss"] for r in rows if "train_loss" in r]
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0]

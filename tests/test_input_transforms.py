@@ -29,7 +29,7 @@ def _rng(i):
 def _per_seed(fn, num, dtype=tf.float32):
   """fn(rng) for `num` different seeds, traced once."""
   seeds = tf.stack([tf.fill([num], tf.constant(7, tf.int64)), tf.range(num, dtype=tf.int64)], 1)
-  return tf.map_fn(fn, seeds, fn_output_signature=dtype).numpy()
+  return tf.function(lambda: tf.map_fn(fn, seeds, fn_output_signature=dtype))().numpy()
 
 
 def _torchvision_rrc_window(rng, height, width, scale_min):
@@ -88,19 +88,26 @@ def test_eval_crop_equals_resize_then_centre_crop(height, width, size, crop_pct)
   scale = resize_to / min(height, width)
   resized = Image.fromarray(image).resize(
       (round(width * scale), round(height * scale)), Image.BICUBIC)
+  crop = lambda dx, dy: np.asarray(resized.crop(
+      (left + dx, top + dy, left + dx + size, top + dy + size)), np.float32)
   left, top = (resized.width - size) // 2, (resized.height - size) // 2
-  reference = np.asarray(resized.crop((left, top, left + size, top + size)), np.float32)
+  reference = crop(0, 0)
   assert ours.shape == (size, size, 3)
-  assert np.abs(ours.numpy() - reference).mean() < 3.0
+  # Closer to the reference than the reference is to itself shifted by one pixel.
+  one_pixel_off = np.abs(crop(1, 1) - reference).mean()
+  assert np.abs(ours.numpy() - reference).mean() < 0.5 * one_pixel_off
 
 
 def test_jpeg_and_png_decode_inside_the_window():
   image = _smooth_image(40, 50)
   window = lambda h, w: tf.constant([5, 7, 20, 30])
-  for encode in (tf.io.encode_png, lambda x: tf.io.encode_jpeg(x, quality=100)):
-    cropped = transforms.decode_and_crop(encode(image), window).numpy()
-    assert cropped.shape == (20, 30, 3)
-    assert np.abs(cropped.astype(int) - image[5:25, 7:37]).mean() < 2.0
+  png = tf.io.encode_png(image)
+  np.testing.assert_array_equal(transforms.decode_and_crop(png, window), image[5:25, 7:37])
+  jpeg = tf.io.encode_jpeg(image, quality=95)
+  full = tf.io.decode_jpeg(jpeg).numpy()
+  cropped = transforms.decode_and_crop(jpeg, window).numpy()
+  assert cropped.shape == (20, 30, 3)
+  assert np.abs(cropped.astype(int) - full[5:25, 7:37]).max() <= 2
 
 
 def test_color_jitter_strength_and_range():
@@ -142,7 +149,8 @@ def _op(fn, image, level, sign=1.0, fill=(124, 116, 104)):
     ("_auto_contrast", ImageOps.autocontrast, 0.0, 1),
     ("_invert", ImageOps.invert, 0.0, 0),
     ("_posterize", lambda im: ImageOps.posterize(im, 3), 0.3, 0),
-    ("_posterize", lambda im: ImageOps.posterize(im, 0), 1.0, 0),
+    ("_posterize", lambda im: ImageOps.posterize(im, 1), 0.8, 0),
+    ("_posterize", lambda im: Image.new("RGB", im.size), 1.0, 0),   # Old PIL's bits=0.
     ("_solarize", lambda im: ImageOps.solarize(im, 256 - int(256 * 0.7)), 0.7, 0),
     ("_color", lambda im: ImageEnhance.Color(im).enhance(1 + 0.9 * 0.6), 0.6, 1.5),
     ("_contrast", lambda im: ImageEnhance.Contrast(im).enhance(1 + 0.9 * 0.6), 0.6, 1.5),
@@ -186,7 +194,7 @@ def test_rand_augment_applies_about_three_quarters_of_the_time():
   changed = np.mean([not np.array_equal(o, image) for o in outs])
   assert 0.6 < changed < 0.9   # P(at least one of 2 ops applied) = 3/4.
   assert outs.shape == (120, 24, 24, 3) and outs.min() >= 0 and outs.max() <= 255
-  np.testing.assert_array_equal(augment(tf.constant([7, 3], tf.int64)), outs[3])
+  np.testing.assert_allclose(augment(tf.constant([7, 3], tf.int64)), outs[3], atol=1e-3)
   untouched = randaugment.rand_augment(image, _rng(0), num_layers=0, magnitude=9.0,
                                        magnitude_std=0.5, fill=(0, 0, 0))
   np.testing.assert_array_equal(untouched, image)

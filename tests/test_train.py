@@ -1,8 +1,6 @@
 """The pretraining loop: sharded equivalence, one compilation, resume, preemption, accumulation, multi-process."""
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,29 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import test_tiny
-from dtm_jax import metrics, sharding, targets, train
+from dtm_jax import sharding, targets, train
 from dtm_jax.models import functional, vit
-
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-
-
-def tiny_config(**overrides):
-  config = test_tiny.get_config()
-  with config.unlocked():
-    for key, value in overrides.items():
-      node = config
-      *parents, leaf = key.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return config
-
-
-def losses_by_step(workdir):
-  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
+from train_testing import REPO, free_port, losses_by_step, tiny_config
 
 def _components(config):
   model_cfg = train.student_config(config)
@@ -128,12 +106,6 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
   assert result["step"] == 20
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _main_command(workdir, *extra):
   return [sys.executable, os.path.join(REPO, "main.py"), "--config=" + os.path.join(REPO, "configs/test_tiny.py"),
           f"--workdir={workdir}", *extra]
@@ -174,7 +146,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(tmp_path):
 def test_two_processes_match_one_process(tmp_path):
   single = tmp_path / "single"
   train.train(tiny_config(log_every=1, total_steps=8, checkpoint_every=4), str(single))
-  port = _free_port()
+  port = free_port()
   multi = tmp_path / "multi"
   procs = [subprocess.Popen(_main_command(multi, "--config.log_every=1", "--config.total_steps=8",
                                           "--config.checkpoint_every=4", f"--coordinator_address=127.0.0.1:{port}",

@@ -78,27 +78,13 @@ def test_student_matches_hf_beit(overrides):
 
 
 def test_classifier_matches_hf_beit_mean_pooling():
-  torch_model = ref.hf_beit_classifier(num_labels=5)
+  torch_model = ref.hf_beit_classifier(num_labels=16)
   x, x_torch = ref.images(3, 32, seed=2)
   with torch.no_grad():
     want = torch_model(x_torch).logits.numpy()
   converted = convert.convert_weights(ref.beit_to_unilm(ref.numpy_state(torch_model)), "beit")
-  assert (converted.kind, converted.module_kwargs) == ("vit_classifier", dict(num_classes=5, pooling="mean"))
+  assert (converted.kind, converted.module_kwargs) == ("vit_classifier", dict(num_classes=16, pooling="mean"))
   np.testing.assert_allclose(np.asarray(convert.build_module(converted)(jnp.asarray(x))), want, atol=1e-4, rtol=0)
-
-
-def test_wrong_head_count_breaks_parity():
-  """The parity tests can fail: the same weights split into the wrong number of heads give other features."""
-  torch_model = ref.hf_beit(use_relative_position_bias=False, use_shared_relative_position_bias=False)
-  x, x_torch = ref.images(1, 32)
-  with torch.no_grad():
-    want = torch_model(x_torch).last_hidden_state.numpy()
-  weights = ref.beit_to_unilm(ref.numpy_state(torch_model))
-  weights.update({"lm_head.weight": np.zeros((4, 32), np.float32), "lm_head.bias": np.zeros((4,), np.float32)})
-  right = convert.build_module(convert.convert_weights(weights, "beit", num_heads=2, image_size=32))
-  wrong = convert.build_module(convert.convert_weights(weights, "beit", num_heads=4, image_size=32))
-  assert np.abs(np.asarray(right.encode(jnp.asarray(x))) - want).max() < 1e-4
-  assert np.abs(np.asarray(wrong.encode(jnp.asarray(x))) - want).max() > 1e-2
 
 
 def test_initialisation_follows_beit(model):
@@ -119,9 +105,9 @@ def test_initialisation_follows_beit(model):
     check_trunc_normal(w[...], std)
   for token in (model.cls_token, model.mask_token):  # Too few values for statistics: check the cut only.
     assert 0 < np.abs(np.asarray(token[...])).max() <= std
-  for l, block in enumerate(model.blocks, start=1):
-    check_trunc_normal(block.attn.proj.kernel[...], std / math.sqrt(2 * l))
-    check_trunc_normal(block.mlp.fc2.kernel[...], std / math.sqrt(2 * l))
+  for layer_id, block in enumerate(model.blocks, start=1):
+    check_trunc_normal(block.attn.proj.kernel[...], std / math.sqrt(2 * layer_id))
+    check_trunc_normal(block.mlp.fc2.kernel[...], std / math.sqrt(2 * layer_id))
     np.testing.assert_allclose(block.attn_layer_scale[...], 0.1)
     np.testing.assert_allclose(block.mlp_layer_scale[...], 0.1)
     for zero in (block.attn.q_bias, block.attn.v_bias, block.attn.rel_pos_bias, block.attn.proj.bias,
@@ -196,15 +182,6 @@ def test_split_state_holds_only_params_and_jits():
                              np.asarray(model(x, mask, jax.random.key(3))), atol=1e-5)
 
 
-def test_bfloat16_compute_keeps_float32_params(model):
-  bf16 = vit.PretrainViT(dataclasses.replace(CONFIG, dtype=jnp.bfloat16), rngs=nnx.Rngs(0))
-  assert {v.dtype for _, v in nnx.to_flat_state(nnx.state(bf16, nnx.Param))} == {jnp.dtype(jnp.float32)}
-  x, mask = _images(), jnp.asarray(_masked())
-  out = bf16(x, mask)
-  assert out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(model(x, mask)), atol=0.05)
-
-
 @pytest.mark.parametrize("variant", sorted(vit.VARIANTS))
 def test_variant_shapes(variant):
   config = vit.get_config(variant)
@@ -220,32 +197,26 @@ def test_variant_shapes(variant):
   assert state["blocks"][0]["attn"]["rel_pos_bias"].shape == (732, heads)
 
 
-def test_classifier_shapes():
-  classifier = vit.ViTClassifier(CONFIG, 10, pooling="cls", rngs=nnx.Rngs(0))
-  assert classifier(_images(3)).shape == (3, 10)
-  assert classifier.norm is not None and classifier.fc_norm is None
-
-
-# Known BEiT sizes (timm/unilm): ViT-B/16 with a 1000-class head ≈ 86.5M parameters, ViT-L/16 ≈ 304.4M.
-@pytest.mark.parametrize("variant,known_millions", [("small", None), ("base", 86.5), ("large", 304.4)])
-def test_parameter_counts_match_beit(variant, known_millions):
+@pytest.mark.parametrize("variant", ["small", "base", "large"])
+def test_parameter_counts_match_beit(variant):
   width, depth, heads = vit.VARIANTS[variant]
   hf = dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=4 * width,
             layer_scale_init_value=0.1, use_relative_position_bias=True)
   with torch.device("meta"):  # Counts only; nothing is allocated.
-    torch_classifier = transformers.BeitForImageClassification(transformers.BeitConfig(
-        **hf, use_shared_relative_position_bias=False, use_mean_pooling=True, num_labels=1000))
     torch_trunk = transformers.BeitModel(transformers.BeitConfig(
         **hf, use_shared_relative_position_bias=True, use_mask_token=True, use_mean_pooling=False),
         add_pooling_layer=False)
+    torch_classifier = transformers.BeitForImageClassification(transformers.BeitConfig(
+        **hf, use_shared_relative_position_bias=False, use_mean_pooling=True, num_labels=1000))
   torch_count = lambda m: sum(p.numel() for p in m.parameters())
-
-  classifier = _param_count(_abstract(variant, "classifier"))
-  assert classifier == torch_count(torch_classifier)
-  if known_millions:
-    assert round(classifier / 1e6, 1) == known_millions
   lm_head = width * 512 + 512
   assert _param_count(_abstract(variant, "pretrain")) == torch_count(torch_trunk) + lm_head
+  # Known BEiT sizes with a 1000-class head (timm/unilm): S 22.0M, B/16 86.5M, L/16 304.4M. The classifier is
+  # counted for B only, to keep the file fast (a shapes-only L/16 takes seconds to trace).
+  known = {"small": 22.0, "base": 86.5, "large": 304.4}[variant]
+  assert round(torch_count(torch_classifier) / 1e6, 1) == known
+  if variant == "base":
+    assert _param_count(_abstract(variant, "classifier")) == torch_count(torch_classifier)
 
 
 def test_classifier_from_pretrained_keeps_the_function():
@@ -259,13 +230,14 @@ def test_classifier_from_pretrained_keeps_the_function():
 
   classifier = vit.ViTClassifier(vit.finetune_config(CONFIG, drop_path_rate=0.1), 16, pooling="cls",
                                  rngs=nnx.Rngs(1))
-  assert classifier.shared_rel_pos_bias is None
+  assert classifier.shared_rel_pos_bias is None and classifier.fc_norm is None and classifier.mask_token is None
   vit.init_classifier_from_pretrained(classifier, pretrained)
   np.testing.assert_allclose(classifier.blocks[1].attn.rel_pos_bias[...],
                              pretrained.blocks[1].attn.rel_pos_bias[...] + pretrained.shared_rel_pos_bias[...])
   x = _images()
-  np.testing.assert_allclose(np.asarray(classifier(x)), np.asarray(classifier.head(pretrained.encode(x)[:, 0])),
-                             atol=1e-5)
+  logits = np.asarray(classifier(x))
+  assert logits.shape == (2, 16)
+  np.testing.assert_allclose(logits, np.asarray(classifier.head(pretrained.encode(x)[:, 0])), atol=1e-5)
 
   mean_pool = vit.ViTClassifier(vit.finetune_config(CONFIG), 16, rngs=nnx.Rngs(1))
   fresh_fc_norm = np.asarray(mean_pool.fc_norm.scale[...])

@@ -203,7 +203,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      "use e.g. --workdir=<pretraining workdir>/finetune.")
   student_fn = lambda: common.restore_student(config.pretrained, mesh, min_fsdp_size=config.mesh.min_fsdp_size,
                                               model_overrides=config.model)
-  image_size = ...
-  results = train_and_evaluate(config, workdir, student_fn=student_fn, train_data=None, eval_data=None, mesh=mesh)
+  train_data_fn = lambda size: input_pipeline.build_finetune_train(
+      config.input, image_size=size, global_batch_size=config.batch_size, seed=config.seed, augment=True)
+  eval_data_fn = lambda size: input_pipeline.build_eval(config.input, image_size=size,
+                                                        global_batch_size=config.eval_batch_size)
+  results = train_and_evaluate(config, workdir, student_fn=student_fn, train_data_fn=train_data_fn,
+                               eval_data_fn=eval_data_fn, mesh=mesh)
   common.write_results(workdir, results)
   return results

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, PartitionSpec as P
 
-from dtm_jax import sharding
+from dtm_jax import metrics, sharding
 from dtm_jax.evaluate import common
 
 PyTree = Any
@@ -83,21 +83,39 @@ def knn_accuracy(encode_fn: common.EncodeFn, params: PyTree, bank: common.Featur
   return common.accuracy_from_counts(total)
 
 
-def knn_evaluate(encode_fn: common.EncodeFn, params: PyTree, knn_config: ml_collections.ConfigDict,
-                 input_config: ml_collections.ConfigDict, mesh: Mesh, *, image_size: int) -> dict[str, float]:
-  """{"knn_top1", "knn_top5"} (%) of a bank slice of `knn_config.train_split` against a slice of `eval_split`.
+def knn_evaluate(encode_fn: common.EncodeFn, params: PyTree, cfg: ml_collections.ConfigDict, mesh: Mesh, *,
+                 input_config: ml_collections.ConfigDict, image_size: int) -> dict[str, float]:
+  """{"knn_top1", "knn_top5"} (%), "knn_bank_size", "knn_num_queries": a bank from `input_config.train_split` against queries from its `eval_split`.
 
-  Cheap enough to call from the pretraining loop: both slices are capped by `num_train_examples` and
-  `num_eval_examples` (0 = the whole split). `encode_fn(params, images) -> [B, D]` gives the features.
+  Cheap enough to call from the pretraining loop: the bank and the queries are the first `cfg.num_train_examples`
+  and `cfg.num_eval_examples` (0 = the whole split) in the evaluation crop. `encode_fn(params, images) -> [B, D]`.
+  cfg fields: k, temperature, batch_size, num_train_examples, num_eval_examples.
   """
   import input_pipeline  # pylint: disable=g-import-not-at-top  # Only here: dtm_jax itself never loads TensorFlow.
 
   def batches(split, max_examples):
     data = input_pipeline.build_eval(input_config, split=split, image_size=image_size,
-                                     global_batch_size=knn_config.batch_size)
-    return common.take_batches(data, knn_config.batch_size, max_examples)
+                                     global_batch_size=cfg.batch_size)
+    return common.take_batches(data, cfg.batch_size, max_examples)
 
-  bank = build_bank(encode_fn, params, batches(knn_config.train_split, knn_config.num_train_examples), mesh)
-  result = knn_accuracy(encode_fn, params, bank, batches(knn_config.eval_split, knn_config.num_eval_examples), mesh,
-                        k=knn_config.k, temperature=knn_config.temperature)
-  return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
+  bank = build_bank(encode_fn, params, batches(input_config.train_split, cfg.num_train_examples), mesh)
+  result = knn_accuracy(encode_fn, params, bank, batches(input_config.eval_split, cfg.num_eval_examples), mesh,
+                        k=cfg.k, temperature=cfg.temperature)
+  return {"knn_top1": result["top1"], "knn_top5": result["top5"], "knn_bank_size": bank.num_valid,
+          "knn_num_queries": result["num_examples"]}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`main.py --mode=knn`: kNN accuracy of a pretrained student; writes results.json and TensorBoard."""
+  mesh = common.make_mesh(config)
+  student = common.restore_student(config.pretrained, mesh, min_fsdp_size=config.mesh.min_fsdp_size,
+                                   model_overrides=config.model)
+  encode = common.feature_fn(student, pooling=config.features.pooling, num_blocks=config.features.num_blocks)
+  result = knn_evaluate(encode, student.params, config.knn, mesh, input_config=config.input,
+                        image_size=student.config.image_size)
+  writer = metrics.MetricsWriter(workdir)
+  writer.write_scalars(student.step or 0, result)
+  writer.close()
+  results = {"mode": "knn", **student.source(), **result, "k": config.knn.k, "temperature": config.knn.temperature}
+  common.write_results(workdir, results)
+  return results

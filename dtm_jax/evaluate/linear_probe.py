@@ -7,14 +7,15 @@ momentum, lr = base_lr × batch / 256, linear warm-up then cosine.
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh
 from absl import logging
+from jax.sharding import Mesh
 
 from dtm_jax import metrics, optim, sharding
 from dtm_jax.evaluate import common
@@ -91,29 +92,47 @@ def make_train_step(tx: optax.GradientTransformation, bn_momentum: float):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Training on precomputed features.
+# Training: on precomputed features, or on features of augmented images computed every step.
 # ---------------------------------------------------------------------------------------------------------------------
-def train_on_features(config: ml_collections.ConfigDict, train: common.FeatureSet, test: common.FeatureSet,
-                      mesh: Mesh, writer: metrics.MetricsWriter) -> dict:
-  """Train the probe for `config.epochs` epochs on fixed features; evaluate every `config.eval_every_epochs`.
-
-  Each epoch visits the valid training rows in a fresh random order (the last incomplete batch is dropped).
-  Returns {"top1", "top5", "best_top1", "epochs", "steps"}.
-  """
-  batch_size = config.batch_size
-  steps_per_epoch = train.num_valid // batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"config.batch_size={batch_size} exceeds the {train.num_valid} training examples; lower it.")
+def _fit(config: ml_collections.ConfigDict, *, feature_dim: int, steps_per_epoch: int, mesh: Mesh,
+         writer: metrics.MetricsWriter, train_epoch: Callable, evaluate: Callable) -> dict:
+  """The epoch loop both ways share: `train_epoch(state, epoch, train_step) -> (state, mean loss)`,
+  `evaluate(state) -> accuracy` every `config.eval_every_epochs` and at the end."""
+  if steps_per_epoch <= 0:
+    raise ValueError(f"config.batch_size={config.batch_size} exceeds the number of training examples; lower it.")
   total_steps = config.epochs * steps_per_epoch
-  tx, schedule = make_optimizer(config.optimizer, total_steps=total_steps, global_batch_size=batch_size,
+  tx, schedule = make_optimizer(config.optimizer, total_steps=total_steps, global_batch_size=config.batch_size,
                                 warmup_steps=config.warmup_epochs * steps_per_epoch)
   train_step = make_train_step(tx, config.bn_momentum)
-  rows = sharding.batch_sharding(mesh)
+  probe = init_probe(jax.random.key(config.seed), feature_dim, config.num_classes)
+  state = jax.device_put({**probe, "opt_state": tx.init(probe["params"])}, sharding.replicated(mesh))
+  best_top1, result = 0.0, {}
+  for epoch in range(1, config.epochs + 1):
+    state, loss = train_epoch(state, epoch, train_step)
+    step = epoch * steps_per_epoch
+    scalars = {"train_loss": loss, "lr": schedule(step - 1)}
+    if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
+      result = evaluate(state)
+      best_top1 = max(best_top1, result["top1"])
+      scalars.update(top1=result["top1"], top5=result["top5"])
+    writer.write_scalars(step, scalars)
+  writer.flush()
+  return {"top1": result["top1"], "top5": result["top5"], "best_top1": best_top1, "epochs": config.epochs,
+          "steps": total_steps}
 
-  @jax.jit
-  def train_epoch(state, train, rng):
-    shuffled = jax.random.uniform(rng, train.valid.shape)
-    order = jnp.argsort(jnp.where(train.valid, shuffled, 2.0))  # Valid rows first, in random order.
+
+def train_on_features(config: ml_collections.ConfigDict, train: common.FeatureSet, test: common.FeatureSet,
+                      mesh: Mesh, writer: metrics.MetricsWriter) -> dict:
+  """Train the probe on fixed features; each epoch is one jitted scan over the valid rows in a fresh random order
+  (the last incomplete batch is dropped). Returns {"top1", "top5", "best_top1", "epochs", "steps"}."""
+  batch_size = config.batch_size
+  steps_per_epoch = train.num_valid // batch_size
+  rows = sharding.batch_sharding(mesh)
+  rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+
+  @functools.partial(jax.jit, static_argnums=3)
+  def scan_epoch(state, train, rng, train_step):
+    order = jnp.argsort(jnp.where(train.valid, jax.random.uniform(rng, train.valid.shape), 2.0))  # valid first
 
     def body(state, i):
       index = jax.lax.dynamic_slice(order, (i * batch_size,), (batch_size,))
@@ -124,26 +143,40 @@ def train_on_features(config: ml_collections.ConfigDict, train: common.FeatureSe
     state, losses = jax.lax.scan(body, state, jnp.arange(steps_per_epoch))
     return state, jnp.mean(losses)
 
-  @jax.jit
-  def evaluate(state, test):
-    return common.accuracy_counts(probe_logits(state, test.features), test.labels, test.valid)
+  accuracy = jax.jit(lambda state, test: common.accuracy_counts(probe_logits(state, test.features), test.labels,
+                                                                test.valid))
+  return _fit(config, feature_dim=train.features.shape[-1], steps_per_epoch=steps_per_epoch, mesh=mesh,
+              writer=writer,
+              train_epoch=lambda state, epoch, step: scan_epoch(state, train, jax.random.fold_in(rng, epoch), step),
+              evaluate=lambda state: common.accuracy_from_counts(accuracy(state, test)))
 
-  rng_init, rng_data = jax.random.split(jax.random.key(config.seed))
-  probe = init_probe(rng_init, train.features.shape[-1], config.num_classes)
-  state = jax.device_put({**probe, "opt_state": tx.init(probe["params"])}, sharding.replicated(mesh))
-  best_top1, result = 0.0, {}
-  for epoch in range(1, config.epochs + 1):
-    state, loss = train_epoch(state, train, jax.random.fold_in(rng_data, epoch))
-    step = epoch * steps_per_epoch
-    scalars = {"train_loss": loss, "lr": schedule(step - 1)}
-    if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
-      result = common.accuracy_from_counts(evaluate(state, test))
-      best_top1 = max(best_top1, result["top1"])
-      scalars.update(top1=result["top1"], top5=result["top5"])
-    writer.write_scalars(step, scalars)
-  writer.flush()
-  return {"top1": result["top1"], "top5": result["top5"], "best_top1": best_top1, "epochs": config.epochs,
-          "steps": total_steps}
+
+def train_online(config: ml_collections.ConfigDict, encode_fn: common.EncodeFn, student_params: PyTree,
+                 train_data: Iterator[dict], eval_data: Callable[[], Iterable[dict]], mesh: Mesh,
+                 writer: metrics.MetricsWriter, *, feature_dim: int) -> dict:
+  """Train the probe on the frozen student's features of every training batch (augmented by the input pipeline)."""
+  steps_per_epoch = config.num_train_examples // config.batch_size
+
+  @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+  def step_on_images(state, student_params, batch, train_step):
+    features = jax.lax.stop_gradient(encode_fn(student_params, batch["image"]))
+    return train_step(state, features, batch["label"], jnp.ones_like(batch["label"], jnp.bool_))
+
+  def train_epoch(state, epoch, train_step):
+    del epoch
+    losses = []
+    for _ in range(steps_per_epoch):
+      host_batch = next(train_data)
+      batch = sharding.to_global({"image": host_batch["image"], "label": host_batch["label"]}, mesh)
+      state, loss = step_on_images(state, student_params, batch, train_step)
+      losses.append(loss)
+    return state, jnp.mean(jnp.stack(losses))
+
+  evaluator = common.make_classifier_evaluator(
+      lambda both, images: probe_logits(both["probe"], encode_fn(both["student"], images)), mesh)
+  return _fit(config, feature_dim=feature_dim, steps_per_epoch=steps_per_epoch, mesh=mesh, writer=writer,
+              train_epoch=train_epoch,
+              evaluate=lambda state: evaluator({"probe": state, "student": student_params}, eval_data()))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -159,17 +192,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   encode = common.feature_fn(student, pooling=config.features.pooling, num_blocks=config.features.num_blocks)
   image_size = student.config.image_size
 
-  def features_of(split):
-    batches = input_pipeline.build_eval(config.input, split=split, image_size=image_size,
-                                        global_batch_size=config.eval_batch_size)
-    return common.extract_features(encode, student.params, batches, mesh)
+  def eval_data(split=None):
+    return input_pipeline.build_eval(config.input, split=split, image_size=image_size,
+                                     global_batch_size=config.eval_batch_size)
 
   writer = metrics.MetricsWriter(workdir)
-  if not config.precompute_features:
-    raise NotImplementedError("pending")
-  logging.info("Computing the frozen student's features of %r and %r once.", config.train_split, config.eval_split)
-  result = train_on_features(config, features_of(config.train_split), features_of(config.eval_split), mesh, writer)
-  writer.close()
+  try:
+    if config.precompute_features:
+      logging.info("Encoding %r and %r once with the frozen student.", config.input.train_split,
+                   config.input.eval_split)
+      train = common.extract_features(encode, student.params, eval_data(config.input.train_split), mesh)
+      test = common.extract_features(encode, student.params, eval_data(), mesh)
+      result = train_on_features(config, train, test, mesh, writer)
+    else:
+      train_data = input_pipeline.build_finetune_train(config.input, image_size=image_size,
+                                                       global_batch_size=config.batch_size, seed=config.seed,
+                                                       augment=config.augment)
+      result = train_online(config, encode, student.params, train_data, eval_data, mesh, writer,
+                            feature_dim=student.config.width)
+  finally:
+    writer.close()
   results = {"mode": "linear_probe", **student.source(), **result}
   common.write_results(workdir, results)
   return results

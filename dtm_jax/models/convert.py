@@ -231,8 +231,8 @@ def _beit_rules(config, kind, pooling):
     rules += [(("mask_token",), ("mask_token",), _token)]
     rules += _norm_rules(("norm",), "norm") + _linear_rules(("lm_head",), "lm_head")
   else:
-    rules += _norm_rules(("fc_norm",) if pooling == "mean" else ("norm",), "fc_norm" if pooling == "mean" else "norm")
-    rules += _linear_rules(("head",), "head")
+    final_norm = "fc_norm" if pooling == "mean" else "norm"
+    rules += _norm_rules((final_norm,), final_norm) + _linear_rules(("head",), "head")
   return rules
 
 
@@ -364,12 +364,25 @@ def _convert_hf_layout(weights, source, path, num_heads, activation, image_size,
 def _finish_clip(weights, rules, config, image_size, ignored, source):
   flat = _apply_rules(weights, rules, ignored, source)
   _check_shapes(flat, rules, "clip", config, {})
-  if image_size and image_size != config.image_size:
-    if image_size % config.patch_size:
-      raise ConversionError(f"--image_size {image_size} is not a multiple of the patch size {config.patch_size}.")
-    flat[("pos_embed",)] = np.asarray(clip.resize_pos_embed(flat[("pos_embed",)], image_size // config.patch_size))
-    config = dataclasses.replace(config, image_size=image_size)
-  return Converted("clip", config, traversals.unflatten_mapping(flat))
+  return _with_image_size(Converted("clip", config, traversals.unflatten_mapping(flat)), image_size)
+
+
+def _with_image_size(converted, image_size):
+  """A CLIP conversion for another image size: the position embedding is resized bicubically (CLS kept).
+
+  BEiT relative-position tables are not resized, so a student must be used at the size it was trained at.
+  """
+  config = converted.config
+  if not image_size or image_size == config.image_size:
+    return converted
+  if converted.kind != "clip":
+    raise ConversionError(f"The {converted.kind} checkpoint was trained at {config.image_size}²; resizing BEiT "
+                          f"relative-position tables to image size {image_size} is not supported.")
+  if image_size % config.patch_size:
+    raise ConversionError(f"Image size {image_size} is not a multiple of the patch size {config.patch_size}.")
+  pos_embed = clip.resize_pos_embed(jnp.asarray(converted.params["pos_embed"]), image_size // config.patch_size)
+  return dataclasses.replace(converted, config=dataclasses.replace(config, image_size=image_size),
+                             params=dict(converted.params, pos_embed=np.asarray(pos_embed)))
 
 
 def _beit_grid(weights, image_size, patch_size):
@@ -505,11 +518,11 @@ def save_converted(converted, directory, source=None):
     json.dump(metadata, f, indent=2)
 
 
-def load_converted(directory, *, dtype=None, attention_impl=None):
+def load_converted(directory, *, dtype=None, attention_impl=None, image_size=None):
   """Rebuilds the converted module (CLIPVision, PretrainViT or ViTClassifier) with its weights.
 
   dtype / attention_impl override the saved compute settings (e.g. bfloat16 and "cudnn" for a frozen teacher);
-  parameters stay float32.
+  parameters stay float32. image_size resizes a CLIP tower's position embedding for another input size.
   """
   directory = os.path.abspath(os.fspath(directory))
   config_path = os.path.join(directory, CONFIG_FILE)
@@ -524,10 +537,9 @@ def load_converted(directory, *, dtype=None, attention_impl=None):
   if attention_impl is not None:
     fields["attention_impl"] = attention_impl
   config = _CONFIG_CLASSES[kind](**fields)
-  graphdef, state = _abstract_module(kind, config, metadata["module_kwargs"])
+  _, state = _abstract_module(kind, config, metadata["module_kwargs"])
   params = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR), state.to_pure_dict())
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
+  return build_module(_with_image_size(Converted(kind, config, params, metadata["module_kwargs"]), image_size))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -539,7 +551,8 @@ def _parse_args(argv):
   parser.add_argument("--format", required=True, choices=FORMATS)
   parser.add_argument("--input", required=True, help="checkpoint file (or Hugging Face model directory)")
   parser.add_argument("--output", required=True, help="new directory for params/ and model_config.json")
-  parser.add_argument("--image_size", type=int, help="CLIP: resize position embeddings to this image size")
+  parser.add_argument("--image_size", type=int, help="CLIP: resize the position embedding to this image size; "
+                      "BEiT: needed only when the checkpoint has no position tables")
   parser.add_argument("--num_heads", type=int, help="attention heads when the checkpoint does not record them")
   parser.add_argument("--activation", choices=layers.ACTIVATIONS, help="CLIP MLP activation")
   parser.add_argument("--ignore_keys", help="regex of checkpoint keys to drop on purpose")

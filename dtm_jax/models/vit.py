@@ -114,10 +114,10 @@ class _ViTTrunk(nnx.Module):
         layers.Block(width, config.num_heads, config.mlp_dim, qkv_bias="qv", activation="gelu",
                      layer_norm_eps=LAYER_NORM_EPS, layer_scale_init=config.layer_scale_init,
                      rel_pos_grid=config.grid_size if config.block_rel_pos_bias else None,
-                     out_init_std=0.02 / math.sqrt(2.0 * l),
-                     drop_path_rate=config.drop_path_rate * (l - 1) / max(config.depth - 1, 1),
+                     out_init_std=0.02 / math.sqrt(2.0 * layer_id),
+                     drop_path_rate=config.drop_path_rate * (layer_id - 1) / max(config.depth - 1, 1),
                      dtype=config.dtype, attention_impl=config.attention_impl, rngs=rngs)
-        for l in range(1, config.depth + 1)])
+        for layer_id in range(1, config.depth + 1)])
 
   def _check_images(self, images):
     size, channels = self.config.image_size, self.config.in_channels
