@@ -4,7 +4,7 @@ Writes `--num_images` random smooth 500x375 JPEGs (ImageNet's typical size and q
 to a temporary image folder and runs the full pretraining pipeline on it: read ->
 decode inside the crop window -> bicubic resize to 224 -> flip -> colour jitter ->
 normalise -> BEiT mask -> batch. It is timed with a private tf.data pool of 1 and of 2
-threads. Two figures per run:
+threads, with antialiased resizing (the default, as PIL) and without. Two figures per run:
   wall:  images/s on the clock, divided by the threads (meaningless if the cores are busy);
   cpu:   images per CPU-second that the process used, all threads counted: the per-core
          rate, which holds on a machine shared with other work.
@@ -49,11 +49,12 @@ def write_jpegs(root, num_images, num_classes=8, seed=0):
     image.save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
 
 
-def time_pipeline(root, threads, seconds, batch_size):
+def time_pipeline(root, threads, antialias, seconds, batch_size):
   """Returns (images per wall-second, images per process CPU-second) after a warm-up."""
   cfg = input_pipeline.default_config()
   cfg.source, cfg.data_dir = "folder", root
   cfg.threadpool_size = threads
+  cfg.resize_antialias = antialias
   it = input_pipeline.build_pretrain(cfg, image_size=224, patch_size=16,
                                      global_batch_size=batch_size, seed=0, process_index=0,
                                      process_count=1)
@@ -79,11 +80,14 @@ def main(argv):
   print(f"CPU cores visible: {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}")
   with tempfile.TemporaryDirectory() as root:
     write_jpegs(root, _NUM_IMAGES.value)
-    print("| threads | images/s (wall) | wall images/s/core | cpu images/s/core |")
-    print("|---|---|---|---|")
-    for threads in _THREADS.value:
-      wall, cpu = time_pipeline(root, threads, _SECONDS.value, _BATCH.value)
-      print(f"| {threads} | {wall:.0f} | {wall / threads:.0f} | {cpu:.0f} |")
+    print("| resize antialias | threads | images/s (wall) | wall images/s/core | "
+          "cpu images/s/core |")
+    print("|---|---|---|---|---|")
+    for antialias in (True, False):
+      for threads in _THREADS.value:
+        wall, cpu = time_pipeline(root, threads, antialias, _SECONDS.value, _BATCH.value)
+        print(f"| {antialias} | {threads} | {wall:.0f} | {wall / threads:.0f} | {cpu:.0f} |",
+              flush=True)
   print(f"Mask generator: {time_masks():.0f} masks/s on one core (14x14 grid, 75 masked).")
 
 

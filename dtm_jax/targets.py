@@ -7,7 +7,8 @@ Kinds (`config.target.kind`):
   checkpoint  frozen student-architecture ViT restored from a pretraining workdir of this project (a model teaches
               the next); targets are its `lm_head` outputs or, with `features="encoder"`, its final patch tokens.
   ema         momentum teacher of the student (BYOL / data2vec style): the EMA copy of the student encodes the
-              unmasked image; targets are its final patch tokens, layer-normalised without affine parameters.
+              unmasked image; targets are its final patch tokens (or, with `ema_num_blocks` = K > 1, the average of
+              its last K blocks' patch tokens), standardised per token.
               The EMA parameters live in the train state (`ema_params`) and follow `ema_momentum(step)`.
   pixels      per-patch pixels (the normalised input image cut into patches), optionally standardised per patch.
 Morphing always computes its groups from these target tokens. Teachers run in `dtype` (bf16 by default) under
@@ -60,15 +61,21 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, patch_size * patch_size * c)
 
 
+def standardize_tokens(x: jax.Array) -> jax.Array:
+  """Each token to zero mean and unit variance over its features (LayerNorm without affine parameters, in f32).
+
+  MAE's normalised pixels and data2vec's teacher outputs: the target's scale no longer depends on the image's
+  contrast or on how the teacher's activations drift, so one loss scale (smooth-L1 β) suits every token.
+  """
+  x = x.astype(jnp.float32)
+  return (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(x.var(-1, keepdims=True) + 1e-6)
+
+
 def _pixels_target(cfg: ml_collections.ConfigDict, patch_size: int, in_channels: int) -> Target:
   def apply(params, images):
     del params
     x = patchify(images.astype(jnp.float32), patch_size)
-    if cfg.get("normalize_patches", True):
-      mean = x.mean(-1, keepdims=True)
-      var = x.var(-1, keepdims=True)
-      x = (x - mean) * jax.lax.rsqrt(var + 1e-6)
-    return x
+    return standardize_tokens(x) if cfg.get("normalize_patches", True) else x
   return Target("pixels", patch_size * patch_size * in_channels, {}, apply, "normalised patch pixels")
 
 
@@ -126,16 +133,30 @@ def _checkpoint_target(cfg: ml_collections.ConfigDict, image_size: int) -> Targe
                 transformer_flops(model_cfg, model_cfg.out_dim))
 
 
-def _ema_target(student_config: vit.ViTConfig) -> Target:
+def _ema_target(cfg: ml_collections.ConfigDict, student_config: vit.ViTConfig) -> Target:
+  """data2vec-style targets from the EMA teacher: its last `ema_num_blocks` (K) blocks, each block's patch tokens
+  through the final LayerNorm and standardised per token, averaged. K = 1 is the final representation; a larger K
+  mixes in earlier, more local layers (data2vec averages the top K)."""
+  num_blocks = cfg.get("ema_num_blocks", 1)
+  depth = student_config.depth
+  if not 1 <= num_blocks <= depth:
+    raise ValueError(f"config.target.ema_num_blocks={num_blocks} must be between 1 and the student depth {depth}.")
   teacher_config = dataclasses.replace(student_config, drop_path_rate=0.0)
   fm, _ = functional.abstract_split(lambda: vit.PretrainViT(teacher_config, rngs=nnx.Rngs(0)))
 
   def apply(params, images):
-    tokens = fm.apply(params, images, method="encode")[:, 1:].astype(jnp.float32)
-    mean = tokens.mean(-1, keepdims=True)
-    return (tokens - mean) * jax.lax.rsqrt(tokens.var(-1, keepdims=True) + 1e-6)
+    if num_blocks == 1:
+      return standardize_tokens(fm.apply(params, images, method="encode")[:, 1:])
+    module = fm.bind(params)
+    # `nnx.capture` records every block's output; the blocks below the last K are dropped by jit.
+    _, intermediates = nnx.capture(module.encode, nnx.Intermediate, method_outputs=nnx.Intermediate)(images)
+    blocks = nnx.to_pure_dict(intermediates)["blocks"]
+    outputs = [standardize_tokens(module.norm(blocks[i]["__call__"][0])[:, 1:])
+               for i in range(depth - num_blocks, depth)]
+    return jnp.mean(jnp.stack(outputs), axis=0)
 
-  return Target("ema", student_config.width, {}, apply, "EMA of the student (final patch tokens, normalised)",
+  which = "final patch tokens" if num_blocks == 1 else f"mean of the last {num_blocks} blocks' patch tokens"
+  return Target("ema", student_config.width, {}, apply, f"EMA of the student ({which}, standardised per token)",
                 transformer_flops(teacher_config, 0), is_ema=True)
 
 
@@ -156,7 +177,7 @@ def build_target(cfg: ml_collections.ConfigDict, *, image_size: int, patch_size:
   if cfg.kind == "ema":
     if student_config is None:
       raise ValueError("The 'ema' target needs the student config.")
-    return _ema_target(student_config)
+    return _ema_target(cfg, student_config)
   if cfg.kind == "pixels":
     return _pixels_target(cfg, patch_size, in_channels)
   if cfg.kind == "clip":

@@ -63,7 +63,8 @@ def build_pretrain(input_cfg, *, image_size, patch_size, global_batch_size, seed
     crop_rng, pixel_rng = transforms.split_rng(rng, 2)
     image = transforms.decode_and_crop(image, functools.partial(
         transforms.random_resized_crop_window, crop_rng, scale_min=input_cfg.crop_scale_min))
-    return flip_jitter_normalize(transforms.resize(image, image_size), pixel_rng)
+    image = transforms.resize(image, image_size, input_cfg.resize_antialias)
+    return flip_jitter_normalize(image, pixel_rng)
 
   source = sources.get_source(input_cfg)
   batches = _training_batches(input_cfg, source, view, local_batch=local_batch, seed=seed,
@@ -109,7 +110,7 @@ def build_finetune_train(input_cfg, *, image_size, global_batch_size, seed, augm
     image = transforms.decode_and_crop(image, functools.partial(
         transforms.random_resized_crop_window, crop_rng,
         scale_min=input_cfg.finetune_crop_scale_min))
-    image = transforms.resize(image, image_size)
+    image = transforms.resize(image, image_size, input_cfg.resize_antialias)
     if input_cfg.flip:
       image = transforms.random_flip(image, flip_rng)
     image = randaugment.rand_augment(
@@ -184,7 +185,7 @@ def _eval_view(input_cfg, image_size):
   def view(image):
     image = transforms.decode_and_crop(image, functools.partial(
         transforms.center_crop_window, size=image_size, crop_pct=input_cfg.crop_pct))
-    return normalize(transforms.resize(image, image_size))
+    return normalize(transforms.resize(image, image_size, input_cfg.resize_antialias))
   return view
 
 

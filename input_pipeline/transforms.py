@@ -107,9 +107,21 @@ def center_crop_window(height, width, size, crop_pct):
   return tf.cast(tf.stack([top, left, side, side]), tf.int32)
 
 
-def resize(image, size):
-  """Bicubic, antialiased (as PIL resamples) resize to size x size; float32 in [0, 255]."""
-  resized = tf.image.resize(image, [size, size], method="bicubic", antialias=True)
+def resize(image, size, antialias):
+  """Bicubic resize to size x size; float32 in [0, 255].
+
+  antialias=True widens the kernel when shrinking, as PIL (hence torchvision) always does.
+  Enlarging gives the same pixels either way (within 0.2/255), so then the cheaper kernel runs.
+  """
+  shape = tf.shape(image)
+
+  def smooth():
+    return tf.image.resize(image, [size, size], method="bicubic", antialias=True)
+
+  def plain():
+    return tf.image.resize(image, [size, size], method="bicubic")
+
+  resized = tf.cond(tf.reduce_any(shape[:2] > size), smooth, plain) if antialias else plain()
   return tf.clip_by_value(resized, 0.0, 255.0)
 
 

@@ -43,24 +43,31 @@ def cosine_similarity(u, v):
 
 
 def merge_round(slots, r, protected):
-  """One round of bipartite matching; returns the new ordered list of slots."""
+  """One round of bipartite matching.
+
+  Returns the new ordered list of slots and the round's margin: the smallest gap between two *different* scores
+  whose order decided the result (a partner choice, the source cut-off, or with protected=0 the order of the
+  unmerged slots); math.inf when nothing was close. Exactly equal scores are ties, broken by position.
+  """
   merges = min(r, (len(slots) - protected) // 2)
   if merges <= 0:
-    return slots
+    return slots, math.inf
   a_slots, b_slots = slots[0::2], slots[1::2]
 
   b_units = [unit(b.mean()) for b in b_slots]
-  best_scores, partners = [], []
+  best_scores, partners, partner_margins = [], [], []
   for i, a in enumerate(a_slots):
     if i < protected:
       best_scores.append(-math.inf)
       partners.append(0)
+      partner_margins.append(math.inf)
       continue
     a_unit = unit(a.mean())
     scores = [float(np.dot(a_unit, b_unit)) for b_unit in b_units]  # cosine similarities
     best = max(scores)
     best_scores.append(best)
     partners.append(scores.index(best))  # first maximum
+    partner_margins.append(min([best - s for s in scores if s != best], default=math.inf))
 
   by_score = sorted(range(len(a_slots)), key=lambda i: -best_scores[i])  # Python's sort is stable
   sources, unmerged = by_score[:merges], by_score[merges:]
@@ -70,22 +77,38 @@ def merge_round(slots, r, protected):
     new_b[partners[i]] = new_b[partners[i]].absorb(a_slots[i])
   if protected:
     unmerged = sorted(unmerged)  # positional order
-  return [a_slots[i] for i in unmerged] + new_b
+
+  # The score comparisons that decided this round: each source's partner, the cut-off between sources and
+  # unmerged slots and, when the unmerged slots stay in score order, every neighbouring pair among them.
+  ranked = [best_scores[i] for i in by_score]
+  deciding_pairs = [(merges - 1, merges)] if merges < len(ranked) else []
+  if not protected:
+    deciding_pairs += [(j, j + 1) for j in range(merges, len(ranked) - 1)]
+  order_gaps = [ranked[j] - ranked[k] for j, k in deciding_pairs if ranked[j] != ranked[k]]
+  margin = min([partner_margins[i] for i in sources] + order_gaps, default=math.inf)
+  return [a_slots[i] for i in unmerged] + new_b, margin
 
 
 def morph(tokens, num_merge, num_iters, protect_first=True):
-  """Group id (final slot position) of every token of one image; tokens is [N, D]."""
+  """Morphs one image's tokens [N, D].
+
+  Returns:
+    (groups, margin): the group id (final slot position) of every token, and the smallest margin of any round (see
+    merge_round). A margin within float32 rounding (~1e-6) means float32 code may legitimately choose otherwise.
+  """
   num_tokens = len(tokens)
   slots = [Slot(np.asarray(tokens[i], np.float64), 1, [i]) for i in range(num_tokens)]
+  margin = math.inf
   if num_merge > 0:
     r = merges_per_round(num_merge, num_iters, num_tokens)
     for _ in range(num_iters):
-      slots = merge_round(slots, r, protected=1 if protect_first else 0)
+      slots, round_margin = merge_round(slots, r, protected=1 if protect_first else 0)
+      margin = min(margin, round_margin)
   groups = [0] * num_tokens
   for slot_position, slot in enumerate(slots):
     for token in slot.members:
       groups[token] = slot_position
-  return groups
+  return groups, margin
 
 
 def expected_num_groups(num_tokens, num_merge, num_iters, protect_first=True):

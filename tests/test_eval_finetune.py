@@ -94,6 +94,7 @@ def finetune_config(pretraining_workdir):
   config.update(num_classes=eval_testing.NUM_CLASSES, num_train_examples=BATCH * STEPS_PER_EPOCH, batch_size=BATCH,
                 eval_batch_size=64, epochs=EPOCHS, warmup_epochs=0, ema_decay=0.9, log_every=4)
   config.optim.update(base_lr=2e-3, layer_decay=0.75)
+  config.mix.prob = 0.0  # Mixup/CutMix are tested on their own (test_eval_mixup.py); Beta sampling compiles slowly.
   return config
 
 
@@ -104,7 +105,8 @@ def run_finetune(config, workdir, mesh, stream, student_fn):
 
 
 def test_finetune_from_a_restored_checkpoint_learns_and_resumes(tmp_path):
-  eval_testing.save_pretraining_checkpoints(tmp_path / "pretrain", steps=(5, 7))
+  one_block = eval_testing.tiny_student_config(depth=1)  # Keeps the two compilations of the step short.
+  eval_testing.save_pretraining_checkpoints(tmp_path / "pretrain", steps=(5, 7), config=one_block)
   mesh = sharding.make_mesh(data=4, fsdp=2)
   config = finetune_config(tmp_path / "pretrain")
   restored = []

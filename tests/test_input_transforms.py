@@ -82,7 +82,8 @@ def test_random_resized_crop_falls_back_to_a_centre_crop_on_extreme_shapes():
 def test_eval_crop_equals_resize_then_centre_crop(height, width, size, crop_pct):
   image = _smooth_image(height, width)
   window_fn = lambda h, w: transforms.center_crop_window(h, w, size, crop_pct)
-  ours = transforms.resize(transforms.decode_and_crop(tf.constant(image), window_fn), size)
+  ours = transforms.resize(transforms.decode_and_crop(tf.constant(image), window_fn), size,
+                           antialias=True)
 
   resize_to = math.floor(size / crop_pct)
   scale = resize_to / min(height, width)
@@ -96,6 +97,17 @@ def test_eval_crop_equals_resize_then_centre_crop(height, width, size, crop_pct)
   # Closer to the reference than the reference is to itself shifted by one pixel.
   one_pixel_off = np.abs(crop(1, 1) - reference).mean()
   assert np.abs(ours.numpy() - reference).mean() < 0.5 * one_pixel_off
+
+
+def test_antialiased_resize_shrinks_like_pil_and_enlarges_like_plain_bicubic():
+  image = _noise_image(60, 90)   # High frequencies alias when shrunk without a filter.
+  pil = np.asarray(Image.fromarray(image).resize((24, 24), Image.BICUBIC), np.float32)
+  smooth = transforms.resize(tf.constant(image), 24, antialias=True).numpy()
+  sharp = transforms.resize(tf.constant(image), 24, antialias=False).numpy()
+  assert np.abs(smooth - pil).mean() < 3 < np.abs(sharp - pil).mean()
+  small = _noise_image(20, 30)
+  np.testing.assert_allclose(transforms.resize(tf.constant(small), 48, antialias=True),
+                             transforms.resize(tf.constant(small), 48, antialias=False), atol=0.5)
 
 
 def test_jpeg_and_png_decode_inside_the_window():

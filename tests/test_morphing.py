@@ -1,0 +1,216 @@
+"""dtm_jax.morphing: same partitions as the loop reference, one compiled program for every schedule, properties."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dtm_jax import losses
+from dtm_jax import morphing
+import morphing_reference as reference
+
+# Token values on this grid add up exactly in float32, as in the float64 reference, so groups of equal tokens have
+# exactly equal means in both and their ties are real ties in both.
+_GRID = 1.0 / 1024
+# A case whose reference run made a decision on two scores closer than this is ill-posed for the comparison: float32
+# similarities are only good to ~1e-6, so either choice is right. Such inputs are redrawn.
+_WELL_POSED_MARGIN = 1e-5
+_PATTERNS = ("iid", "smooth", "flat_patch", "constant")
+
+
+def _smooth_field(rng, side, dim):
+  """A bilinear upsampling of a random 2×2…4×4 grid plus a little noise: neighbours are similar, groups get large."""
+  coarse_side = int(rng.integers(2, 5))
+  coarse = rng.normal(size=(coarse_side, coarse_side, dim))
+  position = np.linspace(0, coarse_side - 1, side)
+  low = np.minimum(position.astype(int), coarse_side - 2)
+  frac = position - low
+  rows = coarse[low] * (1 - frac)[:, None, None] + coarse[low + 1] * frac[:, None, None]
+  field = rows[:, low] * (1 - frac)[None, :, None] + rows[:, low + 1] * frac[None, :, None]
+  return field + 0.1 * rng.normal(size=field.shape)
+
+
+def _make_tokens(rng, pattern, side, dim):
+  """Tokens [side², dim] of a side×side patch grid, on the exact grid."""
+  if pattern == "iid":
+    x = rng.normal(size=(side, side, dim))
+  elif pattern == "smooth":
+    x = _smooth_field(rng, side, dim)
+  elif pattern == "flat_patch":  # a constant rectangle on a smooth background: exact ties and one big group
+    x = _smooth_field(rng, side, dim)
+    height, width = rng.integers(1, side + 1, size=2)
+    top, left = rng.integers(0, side - height + 1), rng.integers(0, side - width + 1)
+    x[top:top + height, left:left + width] = rng.normal(size=dim)
+  elif pattern == "constant":  # every score ties in every round
+    x = np.broadcast_to(rng.normal(size=dim), (side, side, dim))
+  else:
+    raise ValueError(pattern)
+  return (np.round(x.reshape(side * side, dim) / _GRID) * _GRID).astype(np.float32)
+
+
+def _well_posed_case(rng, pattern, side, dim, num_merge, num_iters, protect_first):
+  """Tokens and the reference groups for one case, redrawing inputs that sit on a float32 near-tie."""
+  for _ in range(20):
+    tokens = _make_tokens(rng, pattern, side, dim)
+    groups, margin = reference.morph(tokens, num_merge, num_iters, protect_first)
+    if margin >= _WELL_POSED_MARGIN:
+      return tokens, groups
+  raise AssertionError(f"No well-posed {pattern} input in 20 draws (side {side}, dim {dim}); make the generator rougher.")
+
+
+# Cases per (side, dim, protect_first): 2 × 3 × (16 + 12 + 6) = 204 in all.
+@pytest.mark.parametrize("side,num_cases", [(4, 16), (7, 12), (14, 6)])
+@pytest.mark.parametrize("dim", [8, 64, 512])
+def test_same_partitions_as_loop_reference(side, num_cases, dim):
+  num_tokens = side * side
+  morph = jax.jit(morphing.morph, static_argnames="protect_first")
+  for protect_first in (True, False):
+    rng = np.random.default_rng([side, dim, int(protect_first)])
+    # The first cases pin the edges of the schedule range; the rest are uniform over the default draw.
+    schedules = [(0, 7), (num_tokens, 1), (num_tokens, 14)] + [
+        (int(rng.integers(0, num_tokens + 1)), int(rng.integers(1, 15))) for _ in range(num_cases - 3)]
+    tokens, expected = [], []
+    for case, (num_merge, num_iters) in enumerate(schedules):
+      case_tokens, case_groups = _well_posed_case(rng, _PATTERNS[case % len(_PATTERNS)], side, dim, num_merge,
+                                                  num_iters, protect_first)
+      tokens.append(case_tokens)
+      expected.append(case_groups)
+    num_merge, num_iters = (np.array(column, np.int32) for column in zip(*schedules))
+
+    groups = np.asarray(morph(jnp.asarray(np.stack(tokens)), num_merge, num_iters, protect_first=protect_first))
+
+    for case, (merge, iters) in enumerate(schedules):
+      assert groups[case].tolist() == expected[case], (
+          f"case {case}: pattern {_PATTERNS[case % len(_PATTERNS)]}, num_merge {merge}, num_iters {iters}, "
+          f"protect_first {protect_first}")
+
+
+def test_one_compilation_for_any_schedule():
+  batch, side, dim = 4, 7, 16
+  tokens = jnp.asarray(np.random.default_rng(0).normal(size=(batch, side * side, dim)), jnp.float32)
+  traces = []
+
+  @jax.jit
+  def morph(tokens, num_merge, num_iters):
+    traces.append(1)
+    return morphing.morph(tokens, num_merge, num_iters)
+
+  realised = set()
+  for seed in range(50):
+    num_merge, num_iters = morphing.sample_schedules(jax.random.key(seed), batch, num_schedules=1,
+                                                     max_merge=side * side, per_image=seed % 2 == 1)
+    realised.update(np.asarray(morphing.num_groups(morph(tokens, num_merge[0], num_iters[0]))).tolist())
+  assert len(traces) == 1
+  assert len(realised) > 10  # the schedules really changed the result
+
+
+def test_one_compilation_of_the_whole_loss_and_its_gradient():
+  batch, num_tokens, dim = 4, 49, 16
+  rng = np.random.default_rng(1)
+  teacher = jnp.asarray(rng.normal(size=(batch, num_tokens, dim)), jnp.float32)
+  student = jnp.asarray(rng.normal(size=(batch, num_tokens, dim)), jnp.float32)
+  traces = []
+
+  @jax.jit
+  def loss_and_grad(schedule_rng, student, teacher):
+    traces.append(1)
+
+    def loss_fn(student):
+      num_merge, num_iters = morphing.sample_schedules(schedule_rng, batch, max_merge=num_tokens)
+      groups = morphing.morph_schedules(teacher, num_merge, num_iters)
+      return losses.dtm_loss(student, teacher, groups)
+    return jax.value_and_grad(loss_fn)(student)
+
+  values = {float(loss_and_grad(jax.random.key(seed), student, teacher)[0]) for seed in range(50)}
+  assert len(traces) == 1
+  assert len(values) > 10
+
+
+@pytest.mark.parametrize("side", [7, 8, 14, 24])  # N = 49, 64, 196, 576
+def test_groups_partition_tokens_into_the_scheduled_number(side):
+  num_tokens, batch = side * side, 24
+  rng = np.random.default_rng(side)
+  tokens = jnp.asarray(rng.normal(size=(batch, num_tokens, 8)), jnp.float32)
+  num_merge = rng.integers(0, num_tokens + 1, size=batch).astype(np.int32)
+  num_iters = rng.integers(1, 15, size=batch).astype(np.int32)
+  for protect_first in (True, False):
+    groups = np.asarray(morphing.morph(tokens, num_merge, num_iters, protect_first=protect_first))
+    counts = np.asarray(morphing.num_groups(groups))
+    for b in range(batch):
+      expected = reference.expected_num_groups(num_tokens, int(num_merge[b]), int(num_iters[b]), protect_first)
+      # Ids are the final slot positions: exactly 0..G-1, each used, so they partition the tokens into G groups.
+      assert sorted(set(groups[b].tolist())) == list(range(expected))
+      assert counts[b] == expected
+
+
+def test_merge_limits_follow_the_spec():
+  tokens = jnp.asarray(np.random.default_rng(2).normal(size=(1, 196, 8)), jnp.float32)
+  # With k = 1 at most 97 tokens go (98 without protecting slot 0), whatever num_merge asks.
+  assert morphing.num_groups(morphing.morph(tokens, 196, 1))[0] == 196 - 97
+  assert morphing.num_groups(morphing.morph(tokens, 196, 1, protect_first=False))[0] == 196 - 98
+  # Slot 0 is never merged away in faithful mode: token 0 stays alone however much is merged.
+  groups = np.asarray(morphing.morph(tokens, 196, 14))[0]
+  assert np.sum(groups == groups[0]) == 1
+
+
+def test_no_merge_is_identity():
+  tokens = jnp.asarray(np.random.default_rng(3).normal(size=(3, 49, 8)), jnp.float32)
+  for protect_first in (True, False):
+    groups = morphing.morph(tokens, jnp.zeros(3, jnp.int32), jnp.array([1, 7, 14], jnp.int32),
+                            protect_first=protect_first)
+    np.testing.assert_array_equal(groups, np.broadcast_to(np.arange(49), (3, 49)))
+
+
+def test_similarity_is_float32_for_bfloat16_tokens():
+  tokens = jnp.asarray(np.random.default_rng(4).normal(size=(8, 49, 32)), jnp.bfloat16)
+  num_merge, num_iters = jnp.arange(8, dtype=jnp.int32) * 6, jnp.arange(1, 9, dtype=jnp.int32)
+  np.testing.assert_array_equal(morphing.morph(tokens, num_merge, num_iters),
+                                morphing.morph(tokens.astype(jnp.float32), num_merge, num_iters))
+
+
+def test_merges_per_round_matches_the_spec_formula():
+  for num_tokens in (49, 196):
+    merge, iters = np.meshgrid(np.arange(num_tokens + 1), np.arange(1, 15), indexing="ij")
+    got = np.asarray(morphing.merges_per_round(merge, iters, num_tokens))
+    expected = np.vectorize(lambda m, k: reference.merges_per_round(m, k, num_tokens))(merge, iters)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_group_mean_matches_reference_and_is_idempotent():
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(2, 49, 6)).astype(np.float32)
+  groups = morphing.morph(jnp.asarray(rng.normal(size=(2, 49, 8)), jnp.float32), jnp.array([30, 45]),
+                          jnp.array([3, 2]))
+  means = morphing.group_mean(jnp.asarray(x), groups)
+  for b in range(2):
+    np.testing.assert_allclose(means[b], reference.group_mean(x[b], np.asarray(groups[b]).tolist()), rtol=1e-6,
+                               atol=1e-6)
+  np.testing.assert_allclose(morphing.group_mean(means, groups), means, rtol=1e-6, atol=1e-6)
+  sizes = np.asarray(morphing.group_sizes(groups))
+  for b in range(2):
+    assert sizes[b].tolist() == [np.asarray(groups[b]).tolist().count(g) for g in np.asarray(groups[b])]
+
+
+def test_grouping_is_a_constant_for_gradients():
+  tokens = jnp.asarray(np.random.default_rng(6).normal(size=(2, 49, 8)), jnp.float32)
+
+  def through_morph(tokens):
+    return jnp.sum(morphing.group_mean(tokens, morphing.morph(tokens, 30, 3)) ** 2)
+
+  groups = morphing.morph(tokens, 30, 3)
+  np.testing.assert_allclose(jax.grad(through_morph)(tokens),
+                             jax.grad(lambda t: jnp.sum(morphing.group_mean(t, groups) ** 2))(tokens), rtol=1e-6)
+
+
+def test_sample_schedules_ranges_and_sharing():
+  num_merge, num_iters = morphing.sample_schedules(jax.random.key(0), 4096, num_schedules=2, per_image=True)
+  assert num_merge.shape == num_iters.shape == (2, 4096)
+  assert num_merge.dtype == num_iters.dtype == jnp.int32
+  assert set(np.unique(num_merge).tolist()) == set(range(197))  # U{0..196}, both ends included
+  assert set(np.unique(num_iters).tolist()) == set(range(1, 15))  # U{1..14}
+  shared_merge, shared_iters = morphing.sample_schedules(jax.random.key(1), 8, num_schedules=3)
+  for shared in (shared_merge, shared_iters):
+    assert shared.shape == (3, 8)
+    assert np.all(shared == shared[:, :1])  # one draw per schedule, broadcast over the batch
+  assert len(set(np.asarray(shared_merge[:, 0]).tolist())) > 1  # schedules differ from one another
+  with pytest.raises(ValueError, match="max_iters"):
+    morphing.sample_schedules(jax.random.key(0), 2, max_iters=0)
