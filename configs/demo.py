@@ -23,7 +23,7 @@ def get_config(arg: str = ""):
                   overrides=dict(patch_size=4, width=96, depth=4, num_heads=3, mlp_dim=384, proj_dim=64))
   c.input = common.input_config(source="fashion_mnist", data_dir="/usr/share/datasets/fashion-mnist",
                                 num_masking_patches=19, min_num_patches=4, crop_scale_min=0.35,
-                                mean=(0.286,) * 3, std=(0.353,) * 3, shuffle_buffer=10_000)
+                                mean=(0.286,) * 3, std=(0.353,) * 3)
   c.batch_size = 128
   c.num_train_examples = 60_000
   c.total_steps = 1500

@@ -14,8 +14,7 @@ def get_config(arg: str = ""):
   c = common.pretrain_config()
   c.model.update(variant="test", image_size=16, patch_size=4, drop_path_rate=0.0, out_dim=16, dtype="float32")
   c.target.update(kind="clip", init="random", variant="test", overrides={"patch_size": 4}, dtype="float32")
-  c.input = common.input_config(source=args.get("source", "synthetic"), num_masking_patches=6, min_num_patches=2,
-                                shuffle_buffer=256)
+  c.input = common.input_config(source=args.get("source", "synthetic"), num_masking_patches=6, min_num_patches=2)
   c.batch_size = 16
   c.total_steps = 20
   c.warmup_steps = 2

@@ -144,14 +144,30 @@ class Checkpointer:
         errors.append((step, e))
         continue
       if errors:
-        logging.warning("Resumed from step %d; newer broken checkpoints at steps %s were skipped.", step,
-                        [s for s, _ in errors])
+        self._move_aside([s for s, _ in errors])
       return step, params, train, metadata
     if errors:
       raise RuntimeError(f"No checkpoint in {self.directory} can be restored (steps {steps}); the newest failed "
                          f"with {type(errors[0][1]).__name__}: {errors[0][1]}. Move the workdir aside to start "
                          "afresh.") from errors[0][1]
     return None
+
+  def _move_aside(self, steps: list[int]) -> None:
+    """Renames unreadable step directories to `<step>.unreadable` (kept for inspection; never listed as steps)."""
+    if jax.process_index() == 0:
+      for step in steps:
+        broken = self.directory / str(step)
+        target = self.directory / f"{step}.unreadable"
+        suffix = 1
+        while target.exists():
+          target, suffix = self.directory / f"{step}.unreadable-{suffix}", suffix + 1
+        broken.rename(target)
+        logging.warning("Moved the unreadable checkpoint of step %d to %s; training continues from an older step.",
+                        step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("dtm_checkpoint_move_aside")
+    self._manager.reload()
 
   def wait(self):
     self._manager.wait_until_finished()

@@ -105,6 +105,7 @@ class MetricsWriter:
     event = event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values))
     self._events.write(event.SerializeToString())
     self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self.flush()  # logged steps are visible at once to `tail -f`, TensorBoard and supervising scripts
 
   def flush(self):
     if self._enabled:

@@ -6,14 +6,14 @@ shapes, so any mix of schedules runs through one compiled program inside the jit
   * the slots of one image live in an array of fixed capacity; the first `count` entries are the current ordered
     slots, each kept as the *sum* of its members' features and its size (sums merge by plain addition and stay exact
     on coarse inputs, so equal groups give bit-identical similarities and ties stay ties);
-  * a round is a no-op when it is not needed (`lax.while_loop` stops as soon as no image has rounds left);
+  * `lax.while_loop` runs rounds until no image has one left; an image whose schedule is done sits the remaining
+    rounds out unchanged;
   * the merge of a round is a slot→slot map applied by segment sums, and an original-token→slot label array follows
     the merges, so the output is the group id of every token.
 
 To save work, the slot array shrinks in a few static steps (N, ¾N, ½N, ¼N) as the slots merge away; this changes no
 result, only the size of the similarity matrices.
 """
-import functools
 from typing import NamedTuple
 
 import jax
@@ -74,9 +74,10 @@ def morph(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True):
     num_merge: int32 [B] (or a scalar), tokens to remove, in [0, N]. 0 leaves every token in its own group.
     num_iters: int32 [B] (or a scalar), merging rounds k, in [1, max_iters].
     max_iters: static bound on the rounds; rounds past it are not run.
-    protect_first: faithful mode. The first slot can never be merged away (an artefact of the released code that
-      treats it like a class token), and unmerged A slots keep their positional order. With False every slot can
-      merge and unmerged A slots stay in descending-score order, as the released code leaves them.
+    protect_first: faithful mode (a bool, may be traced). The first slot can never be merged away (an artefact of
+      the released code, which treats it like a class token) and unmerged A slots keep their positional order. With
+      False every slot can merge and unmerged A slots stay in descending-score order, as the released code leaves
+      them.
 
   Returns:
     int32 [B, N] group ids in [0, number of groups): tokens with equal ids form one group; the id is the final slot
@@ -87,10 +88,24 @@ def morph(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True):
   batch, num_tokens, _ = tokens.shape
   num_merge = jnp.broadcast_to(jnp.asarray(num_merge, jnp.int32), (batch,))
   num_iters = jnp.broadcast_to(jnp.asarray(num_iters, jnp.int32), (batch,))
-  tokens = lax.stop_gradient(tokens).astype(jnp.float32)
+  protected = jnp.asarray(protect_first, jnp.int32)
   per_round = merges_per_round(num_merge, num_iters, num_tokens)
-  morph_image = functools.partial(_morph_image, max_iters=max_iters, protected=int(protect_first))
-  return jax.vmap(morph_image)(tokens, per_round, num_iters)
+  slots = _Slots(sums=lax.stop_gradient(tokens).astype(jnp.float32), sizes=jnp.ones((batch, num_tokens), jnp.float32),
+                 labels=jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens)),
+                 count=jnp.full((batch,), num_tokens, jnp.int32), rounds=jnp.zeros((batch,), jnp.int32))
+  merge_round = jax.vmap(_merge_round, in_axes=(0, 0, 0, None))
+
+  capacities = _slot_capacities(num_tokens)
+  for capacity, next_capacity in zip(capacities, capacities[1:] + [0]):
+    slots = slots._replace(sums=slots.sums[:, :capacity], sizes=slots.sizes[:, :capacity])
+
+    def needs_round(s, next_capacity=next_capacity):
+      merges = jnp.minimum(per_round, (s.count - protected) // 2)
+      return (s.rounds < num_iters) & (s.rounds < max_iters) & (merges > 0) & (s.count > next_capacity)
+
+    slots = lax.while_loop(lambda s: jnp.any(needs_round(s)),
+                           lambda s: merge_round(s, needs_round(s), per_round, protected), slots)
+  return slots.labels
 
 
 def morph_schedules(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True):
@@ -110,8 +125,9 @@ def group_mean(x, groups):
   Segment sums, O(N·C) per image; accumulates in float32 and returns x's dtype.
   """
   def one_image(features, ids):
-    sums = jax.ops.segment_sum(features.astype(jnp.float32), ids, num_segments=ids.shape[0])
-    sizes = jax.ops.segment_sum(jnp.ones(ids.shape, jnp.float32), ids, num_segments=ids.shape[0])
+    ids = _valid_ids(ids)
+    sums = _segment_sum(features.astype(jnp.float32), ids)
+    sizes = _segment_sum(jnp.ones(ids.shape, jnp.float32), ids)
     return (sums / jnp.maximum(sizes, 1.0)[:, None])[ids]
   return jax.vmap(one_image)(x, groups).astype(x.dtype)
 
@@ -119,17 +135,29 @@ def group_mean(x, groups):
 def group_sizes(groups):
   """Size of each token's group: groups int32 [B, N] → int32 [B, N]."""
   def one_image(ids):
-    sizes = jax.ops.segment_sum(jnp.ones(ids.shape, jnp.int32), ids, num_segments=ids.shape[0])
-    return sizes[ids]
+    ids = _valid_ids(ids)
+    return _segment_sum(jnp.ones(ids.shape, jnp.int32), ids)[ids]
   return jax.vmap(one_image)(groups)
 
 
 def num_groups(groups):
   """Realised number of groups per image (for logging): groups int32 [B, N] → int32 [B]."""
   def one_image(ids):
-    sizes = jax.ops.segment_sum(jnp.ones(ids.shape, jnp.int32), ids, num_segments=ids.shape[0])
-    return jnp.sum(sizes > 0, dtype=jnp.int32)
+    return jnp.sum(_segment_sum(jnp.ones(ids.shape, jnp.int32), _valid_ids(ids)) > 0, dtype=jnp.int32)
   return jax.vmap(one_image)(groups)
+
+
+def _valid_ids(ids):
+  """Group ids clipped to [0, N), which keeps the unchecked scatters of _segment_sum in bounds."""
+  return jnp.clip(ids, 0, ids.shape[0] - 1)
+
+
+def _segment_sum(values, ids):
+  """Sums the rows of values [N, ...] that share an id into row `id`; ids must lie in [0, N).
+
+  An unchecked scatter-add: XLA's bounds-checked scatter is several times slower on CPU.
+  """
+  return jnp.zeros_like(values).at[ids].add(values, mode="promise_in_bounds")
 
 
 class _Slots(NamedTuple):
@@ -147,28 +175,10 @@ def _slot_capacities(num_tokens):
   return sorted({c for c in capacities if c >= 2}, reverse=True)
 
 
-def _morph_image(tokens, per_round, num_iters, *, max_iters, protected):
-  """Group ids int32 [N] of one image's tokens [N, D] (f32) under r = per_round merges for num_iters rounds."""
-  num_tokens = tokens.shape[0]
-  slots = _Slots(sums=tokens, sizes=jnp.ones((num_tokens,), jnp.float32),
-                 labels=jnp.arange(num_tokens, dtype=jnp.int32), count=jnp.int32(num_tokens), rounds=jnp.int32(0))
-  capacities = _slot_capacities(num_tokens)
-  for capacity, next_capacity in zip(capacities, capacities[1:] + [0]):
-    slots = slots._replace(sums=slots.sums[:capacity], sizes=slots.sizes[:capacity])
-
-    def needs_round(s, next_capacity=next_capacity):
-      merges = jnp.minimum(per_round, (s.count - protected) // 2)
-      return (s.rounds < num_iters) & (s.rounds < max_iters) & (merges > 0) & (s.count > next_capacity)
-
-    slots = lax.while_loop(needs_round, functools.partial(_merge_round, per_round=per_round, protected=protected),
-                           slots)
-  return slots.labels
-
-
-def _merge_round(slots, *, per_round, protected):
-  """One bipartite merging round (DTM_SPEC §3 steps 1–7); assumes it merges at least one slot."""
+def _merge_round(slots, active, per_round, protected):
+  """One bipartite merging round of one image (DTM_SPEC §3 steps 1–7); changes nothing unless `active`."""
   capacity = slots.sizes.shape[0]
-  merges = jnp.minimum(per_round, (slots.count - protected) // 2)
+  merges = jnp.where(active, jnp.minimum(per_round, (slots.count - protected) // 2), 0)
 
   # Steps 2–4: alternate split, cosine similarity of the slot means, best B partner of every A slot.
   # XLA turns `x / broadcast(n)` into `x * (1 / n)`, which is inexact; the barrier keeps a true division, so that a
@@ -189,19 +199,21 @@ def _merge_round(slots, *, per_round, protected):
 
   # Steps 6–7: new order [unmerged A, B]; sources land on their partner.
   num_unmerged = (slots.count + 1) // 2 - merges
-  if protected:
-    unmerged_position = jnp.cumsum(~is_source) - 1
-  else:
-    unmerged_position = rank - merges
-  destination_a = jnp.where(is_source, num_unmerged + partner, unmerged_position)
-  destination_b = num_unmerged + b_position
-  destination = jnp.zeros((capacity,), jnp.int32).at[0::2].set(destination_a).at[1::2].set(destination_b)
+  unmerged_position = jnp.where(protected > 0, jnp.cumsum(~is_source) - 1, rank - merges)
+  destination = _interleave(jnp.where(is_source, num_unmerged + partner, unmerged_position),
+                            num_unmerged + b_position)
   position = jnp.arange(capacity)
-  destination = jnp.where(position < slots.count, destination, position)  # empty slots stay empty
+  destination = jnp.where(active & (position < slots.count), destination, position)  # else nothing moves
 
-  return _Slots(sums=jax.ops.segment_sum(slots.sums, destination, num_segments=capacity),
-                sizes=jax.ops.segment_sum(slots.sizes, destination, num_segments=capacity),
-                labels=destination[slots.labels], count=slots.count - merges, rounds=slots.rounds + 1)
+  # Destinations are in [0, capacity) by construction.
+  return _Slots(sums=_segment_sum(slots.sums, destination), sizes=_segment_sum(slots.sizes, destination),
+                labels=destination[slots.labels], count=slots.count - merges, rounds=slots.rounds + active)
+
+
+def _interleave(even, odd):
+  """[even[0], odd[0], even[1], odd[1], ...]; even may be one longer than odd."""
+  pairs = jnp.stack([even[:odd.shape[0]], odd], axis=1).reshape(-1)
+  return jnp.concatenate([pairs, even[odd.shape[0]:]])
 
 
 def _cosine_similarity(a, b):

@@ -10,7 +10,6 @@ import ml_collections
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SOURCES = ("tfds", "folder", "fashion_mnist")
 
 
 def default_config():

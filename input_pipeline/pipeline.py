@@ -17,8 +17,9 @@ examples. TFDS and IDX pipelines use tf.data's *symbolic* checkpoints, which sto
 positions plus that shuffle buffer: ~shuffle_buffer x 110 KB on ImageNet (1.1 GB at the
 default 10,000) and a few KB for IDX files. Folder pipelines must skip corrupt files with
 `ignore_errors`, which symbolic checkpoints do not support, so they store the buffered
-elements too: the prefetched batches (prefetch x local_batch x H x W x 3 x 4 B, 154 MB per
-256 images at 224 px) plus the images in flight in the parallel map.
+elements too: about (prefetch + 2) batches of float32 images, 144 MB measured for batches of
+64 at 224 px with prefetch 2 (~600 MB for 256 per host). For long runs on big folders,
+preparing them as a TFDS dataset keeps the state small.
 """
 import functools
 import math
@@ -49,22 +50,15 @@ def build_pretrain(input_cfg, *, image_size, patch_size, global_batch_size, seed
                      min_aspect=input_cfg.min_mask_aspect)
   masking.check_mask_params(**mask_params)
 
-  @_fused
-  def flip_jitter_normalize(image, rng):
-    flip_rng, jitter_rng = transforms.split_rng(rng, 2)
-    image = image / 255.0
-    if input_cfg.flip:
-      image = transforms.random_flip(image, flip_rng)
-    if input_cfg.color_jitter:
-      image = transforms.color_jitter(image, jitter_rng, input_cfg.color_jitter)
-    return transforms.normalize(image, input_cfg.mean, input_cfg.std)
+  pixels = _pretrain_pixels(bool(input_cfg.flip), float(input_cfg.color_jitter),
+                            *_normalization(input_cfg))
 
   def view(image, rng):
     crop_rng, pixel_rng = transforms.split_rng(rng, 2)
     image = transforms.decode_and_crop(image, functools.partial(
         transforms.random_resized_crop_window, crop_rng, scale_min=input_cfg.crop_scale_min))
     image = transforms.resize(image, image_size, input_cfg.resize_antialias)
-    return flip_jitter_normalize(image, pixel_rng)
+    return pixels(image, pixel_rng)
 
   source = sources.get_source(input_cfg)
   batches = _training_batches(input_cfg, source, view, local_batch=local_batch, seed=seed,
@@ -95,13 +89,7 @@ def build_finetune_train(input_cfg, *, image_size, global_batch_size, seed, augm
   local_batch = _local_batch_size(global_batch_size, process_count)
   fill = tuple(round(255 * m) for m in input_cfg.mean)
   eval_view = _eval_view(input_cfg, image_size)
-
-  @_fused
-  def normalize_and_erase(image, rng):
-    image = transforms.normalize(image / 255.0, input_cfg.mean, input_cfg.std)
-    if input_cfg.random_erase_prob:
-      image = transforms.random_erase(image, rng, input_cfg.random_erase_prob)
-    return image
+  pixels = _finetune_pixels(float(input_cfg.random_erase_prob), *_normalization(input_cfg))
 
   def view(image, rng):
     if not augment:
@@ -117,7 +105,7 @@ def build_finetune_train(input_cfg, *, image_size, global_batch_size, seed, augm
         image, augment_rng, num_layers=input_cfg.randaug_num_layers,
         magnitude=input_cfg.randaug_magnitude, magnitude_std=input_cfg.randaug_magnitude_std,
         fill=fill)
-    return normalize_and_erase(image, erase_rng)
+    return pixels(image, erase_rng)
 
   source = sources.get_source(input_cfg)
   _require_labels(source, input_cfg, "fine-tuning")
@@ -168,25 +156,59 @@ def _no_autograph(fn):
   return tf.autograph.experimental.do_not_convert(fn)
 
 
-def _fused(fn):
-  """Compiles fixed-size per-pixel work with XLA, which fuses it into one pass.
-
-  TF's CPU kernels take a memory pass per op and broadcast over the 3 channels slowly: flip,
-  colour jitter and normalisation of a 224 px image cost ~6x more CPU time without XLA.
-  """
-  return tf.function(fn, jit_compile=True, autograph=False)
-
-
 def _eval_view(input_cfg, image_size):
   """image -> the normalised evaluation crop (shorter side to size / crop_pct, centre)."""
-  normalize = _fused(lambda image: transforms.normalize(
-      image / 255.0, input_cfg.mean, input_cfg.std))
+  pixels = _eval_pixels(*_normalization(input_cfg))
 
   def view(image):
     image = transforms.decode_and_crop(image, functools.partial(
         transforms.center_crop_window, size=image_size, crop_pct=input_cfg.crop_pct))
-    return normalize(transforms.resize(image, image_size, input_cfg.resize_antialias))
+    return pixels(transforms.resize(image, image_size, input_cfg.resize_antialias))
   return view
+
+
+# --- Per-pixel stages on resized [size, size, 3] images in [0, 255]. They run under XLA,
+# which fuses them into one pass: TF's CPU kernels take a memory pass per op and broadcast
+# over the 3 channels slowly (flip + colour jitter + normalisation of a 224 px image cost
+# ~5x more CPU time without it). XLA compiles each stage once per setting and image size in
+# a process (a few seconds); the caches below let every pipeline of a process share that.
+
+def _fused(fn):
+  return tf.function(fn, jit_compile=True, autograph=False)
+
+
+def _normalization(input_cfg):
+  return tuple(map(float, input_cfg.mean)), tuple(map(float, input_cfg.std))
+
+
+@functools.lru_cache(maxsize=None)
+def _pretrain_pixels(flip, color_jitter, mean, std):
+  """Random flip, colour jitter, normalisation."""
+  def pixels(image, rng):
+    flip_rng, jitter_rng = transforms.split_rng(rng, 2)
+    image = image / 255.0
+    if flip:
+      image = transforms.random_flip(image, flip_rng)
+    if color_jitter:
+      image = transforms.color_jitter(image, jitter_rng, color_jitter)
+    return transforms.normalize(image, mean, std)
+  return _fused(pixels)
+
+
+@functools.lru_cache(maxsize=None)
+def _finetune_pixels(random_erase_prob, mean, std):
+  """Normalisation, then random erasing (it fills with normalised noise)."""
+  def pixels(image, rng):
+    image = transforms.normalize(image / 255.0, mean, std)
+    if random_erase_prob:
+      image = transforms.random_erase(image, rng, random_erase_prob)
+    return image
+  return _fused(pixels)
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_pixels(mean, std):
+  return _fused(lambda image: transforms.normalize(image / 255.0, mean, std))
 
 
 def _training_batches(input_cfg, source, view, *, local_batch, seed, process_index,

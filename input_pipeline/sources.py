@@ -2,9 +2,9 @@
 
 A source hands the pipeline, per host, a tf.data stream of *keys* and a `load(key)` that
 turns a key into {"image": encoded bytes or uint8 [h, w, 3], "label": int} inside the
-pipeline's parallel map. Keys are cheap (TFDS: the encoded example; folders and IDX files:
-an example index), so shuffling and checkpointing them costs little, and the expensive
-(and, for folders, failure-prone) reading happens where errors can be skipped and counted.
+pipeline's parallel map. Keys are what gets shuffled (TFDS: the still-encoded example;
+folders and IDX files: an example index), and the reading and decoding (which, for
+folders, can fail) happen in the map, where errors can be skipped and counted.
 
 Sharding: TFDS splits per host with `tfds.split_for_jax_process` (even slices); folders and
 IDX files give host p the examples p, p + P, p + 2P, ... of their sorted order. Training
@@ -55,7 +55,7 @@ def get_source(cfg):
 
 class TfdsSource:
   """A TFDS builder read with SkipDecoding, so images stay encoded until the crop is known."""
-  skips_corrupt = False   # Prepared TFDS data was decoded once already; errors are real bugs.
+  skips_corrupt = False   # TFDS decoded every image when preparing: an error here is a bug.
 
   def __init__(self, name, data_dir, shuffle_buffer):
     try:

@@ -80,8 +80,8 @@ def random_resized_crop_window(rng, height, width, scale_min):
   fallback_h = tf.where(image_ratio < min_ratio, tf.round(w / min_ratio), h)
 
   found = tf.reduce_any(fits)
-  crop_h = tf.where(found, crop_h[first], fallback_h)
-  crop_w = tf.where(found, crop_w[first], fallback_w)
+  crop_h = tf.where(found, tf.gather(crop_h, first), fallback_h)
+  crop_w = tf.where(found, tf.gather(crop_w, first), fallback_w)
   # Uniform integer offsets in [0, h - crop_h]; the fallback is centred.
   top = tf.where(found, _uniform_int(top_rng, h - crop_h), tf.floor((h - crop_h) / 2))
   left = tf.where(found, _uniform_int(left_rng, w - crop_w), tf.floor((w - crop_w) / 2))
@@ -138,24 +138,20 @@ def color_jitter(image, rng, strength):
   """torchvision ColorJitter(strength, strength, strength) on [0, 1] RGB.
 
   Brightness, contrast and saturation factors are uniform in [1 - s, 1 + s] and the three
-  ops run in a random order, each followed by a clip to [0, 1].
+  ops run in a random order, each followed by a clip to [0, 1]. Each step computes all three
+  and selects one: under XLA that fuses into a single pass (branches would not).
   """
   factor_rng, order_rng = split_rng(rng, 2)
-  factors = tf.random.stateless_uniform([3], factor_rng, max(0.0, 1 - strength), 1 + strength)
+  brightness, contrast, saturation = tf.unstack(
+      tf.random.stateless_uniform([3], factor_rng, max(0.0, 1 - strength), 1 + strength))
   order = tf.argsort(tf.random.stateless_uniform([3], order_rng))
-
-  def brightness(x):
-    return x * factors[0]
-
-  def contrast(x):
-    return _blend(tf.reduce_mean(grayscale(x)), x, factors[1])
-
-  def saturation(x):
-    return _blend(grayscale(x), x, factors[2])
-
   for step in range(3):
-    image = tf.switch_case(order[step], [lambda op=op, x=image: op(x) for op in
-                                         (brightness, contrast, saturation)])
+    grey = grayscale(image)
+    candidates = (image * brightness,
+                  _blend(tf.reduce_mean(grey), image, contrast),
+                  _blend(grey, image, saturation))
+    image = tf.where(order[step] == 0, candidates[0],
+                     tf.where(order[step] == 1, candidates[1], candidates[2]))
     image = tf.clip_by_value(image, 0.0, 1.0)
   return image
 
@@ -182,7 +178,7 @@ def random_erase(image, rng, prob):
   box_w = tf.round(tf.sqrt(area / aspect))
   fits = (box_h < height) & (box_w < width)
   first = tf.argmax(tf.cast(fits, tf.int32))
-  box_h, box_w = box_h[first], box_w[first]
+  box_h, box_w = tf.gather(box_h, first), tf.gather(box_w, first)
   top = _uniform_int(top_rng, height - box_h)
   left = _uniform_int(left_rng, width - box_w)
   rows = tf.range(height, dtype=tf.float32)[:, None, None]

@@ -73,3 +73,17 @@ def tinted_eval_batches(num_examples, batch_size, seed=123):
   labels = np.concatenate([labels, np.zeros(padded - num_examples, np.int32)])
   return [{"image": images[i:i + batch_size], "label": labels[i:i + batch_size], "valid": valid[i:i + batch_size]}
           for i in range(0, padded, batch_size)]
+
+
+def write_image_folder(root, *, per_class):
+  """`root/<split>/<class>/*.png` of tinted 16×16 images (the folder source of the input pipeline)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for split, count in per_class.items():
+    for label in range(NUM_CLASSES):
+      folder = root / split / f"class_{label}"
+      folder.mkdir(parents=True)
+      for i in range(count):
+        pixels = 128 + 90 * COLOURS[label] + rng.normal(scale=30, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+  return root

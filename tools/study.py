@@ -1,13 +1,14 @@
 """Does dynamic token morphing beat token-wise distillation at small scale? The study behind docs/RESULTS.md.
 
-For every target kind in `--kinds`, the demo-size student (configs/demo.py: Fashion-MNIST 28², patch 4, width 96,
-depth 4) is pretrained for the same `--steps` with
+The demo-size student (configs/demo.py: Fashion-MNIST 28², patch 4, width 96, depth 4) is pretrained for the same
+`--steps` towards each target kind of `--grid` with the variants listed there:
   dtm        dynamic morphing: a random (num_merge, num_iters) per schedule and step (DTM_SPEC §2.4),
   tokenwise  token-wise distillation (num_merge = 0),
-  fixed      (kinds in `--fixed_kinds`) the paper's ablation: the same `--fixed_schedule` every step,
-once per seed in `--seeds`. Every student is then scored on frozen, mean-pooled patch tokens: DINO's kNN (k = 20) and
-MAE's linear probe, trained on the first `--train_examples` Fashion-MNIST training images and tested on the first
-`--test_examples` test images (the same images for every run). Floors: the student at initialisation and raw pixels.
+  fixed      the paper's ablation: the same `--fixed_schedule` every step,
+once per seed in `--seeds` (the seed sets the student's initialisation, the data order and the schedules). Every
+student is then scored on frozen, mean-pooled patch tokens: DINO's kNN (k = 20) and a linear probe, both fitted on the
+first `--train_examples` Fashion-MNIST training images and tested on the first `--test_examples` test images (the
+same images for every run). Floors: the student at initialisation and raw pixels.
 
 Runs live in `--out`: `runs/<kind>-<variant>-s<seed>/` (the pretraining workdir: config.json, metrics.jsonl,
 checkpoint) with `eval.json`, and `floors/<name>-s<seed>/eval.json`. Finished runs are skipped, so an interrupted
@@ -39,20 +40,21 @@ from dtm_jax.models import functional, vit
 from tools import frozen_features
 
 _OUT = flags.DEFINE_string("out", None, "Directory of the study's runs and summaries.")
-_KINDS = flags.DEFINE_list("kinds", ["pixels", "ema", "clip"], "Target kinds to study (pixels, ema, clip, checkpoint).")
-_VARIANTS = flags.DEFINE_list("variants", ["dtm", "tokenwise"], "Variants run for every kind (dtm, tokenwise, fixed).")
-_FIXED_KINDS = flags.DEFINE_list("fixed_kinds", ["pixels"], "Kinds that also get the fixed-schedule ablation.")
+_GRID = flags.DEFINE_list(
+    "grid", ["pixels:dtm+tokenwise+fixed", "ema:dtm+tokenwise", "clip:dtm"],
+    "Runs per target kind, as kind:variant+variant,... Kinds: pixels, ema, clip, checkpoint; variants: dtm, "
+    "tokenwise, fixed.")
 _FIXED_SCHEDULE = flags.DEFINE_list("fixed_schedule", ["24", "4"],
                                     "num_merge,num_iters of the fixed ablation (24 of 49 tokens in 4 rounds).")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per (kind, variant): 0 .. seeds-1 (student init and data order).")
-_STEPS = flags.DEFINE_integer("steps", 300, "Pretraining steps of every run.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Pretraining batch size.")
+_STEPS = flags.DEFINE_integer("steps", 200, "Pretraining steps of every run.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Pretraining batch size.")
 _EMA_MOMENTUM = flags.DEFINE_float("ema_momentum", 0.99, "Start of the EMA teacher's momentum (cosine to 1.0).")
 _TEACHER_RUN = flags.DEFINE_string("teacher_run", "ema-dtm-s0",
                                    "The study run whose student teaches the 'checkpoint' kind (its encoder tokens).")
 _TRAIN_EXAMPLES = flags.DEFINE_integer("train_examples", 5000, "kNN bank / probe training images (train split).")
 _TEST_EXAMPLES = flags.DEFINE_integer("test_examples", 2000, "Evaluation images (test split).")
-_PROBE_EPOCHS = flags.DEFINE_integer("probe_epochs", 50, "Linear-probe epochs on the frozen features.")
+_PROBE_EPOCHS = flags.DEFINE_integer("probe_epochs", 100, "Linear-probe epochs on the frozen features.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild the summaries from the runs already in --out.")
 _RESULTS_MD = flags.DEFINE_string("results_md", None,
                                   "Markdown file whose block between the study markers is replaced by the tables.")
@@ -119,15 +121,23 @@ def run_name(kind: str, variant: str, seed: int) -> str:
   return f"{kind}-{variant}-s{seed}"
 
 
-def planned_runs(kinds, variants, fixed_kinds, seeds) -> list[tuple[str, str, int]]:
+def parse_grid(grid: list[str]) -> dict[str, list[str]]:
+  """["pixels:dtm+tokenwise", "ema:dtm"] → {"pixels": ["dtm", "tokenwise"], "ema": ["dtm"]}, checked."""
+  parsed = {}
+  for entry in grid:
+    kind, _, variants = entry.partition(":")
+    variants = variants.split("+") if variants else []
+    if kind not in KINDS or not variants or any(v not in VARIANTS for v in variants):
+      raise ValueError(f"--grid entry {entry!r} must be kind:variant+variant with a kind from {KINDS} and variants "
+                       f"from {VARIANTS}.")
+    parsed[kind] = variants
+  return parsed
+
+
+def planned_runs(grid: dict[str, list[str]], seeds: int) -> list[tuple[str, str, int]]:
   """(kind, variant, seed) in the order they run: the checkpoint kind last (it is taught by another run)."""
-  order = sorted(kinds, key=lambda k: k == "checkpoint")
-  runs = []
-  for kind in order:
-    kind_variants = list(variants) + (["fixed"] if kind in fixed_kinds and "fixed" not in variants else [])
-    for variant in kind_variants:
-      runs += [(kind, variant, seed) for seed in range(seeds)]
-  return runs
+  return [(kind, variant, seed) for kind in sorted(grid, key=lambda k: k == "checkpoint") for variant in grid[kind]
+          for seed in range(seeds)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,24 +197,28 @@ def run_one(out, kind: str, variant: str, seed: int, data, mesh, *, probe_epochs
 
 
 def run_study(out) -> None:
-  for kind in _KINDS.value:
-    if kind not in KINDS:
-      raise app.UsageError(f"--kinds: unknown kind {kind!r}; choose from {KINDS}.")
-  for variant in _VARIANTS.value:
-    if variant not in VARIANTS:
-      raise app.UsageError(f"--variants: unknown variant {variant!r}; choose from {VARIANTS}.")
+  try:
+    grid = parse_grid(_GRID.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   teacher_dir = out / "runs" / _TEACHER_RUN.value
-  if "checkpoint" in _KINDS.value and _TEACHER_RUN.value.split("-")[0] not in _KINDS.value and \
-      not (teacher_dir / "eval.json").exists():
-    raise app.UsageError(f"--teacher_run={_TEACHER_RUN.value} is neither in this study nor finished in {out}.")
+  teacher_kind, teacher_variant, teacher_seed = _TEACHER_RUN.value.rsplit("-", 2)
+  teacher_planned = teacher_variant in grid.get(teacher_kind, []) and teacher_seed[1:].isdigit() and \
+      int(teacher_seed[1:]) < _SEEDS.value
+  if "checkpoint" in grid and not teacher_planned and not (teacher_dir / "eval.json").exists():
+    raise app.UsageError(f"--teacher_run={_TEACHER_RUN.value} is neither in this study's grid nor finished in {out}.")
   metrics.quiet_library_logs()
+  # Every run compiles the same evaluation programs (and a resumed study the same train steps): cache them on disk.
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   mesh = sharding.make_mesh(-1, 1)
   input_cfg = demo.get_config().input
   start = time.time()
   data = (frozen_features.load_split(input_cfg, "train", _TRAIN_EXAMPLES.value, image_size=28),
           frozen_features.load_split(input_cfg, "test", _TEST_EXAMPLES.value, image_size=28))
   run_floors(out, data, mesh, seeds=_SEEDS.value, probe_epochs=_PROBE_EPOCHS.value)
-  runs = planned_runs(_KINDS.value, _VARIANTS.value, _FIXED_KINDS.value, _SEEDS.value)
+  runs = planned_runs(grid, _SEEDS.value)
   config_kwargs = dict(steps=_STEPS.value, batch_size=_BATCH_SIZE.value, ema_momentum=_EMA_MOMENTUM.value,
                        fixed_schedule=tuple(int(v) for v in _FIXED_SCHEDULE.value), teacher_dir=str(teacher_dir))
   for i, (kind, variant, seed) in enumerate(runs, 1):

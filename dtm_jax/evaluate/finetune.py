@@ -36,7 +36,7 @@ class Classifier:
   source: dict
 
 
-def _constructor(config: vit.ViTConfig, run_config: ml_collections.ConfigDict, seed: int = 0):
+def _classifier_constructor(config: vit.ViTConfig, run_config: ml_collections.ConfigDict, seed: int = 0):
   return lambda: vit.ViTClassifier(config, run_config.num_classes, pooling=run_config.pooling, rngs=nnx.Rngs(seed))
 
 
@@ -44,10 +44,10 @@ def classifier_from_student(student: common.Student, config: ml_collections.Conf
                             shardings_of: Callable[[PyTree], PyTree]) -> tuple[Classifier, PyTree]:
   """A classifier initialised from the student (born sharded: the copy runs under jit)."""
   clf_config = vit.finetune_config(student.config)
-  model, abstract = functional.abstract_split(_constructor(clf_config, config))
+  model, abstract = functional.abstract_split(_classifier_constructor(clf_config, config))
 
   def init(student_params):
-    classifier = _constructor(clf_config, config, config.seed)()
+    classifier = _classifier_constructor(clf_config, config, config.seed)()
     vit.init_classifier_from_pretrained(classifier, student.model.bind(student_params))
     return functional.split_module(classifier)[1]
 
@@ -121,7 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   else:
     metadata = checkpointer.read_metadata(latest)
     clf_config = checkpoint_lib.model_config_from_metadata(metadata, vit.ViTConfig)
-    model, abstract_params = functional.abstract_split(_constructor(clf_config, config))
+    model, abstract_params = functional.abstract_split(_classifier_constructor(clf_config, config))
     classifier = Classifier(clf_config, model, metadata["pretrained"])
     if metadata.get("config_hash") != checkpoint_lib.config_hash(config.to_dict()):
       logging.warning("Resuming %s with a config that differs from the one it started with.", workdir)

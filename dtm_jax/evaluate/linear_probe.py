@@ -104,8 +104,11 @@ def _fit(config: ml_collections.ConfigDict, *, feature_dim: int, steps_per_epoch
   tx, schedule = make_optimizer(config.optimizer, total_steps=total_steps, global_batch_size=config.batch_size,
                                 warmup_steps=config.warmup_epochs * steps_per_epoch)
   train_step = make_train_step(tx, config.bn_momentum)
-  probe = init_probe(jax.random.key(config.seed), feature_dim, config.num_classes)
-  state = jax.device_put({**probe, "opt_state": tx.init(probe["params"])}, sharding.replicated(mesh))
+  def init_state(rng):
+    probe = init_probe(rng, feature_dim, config.num_classes)
+    return {**probe, "opt_state": tx.init(probe["params"])}
+
+  state = jax.jit(init_state, out_shardings=sharding.replicated(mesh))(jax.random.key(config.seed))
   best_top1, result = 0.0, {}
   for epoch in range(1, config.epochs + 1):
     state, loss = train_epoch(state, epoch, train_step)
