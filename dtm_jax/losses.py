@@ -1,9 +1,9 @@
 """Token regression losses and the DTM loss on morphed tokens (DTM_SPEC §2.5).
 
 The student regresses the teacher through the same groups: both token sets are replaced by their group means
-(groups come from the raw teacher tokens, see dtm_jax.morphing), and a per-token loss compares them.
+(groups come from the raw teacher tokens, see dtm_jax.morphing) and a per-token loss compares them. Every token of a
+group then has the same loss, so it is computed once per group and weighted by the group's size.
 """
-import jax
 from jax import lax
 import jax.numpy as jnp
 
@@ -16,27 +16,30 @@ WEIGHTINGS = ("token", "group")
 _MIN_NORM = 1e-12
 
 
-def token_loss(prediction, target, kind="smooth_l1", beta=2.0):
-  """Per-token loss [..., N] of prediction vs target [..., N, C]: elementwise loss averaged over channels.
+def elementwise_loss(difference, kind="smooth_l1", beta=2.0):
+  """smooth_l1: 0.5·d²/β if |d| < β, else |d| − β/2 (the released code's, β = 2); l1: |d|; l2: d²."""
+  if kind == "smooth_l1":
+    magnitude = jnp.abs(difference)
+    return jnp.where(magnitude < beta, 0.5 * difference * difference / beta, magnitude - 0.5 * beta)
+  if kind == "l1":
+    return jnp.abs(difference)
+  if kind == "l2":
+    return difference * difference
+  raise ValueError(f"Unknown elementwise loss {kind!r}; choose one of {LOSS_KINDS[:3]}.")
 
-  smooth_l1: 0.5·d²/β if |d| < β, else |d| − β/2 (as in the released code, β = 2); l1: |d|; l2: d²;
-  cosine: 1 − cos(prediction, target), which has the gradient of the released code's −cos.
+
+def token_loss(prediction, target, kind="smooth_l1", beta=2.0):
+  """Per-token loss [..., N] of prediction vs target [..., N, C].
+
+  The elementwise kinds average over channels; cosine is 1 − cos(prediction, target), which has the gradient of the
+  released code's −cos.
   """
   if kind == "cosine":
     dot = jnp.sum(prediction * target, axis=-1)
     norms = (jnp.maximum(jnp.linalg.norm(prediction, axis=-1), _MIN_NORM) *
              jnp.maximum(jnp.linalg.norm(target, axis=-1), _MIN_NORM))
     return 1.0 - dot / norms
-  d = prediction - target
-  if kind == "smooth_l1":
-    elementwise = jnp.where(jnp.abs(d) < beta, 0.5 * d * d / beta, jnp.abs(d) - 0.5 * beta)
-  elif kind == "l1":
-    elementwise = jnp.abs(d)
-  elif kind == "l2":
-    elementwise = d * d
-  else:
-    raise ValueError(f"Unknown loss kind {kind!r}; choose one of {LOSS_KINDS}.")
-  return jnp.mean(elementwise, axis=-1)
+  return jnp.mean(elementwise_loss(prediction - target, kind, beta), axis=-1)
 
 
 def standardize(x, eps=1e-6):
@@ -69,7 +72,7 @@ def dtm_loss(student, target, groups_per_schedule, kind="smooth_l1", beta=2.0, n
     raise ValueError(f"Unknown weighting {weighting!r}; choose one of {WEIGHTINGS}.")
   if kind == "smooth_l1" and not beta > 0:
     raise ValueError(f"smooth_l1 needs beta > 0; got {beta}.")
-  if student.shape != target.shape or student.ndim != 3:
+  if student.ndim != 3 or student.shape != target.shape:
     raise ValueError(f"student and target must both be [batch, tokens, channels]; got {student.shape} and "
                      f"{target.shape}.")
   if groups_per_schedule.ndim != 3 or groups_per_schedule.shape[1:] != student.shape[:2]:
@@ -80,13 +83,21 @@ def dtm_loss(student, target, groups_per_schedule, kind="smooth_l1", beta=2.0, n
   target = lax.stop_gradient(target).astype(jnp.float32)
   if normalize_target:
     target = standardize(target)
+  difference = student - target
 
   def schedule_loss(groups):
-    per_token = token_loss(morphing.group_mean(student, groups), morphing.group_mean(target, groups), kind, beta)
+    if kind == "cosine":
+      student_means, sizes = morphing.per_group_means(student, groups)
+      target_means, _ = morphing.per_group_means(target, groups)
+      per_group = token_loss(student_means, target_means, kind)
+    else:  # group means are linear: mean(student) − mean(target) = mean(student − target)
+      difference_means, sizes = morphing.per_group_means(difference, groups)
+      per_group = jnp.mean(elementwise_loss(difference_means, kind, beta), axis=-1)
     if weighting == "token":
-      return jnp.mean(per_token)
-    sizes = morphing.group_sizes(groups).astype(jnp.float32)
-    per_image = jnp.sum(per_token / sizes, axis=-1) / morphing.num_groups(groups).astype(jnp.float32)
-    return jnp.mean(per_image)
+      weights = sizes / sizes.shape[-1]
+    else:
+      present = (sizes > 0).astype(jnp.float32)
+      weights = present / jnp.sum(present, axis=-1, keepdims=True)
+    return jnp.mean(jnp.sum(weights * per_group, axis=-1))
 
-  return jnp.mean(jax.vmap(schedule_loss)(groups_per_schedule))
+  return jnp.mean(jnp.stack([schedule_loss(groups) for groups in groups_per_schedule]))

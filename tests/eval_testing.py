@@ -1,4 +1,5 @@
-"""Helpers for the evaluation tests: a tiny pretraining checkpoint and a learnable labelled image stream."""
+"""Helpers for the evaluation tests: tiny pretraining checkpoints, learnable labelled data (a stream, padded eval
+passes, an image folder), per-host shares of a data set and the worker of the two-process test."""
 import json
 
 import jax
@@ -87,3 +88,44 @@ def write_image_folder(root, *, per_class):
         pixels = 128 + 90 * COLOURS[label] + rng.normal(scale=30, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
   return root
+
+
+def host_batches(features, labels, *, process_index, process_count, local_batch):
+  """This host's share (example i → host i % count) of a labelled set, padded to the same batch count everywhere."""
+  per_host = -(-len(labels) // process_count)
+  num_batches = -(-per_host // local_batch)
+  mine = np.arange(process_index, len(labels), process_count)
+  size = num_batches * local_batch
+  valid = np.arange(size) < len(mine)
+  pad = lambda x: np.concatenate([x[mine], np.zeros((size - len(mine),) + x.shape[1:], x.dtype)])
+  images, targets = pad(features), pad(labels)
+  return [{"image": images[i:i + local_batch], "label": targets[i:i + local_batch], "valid": valid[i:i + local_batch]}
+          for i in range(0, size, local_batch)]
+
+
+def toy_knn_problem():
+  """37 bank and 19 query 8-d features of 3 noisy clusters (odd sizes, so every host pads differently)."""
+  rng = np.random.default_rng(0)
+  centres = 2.0 * rng.normal(size=(3, 8))
+  bank_labels = rng.integers(0, 3, 37).astype(np.int32)
+  query_labels = rng.integers(0, 3, 19).astype(np.int32)
+  bank = (centres[bank_labels] + rng.normal(size=(37, 8))).astype(np.float32)
+  queries = (centres[query_labels] + rng.normal(size=(19, 8))).astype(np.float32)
+  return bank, bank_labels, queries, query_labels
+
+
+def multiprocess_eval_worker(port, process_id, num_processes):
+  """One process of tests/test_eval_multiprocess.py: kNN and the accuracy loop on this host's share; prints JSON."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
+  from dtm_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dtm_jax.evaluate import common, knn  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(-1, 1)
+  bank, bank_labels, queries, query_labels = toy_knn_problem()
+  share = lambda x, y: host_batches(x, y, process_index=process_id, process_count=num_processes, local_batch=4)
+  identity = lambda params, x: x
+  bank_set = knn.build_bank(identity, None, share(bank, bank_labels), mesh)
+  result = knn.knn_accuracy(identity, None, bank_set, share(queries, query_labels), mesh, k=5)
+  evaluate = common.make_classifier_evaluator(lambda w, x: x[:, :3] @ w, mesh)
+  accuracy = evaluate(np.eye(3, dtype=np.float32), share(queries, query_labels))
+  print(json.dumps({"knn": result, "bank_size": bank_set.num_valid, "accuracy": accuracy}), flush=True)

@@ -1,4 +1,4 @@
-"""Fine-tuning: BEiT layer-wise lr decay, and a run from a restored tiny pretraining checkpoint that learns and resumes."""
+"""Fine-tuning: BEiT layer-wise lr decay, and a run from a restored pretraining checkpoint that learns and resumes."""
 import jax
 import jax.numpy as jnp
 import numpy as np

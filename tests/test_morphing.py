@@ -11,14 +11,16 @@ import morphing_reference as reference
 # Token values on this grid add up exactly in float32, as in the float64 reference, so groups of equal tokens have
 # exactly equal means in both and their ties are real ties in both.
 _GRID = 1.0 / 1024
-# A case whose reference run made a decision on two scores closer than this is ill-posed for the comparison: float32
-# similarities are only good to ~1e-6, so either choice is right. Such inputs are redrawn.
-_WELL_POSED_MARGIN = 1e-5
+# A case whose reference run made a decision on two scores closer than this is ill-posed for the comparison: either
+# choice is right within rounding. The float32 similarities of these inputs differ from float64 by at most 7.3e-7
+# (measured over 1.4M similarities, D = 8…512), so a gap above 2e-6 cannot flip. Such inputs are redrawn; it
+# happens mostly with protect_first=False at N = 196, where the order of ~98 unmerged slots decides the next round.
+_WELL_POSED_MARGIN = 2e-6
 _PATTERNS = ("iid", "smooth", "flat_patch", "constant")
 
 
 def _smooth_field(rng, side, dim):
-  """A bilinear upsampling of a random 2×2…4×4 grid plus a little noise: neighbours are similar, groups get large."""
+  """A bilinear upsampling of a random 2×2…4×4 grid plus a little noise: neighbours alike, so groups get large."""
   coarse_side = int(rng.integers(2, 5))
   coarse = rng.normal(size=(coarse_side, coarse_side, dim))
   position = np.linspace(0, coarse_side - 1, side)
@@ -30,7 +32,7 @@ def _smooth_field(rng, side, dim):
 
 
 def _make_tokens(rng, pattern, side, dim):
-  """Tokens [side², dim] of a side×side patch grid, on the exact grid."""
+  """Tokens [side², dim] of a side×side patch grid, with values on _GRID."""
   if pattern == "iid":
     x = rng.normal(size=(side, side, dim))
   elif pattern == "smooth":
@@ -49,20 +51,19 @@ def _make_tokens(rng, pattern, side, dim):
 
 def _well_posed_case(rng, pattern, side, dim, num_merge, num_iters, protect_first):
   """Tokens and the reference groups for one case, redrawing inputs that sit on a float32 near-tie."""
-  for _ in range(20):
+  for _ in range(30):
     tokens = _make_tokens(rng, pattern, side, dim)
     groups, margin = reference.morph(tokens, num_merge, num_iters, protect_first)
     if margin >= _WELL_POSED_MARGIN:
       return tokens, groups
-  raise AssertionError(f"No well-posed {pattern} input in 20 draws (side {side}, dim {dim}); make the generator rougher.")
+  raise AssertionError(f"No well-posed {pattern} input in 30 draws (side {side}, dim {dim}); make the inputs rougher.")
 
 
-# Cases per (side, dim, protect_first): 2 × 3 × (16 + 12 + 6) = 204 in all.
-@pytest.mark.parametrize("side,num_cases", [(4, 16), (7, 12), (14, 6)])
-@pytest.mark.parametrize("dim", [8, 64, 512])
-def test_same_partitions_as_loop_reference(side, num_cases, dim):
+# Every N and every D twice (each pair is a compilation); cases per protect mode: 2 × (24 + 18 + 9) = 102, 204 in all.
+@pytest.mark.parametrize("side,dim,num_cases", [(4, 8, 24), (4, 64, 24), (7, 8, 18), (7, 512, 18), (14, 64, 9),
+                                                (14, 512, 9)])
+def test_same_partitions_as_loop_reference(side, dim, num_cases):
   num_tokens = side * side
-  morph = jax.jit(morphing.morph, static_argnames="protect_first")
   for protect_first in (True, False):
     rng = np.random.default_rng([side, dim, int(protect_first)])
     # The first cases pin the edges of the schedule range; the rest are uniform over the default draw.
@@ -76,7 +77,8 @@ def test_same_partitions_as_loop_reference(side, num_cases, dim):
       expected.append(case_groups)
     num_merge, num_iters = (np.array(column, np.int32) for column in zip(*schedules))
 
-    groups = np.asarray(morph(jnp.asarray(np.stack(tokens)), num_merge, num_iters, protect_first=protect_first))
+    groups = np.asarray(morphing.morph(jnp.asarray(np.stack(tokens)), num_merge, num_iters,
+                                       protect_first=protect_first))
 
     for case, (merge, iters) in enumerate(schedules):
       assert groups[case].tolist() == expected[case], (
@@ -100,6 +102,7 @@ def test_one_compilation_for_any_schedule():
                                                      max_merge=side * side, per_image=seed % 2 == 1)
     realised.update(np.asarray(morphing.num_groups(morph(tokens, num_merge[0], num_iters[0]))).tolist())
   assert len(traces) == 1
+  assert morph._cache_size() == 1  # pylint: disable=protected-access
   assert len(realised) > 10  # the schedules really changed the result
 
 
@@ -122,16 +125,28 @@ def test_one_compilation_of_the_whole_loss_and_its_gradient():
 
   values = {float(loss_and_grad(jax.random.key(seed), student, teacher)[0]) for seed in range(50)}
   assert len(traces) == 1
+  assert loss_and_grad._cache_size() == 1  # pylint: disable=protected-access
   assert len(values) > 10
+
+
+# [batch, dim] of the property tests' tokens per token count: those of the reference test where it has the token
+# count, so that the tests share morph's compilations.
+_SHAPES = {49: (18, 8), 64: (16, 8), 196: (9, 64), 576: (16, 8)}
+
+
+def _random_tokens(num_tokens, seed, dtype=jnp.float32):
+  batch, dim = _SHAPES[num_tokens]
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, num_tokens, dim)), dtype)
 
 
 @pytest.mark.parametrize("side", [7, 8, 14, 24])  # N = 49, 64, 196, 576
 def test_groups_partition_tokens_into_the_scheduled_number(side):
-  num_tokens, batch = side * side, 24
+  num_tokens = side * side
   rng = np.random.default_rng(side)
-  tokens = jnp.asarray(rng.normal(size=(batch, num_tokens, 8)), jnp.float32)
-  num_merge = rng.integers(0, num_tokens + 1, size=batch).astype(np.int32)
-  num_iters = rng.integers(1, 15, size=batch).astype(np.int32)
+  tokens = _random_tokens(num_tokens, side)
+  batch = tokens.shape[0]
+  num_merge = rng.integers(0, num_tokens + 1, size=batch)
+  num_iters = rng.integers(1, 15, size=batch)
   for protect_first in (True, False):
     groups = np.asarray(morphing.morph(tokens, num_merge, num_iters, protect_first=protect_first))
     counts = np.asarray(morphing.num_groups(groups))
@@ -143,26 +158,27 @@ def test_groups_partition_tokens_into_the_scheduled_number(side):
 
 
 def test_merge_limits_follow_the_spec():
-  tokens = jnp.asarray(np.random.default_rng(2).normal(size=(1, 196, 8)), jnp.float32)
+  tokens = _random_tokens(196, 2)
+  everything, one_round, all_rounds = 196, 1, 14
   # With k = 1 at most 97 tokens go (98 without protecting slot 0), whatever num_merge asks.
-  assert morphing.num_groups(morphing.morph(tokens, 196, 1))[0] == 196 - 97
-  assert morphing.num_groups(morphing.morph(tokens, 196, 1, protect_first=False))[0] == 196 - 98
+  assert np.all(morphing.num_groups(morphing.morph(tokens, everything, one_round)) == 196 - 97)
+  assert np.all(morphing.num_groups(morphing.morph(tokens, everything, one_round, protect_first=False)) == 196 - 98)
   # Slot 0 is never merged away in faithful mode: token 0 stays alone however much is merged.
-  groups = np.asarray(morphing.morph(tokens, 196, 14))[0]
-  assert np.sum(groups == groups[0]) == 1
+  groups = np.asarray(morphing.morph(tokens, everything, all_rounds))
+  assert np.all(np.sum(groups == groups[:, :1], axis=1) == 1)
 
 
 def test_no_merge_is_identity():
-  tokens = jnp.asarray(np.random.default_rng(3).normal(size=(3, 49, 8)), jnp.float32)
+  tokens = _random_tokens(49, 3)
+  batch = tokens.shape[0]
   for protect_first in (True, False):
-    groups = morphing.morph(tokens, jnp.zeros(3, jnp.int32), jnp.array([1, 7, 14], jnp.int32),
-                            protect_first=protect_first)
-    np.testing.assert_array_equal(groups, np.broadcast_to(np.arange(49), (3, 49)))
+    groups = morphing.morph(tokens, 0, np.arange(batch) % 14 + 1, protect_first=protect_first)
+    np.testing.assert_array_equal(groups, np.broadcast_to(np.arange(49), (batch, 49)))
 
 
 def test_similarity_is_float32_for_bfloat16_tokens():
-  tokens = jnp.asarray(np.random.default_rng(4).normal(size=(8, 49, 32)), jnp.bfloat16)
-  num_merge, num_iters = jnp.arange(8, dtype=jnp.int32) * 6, jnp.arange(1, 9, dtype=jnp.int32)
+  tokens = _random_tokens(49, 4, jnp.bfloat16)
+  num_merge, num_iters = np.arange(tokens.shape[0]) * 2, np.arange(tokens.shape[0]) % 14 + 1
   np.testing.assert_array_equal(morphing.morph(tokens, num_merge, num_iters),
                                 morphing.morph(tokens.astype(jnp.float32), num_merge, num_iters))
 
@@ -177,26 +193,27 @@ def test_merges_per_round_matches_the_spec_formula():
 
 def test_group_mean_matches_reference_and_is_idempotent():
   rng = np.random.default_rng(5)
-  x = rng.normal(size=(2, 49, 6)).astype(np.float32)
-  groups = morphing.morph(jnp.asarray(rng.normal(size=(2, 49, 8)), jnp.float32), jnp.array([30, 45]),
-                          jnp.array([3, 2]))
+  tokens = _random_tokens(49, 5)
+  x = rng.normal(size=(tokens.shape[0], 49, 6)).astype(np.float32)
+  groups = morphing.morph(tokens, rng.integers(20, 49, size=tokens.shape[0]), rng.integers(1, 5, size=tokens.shape[0]))
   means = morphing.group_mean(jnp.asarray(x), groups)
-  for b in range(2):
-    np.testing.assert_allclose(means[b], reference.group_mean(x[b], np.asarray(groups[b]).tolist()), rtol=1e-6,
-                               atol=1e-6)
+  per_group, sizes = morphing.per_group_means(jnp.asarray(x), groups)
+  for b in range(3):
+    ids = np.asarray(groups[b]).tolist()
+    np.testing.assert_allclose(means[b], reference.group_mean(x[b], ids), rtol=1e-6, atol=1e-6)
+    assert np.asarray(sizes[b]).tolist() == [ids.count(g) for g in range(49)]
+    np.testing.assert_allclose(np.asarray(per_group[b])[ids], means[b], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(morphing.group_mean(means, groups), means, rtol=1e-6, atol=1e-6)
-  sizes = np.asarray(morphing.group_sizes(groups))
-  for b in range(2):
-    assert sizes[b].tolist() == [np.asarray(groups[b]).tolist().count(g) for g in np.asarray(groups[b])]
 
 
 def test_grouping_is_a_constant_for_gradients():
-  tokens = jnp.asarray(np.random.default_rng(6).normal(size=(2, 49, 8)), jnp.float32)
+  tokens = _random_tokens(49, 6)
+  num_merge, num_iters = 30, 3
 
   def through_morph(tokens):
-    return jnp.sum(morphing.group_mean(tokens, morphing.morph(tokens, 30, 3)) ** 2)
+    return jnp.sum(morphing.group_mean(tokens, morphing.morph(tokens, num_merge, num_iters)) ** 2)
 
-  groups = morphing.morph(tokens, 30, 3)
+  groups = morphing.morph(tokens, num_merge, num_iters)
   np.testing.assert_allclose(jax.grad(through_morph)(tokens),
                              jax.grad(lambda t: jnp.sum(morphing.group_mean(t, groups) ** 2))(tokens), rtol=1e-6)
 

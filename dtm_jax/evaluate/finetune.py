@@ -190,7 +190,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     result = evaluate(state["params"], eval_data())
   return {"mode": "finetune", **classifier.source, "top1": result["top1"], "top5": result["top5"],
           "best_top1": max(best_top1, result["top1"]), "last_top1": result["top1"],
-          **{k: v for k, v in result.items() if k.startswith("ema_")}, "epochs": config.epochs, "steps": step}
+          **{k: v for k, v in result.items() if k.startswith("ema_")}, "num_eval_examples": result["num_examples"],
+          "epochs": config.epochs, "steps": step}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -3,7 +3,8 @@
 Features are L2-normalised; a query's k most cosine-similar bank entries vote for their labels with weight
 exp(similarity / T). The bank stays split over the devices: each device finds the k best of its own rows, the
 candidates are gathered, and the best k of those decide. So no device ever holds the whole bank or the full
-query × bank similarity matrix, which keeps it cheap enough to run during pretraining (`config.knn`).
+query × bank similarity matrix, which keeps it cheap enough to run during pretraining (every `config.eval.every`
+steps on slices of the data).
 """
 from __future__ import annotations
 
@@ -79,17 +80,18 @@ def knn_accuracy(encode_fn: common.EncodeFn, params: PyTree, bank: common.Featur
   for host_batch in query_batches:
     total = common.add_counts(total, step(params, bank, sharding.to_global(host_batch, mesh)))
   if total is None:
-    raise ValueError("The kNN query data gave no batches; check config.knn.eval_split and the data directory.")
+    raise ValueError("The kNN query data gave no batches; check config.input.eval_split and the data directory.")
   return common.accuracy_from_counts(total)
 
 
 def knn_evaluate(encode_fn: common.EncodeFn, params: PyTree, cfg: ml_collections.ConfigDict, mesh: Mesh, *,
                  input_config: ml_collections.ConfigDict, image_size: int) -> dict[str, float]:
-  """{"knn_top1", "knn_top5"} (%), "knn_bank_size", "knn_num_queries": a bank from `input_config.train_split` against queries from its `eval_split`.
+  """kNN accuracy of a bank from `input_config.train_split` against queries from its `eval_split`.
 
   Cheap enough to call from the pretraining loop: the bank and the queries are the first `cfg.num_train_examples`
   and `cfg.num_eval_examples` (0 = the whole split) in the evaluation crop. `encode_fn(params, images) -> [B, D]`.
   cfg fields: k, temperature, batch_size, num_train_examples, num_eval_examples.
+  Returns {"knn_top1", "knn_top5"} (%) and the sizes used, {"knn_bank_size", "knn_num_queries"}.
   """
   import input_pipeline  # pylint: disable=g-import-not-at-top  # Only here: dtm_jax itself never loads TensorFlow.
 

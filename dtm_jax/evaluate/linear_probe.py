@@ -120,14 +120,15 @@ def _fit(config: ml_collections.ConfigDict, *, feature_dim: int, steps_per_epoch
       scalars.update(top1=result["top1"], top5=result["top5"])
     writer.write_scalars(step, scalars)
   writer.flush()
-  return {"top1": result["top1"], "top5": result["top5"], "best_top1": best_top1, "epochs": config.epochs,
-          "steps": total_steps}
+  return {"top1": result["top1"], "top5": result["top5"], "best_top1": best_top1,
+          "num_eval_examples": result["num_examples"], "epochs": config.epochs, "steps": total_steps}
 
 
 def train_on_features(config: ml_collections.ConfigDict, train: common.FeatureSet, test: common.FeatureSet,
                       mesh: Mesh, writer: metrics.MetricsWriter) -> dict:
   """Train the probe on fixed features; each epoch is one jitted scan over the valid rows in a fresh random order
-  (the last incomplete batch is dropped). Returns {"top1", "top5", "best_top1", "epochs", "steps"}."""
+  (the last incomplete batch is dropped). Returns {"top1", "top5", "best_top1", "num_eval_examples", "epochs",
+  "steps"}."""
   batch_size = config.batch_size
   steps_per_epoch = train.num_valid // batch_size
   rows = sharding.batch_sharding(mesh)

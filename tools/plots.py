@@ -1,0 +1,48 @@
+"""The study's pictures, drawn from the files `tools/study.py` leaves in its --out directory.
+
+  loss_curves.png   training loss per step, DTM vs token-wise (and the fixed schedule), mean over seeds with the
+                    seeds' range shaded. DTM's loss compares group means, so its level is not the token-wise loss.
+  probe_bars.png    kNN and linear-probe top-1 (mean ± std over seeds) per target and variant, floors as lines.
+  morph_groups.png  a few test images with the groups morphing finds in a teacher's tokens, as colour regions, at two
+                    schedule sizes (`--schedules`); the teacher is that of a study run (`--groups_run`).
+
+Command (the figures in docs/RESULTS.md):
+  python -m tools.plots --study=workdirs/study --out=docs/figures
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags, logging
+from etils import epath
+
+from tools import figures
+
+_STUDY = flags.DEFINE_string("study", None, "The --out directory of tools/study.py.")
+_OUT = flags.DEFINE_string("out", "docs/figures", "Directory for the PNG files.")
+_GROUPS_RUN = flags.DEFINE_string("groups_run", "ema-dtm-s0", "Study run whose teacher draws the groups picture.")
+_SCHEDULES = flags.DEFINE_list("schedules", ["16:2", "40:7"], "Two schedules num_merge:num_iters for the groups.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 5, "Test images in the groups picture.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not _STUDY.value:
+    raise app.UsageError("Pass --study=<the --out directory of tools/study.py>.")
+  logging.set_verbosity(logging.WARNING)
+  study_dir, out = epath.Path(os.path.abspath(_STUDY.value)), epath.Path(_OUT.value)  # Orbax: absolute paths
+  summary_path = study_dir / "summary.json"
+  if not summary_path.exists():
+    raise app.UsageError(f"{summary_path} is missing; run `python -m tools.study --out={study_dir} --report_only`.")
+  out.mkdir(parents=True, exist_ok=True)
+  figures.loss_curves(figures.losses_by_run(study_dir), out / "loss_curves.png")
+  figures.probe_bars(json.loads(summary_path.read_text()), out / "probe_bars.png")
+  schedules = [tuple(int(v) for v in s.split(":")) for s in _SCHEDULES.value]
+  figures.draw_groups(study_dir, _GROUPS_RUN.value, schedules, _NUM_IMAGES.value, out / "morph_groups.png")
+  print(f"Wrote loss_curves.png, probe_bars.png and morph_groups.png to {out}.", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
