@@ -3,7 +3,7 @@
 Command (after `make demo`, which pretrains into workdirs/demo):
   python main.py --mode=linear_probe --config=configs/linear_probe_demo.py --workdir=workdirs/demo/linear_probe \
       --config.pretrained.workdir=workdirs/demo
-Expected result: PROBE_RESULT
+Expected result: a top-1 accuracy well above chance (10%); not yet measured on a demo checkpoint in this session.
 """
 import ml_collections
 from ml_collections import config_dict
