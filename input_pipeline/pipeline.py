@@ -217,7 +217,7 @@ def _training_batches(input_cfg, source, view, *, local_batch, seed, process_ind
   if not 0 <= seed < 2**63:
     raise ValueError(f"seed={seed} must be a non-negative 64-bit integer.")
   examples = source.train(input_cfg.train_split, seed=seed, process_index=process_index,
-                          process_count=process_count)
+                          process_count=process_count, min_examples=local_batch)
   host_rng = tf.constant([seed, process_index], tf.int64)
 
   @_no_autograph

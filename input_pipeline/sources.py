@@ -71,10 +71,13 @@ class TfdsSource:
     self._name = name
     self._shuffle_buffer = shuffle_buffer
 
-  def train(self, split, *, seed, process_index, process_count):
+  def train(self, split, *, seed, process_index, process_count, min_examples=1):
     host_split = tfds.split_for_jax_process(split, process_index=process_index,
                                             process_count=process_count)
     keys = self._read(host_split, split, shuffle_seed=seed)
+    host_examples = int(keys.cardinality())
+    if host_examples >= 0:  # TFDS splits report their size; a size TF cannot know is not checked
+      _check_enough(split, host_examples, min_examples, process_count)
     keys = keys.shuffle(self._shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     return Examples(keys, load=lambda example: example)
 
@@ -137,6 +140,14 @@ def _not_prepared_message(builder, name):
           f"downloads the data):\n  {prepare}\nor set input.data_dir to where it is prepared.")
 
 
+def _check_enough(split, host_examples, min_examples, process_count):
+  """A training split must fill at least one local batch on every host (else it would only repeat itself)."""
+  if host_examples < max(min_examples, 1):
+    raise ValueError(f"Split {split!r} gives this process {host_examples} examples ({process_count} "
+                     f"processes), fewer than one local batch of {min_examples}; use a smaller "
+                     "batch_size or a larger dataset.")
+
+
 class _IndexedSource:
   """Shared logic of sources whose examples are addressed by index in a sorted table."""
   has_labels = True
@@ -148,13 +159,12 @@ class _IndexedSource:
   def _check_host_examples(self, split, host_indices):
     """Lets a source reject a host's examples before the stream starts."""
 
-  def train(self, split, *, seed, process_index, process_count):
+  def train(self, split, *, seed, process_index, process_count, min_examples=1):
     num_examples, load = self._table(split)
     host_indices = np.arange(process_index, num_examples, process_count)
-    if not host_indices.size:
-      raise ValueError(f"Split {split!r} has {num_examples} examples, too few to give each of "
-                       f"{process_count} processes one.")
-    self._check_host_examples(split, host_indices)
+    if host_indices.size:
+      self._check_host_examples(split, host_indices)  # all-corrupt shards: the more specific error first
+    _check_enough(split, host_indices.size, min_examples, process_count)
     host_indices = tf.constant(host_indices, tf.int64)
 
     def epoch(epoch_index):

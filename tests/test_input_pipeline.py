@@ -211,6 +211,9 @@ def test_settings_that_cannot_work_are_clear_errors(image_root):
                                   seed=0, process_index=0, process_count=1)
   with pytest.raises(ValueError, match="input.source='webdataset'"):
     _pretrain(_folder_cfg(image_root, source="webdataset"))
+  # 14 training files (2 of them corrupt) cannot fill one batch of 16: an error, not a stream of repeats.
+  with pytest.raises(ValueError, match="gives this process 14 examples .* fewer than one local batch of 16"):
+    _pretrain(cfg, batch=16)
 
 
 # --- Fashion-MNIST from Debian's dataset-fashion-mnist (installed by `make test`).
