@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from typing import Any, Protocol
 
 import jax
@@ -85,11 +86,17 @@ def config_hash(config_dict: dict) -> str:
   return hashlib.sha256(json.dumps(config_dict, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def absolute_path(path: str | epath.Path) -> epath.Path:
+  """`path` made absolute when it is local: Orbax refuses relative checkpoint paths (e.g. `--workdir=workdirs/demo`)."""
+  path = epath.Path(path)
+  return path if "://" in str(path) else epath.Path(os.path.abspath(path))
+
+
 class Checkpointer:
   """One run's checkpoints: periodic async saves, keep-N, and restore with fallback to older good steps."""
 
   def __init__(self, workdir: str | epath.Path, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = epath.Path(workdir) / "checkpoints"
+    self.directory = absolute_path(workdir) / "checkpoints"
     if self.directory.exists():
       for partial in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
         logging.warning("Ignoring the incomplete checkpoint %s (its save was interrupted); it is removed and the "
@@ -179,7 +186,7 @@ class Checkpointer:
 
 def find_step_directory(path: str | epath.Path, step: int | None = None) -> tuple[epath.Path, int]:
   """Resolve a workdir, a `checkpoints/` directory or a step directory to (checkpoints directory, step)."""
-  path = epath.Path(path)
+  path = absolute_path(path)
   if (path / "checkpoints").is_dir():
     path = path / "checkpoints"
   if (path / "params").is_dir() and path.name.isdigit():

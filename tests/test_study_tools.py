@@ -88,12 +88,15 @@ def test_report_rebuilds_the_generated_block_from_run_files(tmp_path):
   out = epath.Path(tmp_path / "study")
   study_summary.write_json(out / "runs" / "ema-dtm-s0" / "eval.json", record("ema", "dtm", 0, 55.0, 66.0, 0.3))
   study_summary.write_json(out / "floors" / "random_init-s0" / "eval.json", record("random_init", "-", 0, 50.0, 49.0))
+  study_summary.record_call(out, argv=["--grid=ema:dtm"], wall_seconds=30.0, runs=1)
+  study_summary.record_call(out, argv=["--seeds=1"], wall_seconds=150.0, runs=2)
   results = tmp_path / "RESULTS.md"
   results.write_text(f"# Title\nprose\n{study_summary.BEGIN_MARK}\nold table\n{study_summary.END_MARK}\nmore prose\n")
   study_summary.write_report(out, str(results))
   text = results.read_text()
   assert "old table" not in text and text.startswith("# Title\nprose\n") and text.endswith("more prose\n")
   assert "| ema (momentum teacher) | DTM (dynamic) | 55.00 ± 0.00 |" in text
+  assert "100 steps at batch 32; 1 runs (--grid=ema:dtm) took 0 min; 2 runs (the default --grid) took 2 min." in text
   assert json.loads((out / "summary.json").read_text())["settings"]["steps"] == [100]
   results.write_text("no markers here\n")
   with pytest.raises(ValueError, match="no generated block"):
@@ -239,3 +242,5 @@ def test_spatial_analysis_runs_end_to_end_on_fashion_mnist():
   assert schedule["neighbour_cosine_morphed"] > result["neighbour_cosine_per_token"]
   assert 0 <= result["probe_top1_per_token"] <= 100 and 0 <= schedule["probe_top1_random_groups"] <= 100
   assert "| 24:4 | 25.0 |" in spatial_measures.table(result)
+  # Matching joins the most similar tokens: the neighbours it joins were more alike than neighbours on average.
+  assert schedule["joined_pairs_cosine_before"] > result["neighbour_cosine_per_token"]

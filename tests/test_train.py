@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dtm_jax import sharding, targets, train
+from dtm_jax import checkpoint, sharding, targets, train
 from dtm_jax.models import functional, vit
 from train_testing import REPO, free_port, losses_by_step, tiny_config
 
@@ -80,6 +80,16 @@ def test_training_on_data_fsdp_mesh_learns_compiles_once_and_checkpoints(tmp_pat
   assert steps == [10, 20]
   assert (tmp_path / "config.json").exists()
   assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_relative_workdir_checkpoints_and_restores(tmp_path, monkeypatch):
+  # `make demo` passes --workdir=workdirs/demo; Orbax only accepts absolute paths.
+  monkeypatch.chdir(tmp_path)
+  result = train.train(tiny_config(stop_after_step=2), "runs/relative")
+  assert result["step"] == 2
+  params, _, step = checkpoint.restore_params("runs/relative")
+  assert step == 2 and jax.tree.leaves(params)
+  assert (tmp_path / "runs" / "relative" / "checkpoints" / "2" / "params").is_dir()
 
 
 @pytest.mark.parametrize("source", ["synthetic", "fashion_mnist"])

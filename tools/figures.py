@@ -41,8 +41,12 @@ def loss_curves(losses: dict[str, dict[int, float]], path: epath.Path, smooth: i
     kind, variant, _ = name.rsplit("-", 2)
     curves.setdefault(kind, {}).setdefault(variant, []).append(by_step)
   kinds = sorted(curves, key=study_summary.KINDS.index)
-  fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.4), squeeze=False)
-  for ax, kind in zip(axes[0], kinds):
+  cols = min(2, len(kinds))
+  rows = -(-len(kinds) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False)
+  for ax in axes.flat[len(kinds):]:
+    ax.axis("off")
+  for ax, kind in zip(axes.flat, kinds):
     for variant in study_summary.VARIANTS:
       seeds = curves[kind].get(variant)
       if not seeds:
@@ -58,7 +62,8 @@ def loss_curves(losses: dict[str, dict[int, float]], path: epath.Path, smooth: i
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  axes[0][0].set_ylabel(f"training loss (smooth-L1), mean of {smooth} logs")
+  for ax in axes[:, 0]:
+    ax.set_ylabel(f"training loss (smooth-L1),\nmean of {smooth} logs")
   fig.suptitle("Training loss: DTM regresses group means, so its level is not comparable to token-wise", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -69,7 +74,7 @@ def probe_bars(summary: dict, path: epath.Path) -> None:
   """kNN and probe top-1 per (target, variant) with std error bars; the floors as horizontal lines."""
   rows = [r for r in summary["rows"] if r["kind"] not in study_summary.FLOORS]
   floors = {r["kind"]: r for r in summary["rows"] if r["kind"] in study_summary.FLOORS}
-  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
   x = np.arange(len(rows))
   for ax, key, title in zip(axes, ("knn_top1", "probe_top1"), ("kNN top-1 (%)", "linear probe top-1 (%)")):
     means = [r[key][0] for r in rows]
@@ -81,11 +86,13 @@ def probe_bars(summary: dict, path: epath.Path) -> None:
                    label=study_summary.KIND_LABELS[floor])
     values = means + [f[key][0] for f in floors.values()]
     ax.set_ylim(max(0.0, min(values) - 8), min(100.0, max(values) + 5))
-    ax.set_xticks(x, [f"{r['kind']}\n{study_summary.VARIANT_LABELS[r['variant']]}" for r in rows], fontsize=7)
+    ax.set_xticks(x, [f"{r['kind']} · {study_summary.VARIANT_LABELS[r['variant']]}" for r in rows], fontsize=7,
+                  rotation=35, ha="right")
     ax.set_title(f"{title}, mean ± std over seeds", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-  fig.tight_layout()
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, 0.05, 1, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
 

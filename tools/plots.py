@@ -1,10 +1,11 @@
 """The study's pictures, drawn from the files `tools/study.py` leaves in its --out directory.
 
-  loss_curves.png   training loss per step, DTM vs token-wise (and the fixed schedule), mean over seeds with the
-                    seeds' range shaded. DTM's loss compares group means, so its level is not the token-wise loss.
-  probe_bars.png    kNN and linear-probe top-1 (mean ± std over seeds) per target and variant, floors as lines.
-  morph_groups.png  a few test images with the groups morphing finds in a teacher's tokens, as colour regions, at two
-                    schedule sizes (`--schedules`); the teacher is that of a study run (`--groups_run`).
+  loss_curves.png         training loss per step, DTM vs token-wise (and the fixed schedule), mean over seeds with
+                          the seeds' range shaded. DTM's loss compares group means, so its level is not comparable.
+  probe_bars.png          kNN and linear-probe top-1 (mean ± std over seeds) per target and variant; floors as lines.
+  morph_groups_<run>.png  a few test images with the groups morphing finds in the target tokens of a study run, as
+                          colour regions, at two schedule sizes (`--schedules`); one picture per run in
+                          `--groups_runs` (an `ema` run's teacher is its EMA at the end of training).
 
 Command (the figures in docs/RESULTS.md):
   python -m tools.plots --study=workdirs/study --out=docs/figures
@@ -21,7 +22,8 @@ from tools import figures
 
 _STUDY = flags.DEFINE_string("study", None, "The --out directory of tools/study.py.")
 _OUT = flags.DEFINE_string("out", "docs/figures", "Directory for the PNG files.")
-_GROUPS_RUN = flags.DEFINE_string("groups_run", "ema-dtm-s0", "Study run whose teacher draws the groups picture.")
+_GROUPS_RUNS = flags.DEFINE_list("groups_runs", ["pixels-dtm-s0", "ema-dtm-s0"],
+                                  "Study runs whose teachers' groups are drawn (one picture each).")
 _SCHEDULES = flags.DEFINE_list("schedules", ["16:2", "40:7"], "Two schedules num_merge:num_iters for the groups.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 5, "Test images in the groups picture.")
 
@@ -40,8 +42,11 @@ def main(argv):
   figures.loss_curves(figures.losses_by_run(study_dir), out / "loss_curves.png")
   figures.probe_bars(json.loads(summary_path.read_text()), out / "probe_bars.png")
   schedules = [tuple(int(v) for v in s.split(":")) for s in _SCHEDULES.value]
-  figures.draw_groups(study_dir, _GROUPS_RUN.value, schedules, _NUM_IMAGES.value, out / "morph_groups.png")
-  print(f"Wrote loss_curves.png, probe_bars.png and morph_groups.png to {out}.", flush=True)
+  written = ["loss_curves.png", "probe_bars.png"]
+  for run in _GROUPS_RUNS.value:
+    written.append(f"morph_groups_{run}.png")
+    figures.draw_groups(study_dir, run, schedules, _NUM_IMAGES.value, out / written[-1])
+  print(f"Wrote {', '.join(written)} to {out}.", flush=True)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,14 @@ def neighbour_cosine(tokens: np.ndarray, pairs: np.ndarray, keep: np.ndarray | N
   return float(cosine.mean() if keep is None else cosine[keep].mean())
 
 
+def same_group(groups: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+  """bool [M, P]: whether the two tokens of each pair are in one group (groups int [M, N])."""
+  return groups[:, pairs[:, 0]] == groups[:, pairs[:, 1]]
+
+
 def same_group_share(groups: np.ndarray, pairs: np.ndarray, keep: np.ndarray | None = None) -> float:
-  """Share of the pairs whose two tokens are in one group: groups int [M, N]."""
-  same = groups[:, pairs[:, 0]] == groups[:, pairs[:, 1]]
+  """Share of the pairs whose two tokens are in one group."""
+  same = same_group(groups, pairs)
   return float(same.mean() if keep is None else same[keep].mean())
 
 
@@ -96,6 +101,7 @@ def analyse(config: ml_collections.ConfigDict, run_dir: str | None, *, schedules
         "groups_per_image": float(np.mean([len(np.unique(g)) for g in groups[1]])),
         "neighbour_cosine_morphed": neighbour_cosine(morphed[1], pairs, test_pair_keep),
         "neighbour_same_group": same_group_share(groups[1], pairs, test_pair_keep),
+        "joined_pairs_cosine_before": neighbour_cosine(tokens[1], pairs, test_pair_keep & same_group(groups[1], pairs)),
         "probe_top1_morphed": probe(morphed),
         "probe_top1_random_groups": probe(control),
     })
@@ -105,12 +111,13 @@ def analyse(config: ml_collections.ConfigDict, run_dir: str | None, *, schedules
 def table(result: dict) -> str:
   lines = [f"Target: {result['target']}; {result['tokens']} tokens ({result['kept_tokens_per_image']:.1f} per image), "
            f"probe fitted on {result['train_images']} images, scored on {result['test_images']}.", "",
-           "| schedule (merge:rounds) | groups / image | neighbour cosine | same-group neighbours | token probe top-1 "
-           "(%) | random groups, same sizes (%) |", "|---|---|---|---|---|---|",
-           f"| none (per token) | {result['tokens_per_image']} | {result['neighbour_cosine_per_token']:.3f} | 0 | "
+           "| schedule (merge:rounds) | groups / image | neighbour cosine | same-group neighbours | their cosine "
+           "before | token probe top-1 (%) | random groups, same sizes (%) |", "|---|---|---|---|---|---|---|",
+           f"| none (per token) | {result['tokens_per_image']} | {result['neighbour_cosine_per_token']:.3f} | 0 | — | "
            f"{result['probe_top1_per_token']:.2f} | — |"]
   for s in result["schedules"]:
     lines.append(f"| {s['num_merge']}:{s['num_iters']} | {s['groups_per_image']:.1f} | "
                  f"{s['neighbour_cosine_morphed']:.3f} | {s['neighbour_same_group']:.2f} | "
-                 f"{s['probe_top1_morphed']:.2f} | {s['probe_top1_random_groups']:.2f} |")
+                 f"{s['joined_pairs_cosine_before']:.3f} | {s['probe_top1_morphed']:.2f} | "
+                 f"{s['probe_top1_random_groups']:.2f} |")
   return "\n".join(lines) + "\n"

@@ -46,11 +46,11 @@ _GRID = flags.DEFINE_list(
     "tokenwise, fixed.")
 _FIXED_SCHEDULE = flags.DEFINE_list("fixed_schedule", ["24", "4"],
                                     "num_merge,num_iters of the fixed ablation (24 of 49 tokens in 4 rounds).")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per (kind, variant): 0 .. seeds-1 (student init and data order).")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per (kind, variant): 0 .. seeds-1 (init, data order, masks, schedules).")
 _STEPS = flags.DEFINE_integer("steps", 300, "Pretraining steps of every run.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Pretraining batch size.")
 _EMA_MOMENTUM = flags.DEFINE_float("ema_momentum", 0.99, "Start of the EMA teacher's momentum (cosine to 1.0).")
-_TEACHER_RUN = flags.DEFINE_string("teacher_run", "ema-dtm-s0",
+_TEACHER_RUN = flags.DEFINE_string("teacher_run", "pixels-dtm-s0",
                                    "The study run whose student teaches the 'checkpoint' kind (its encoder tokens).")
 _TRAIN_EXAMPLES = flags.DEFINE_integer("train_examples", 5000, "kNN bank / probe training images (train split).")
 _TEST_EXAMPLES = flags.DEFINE_integer("test_examples", 2000, "Evaluation images (test split).")
@@ -59,6 +59,7 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild the summari
 _RESULTS_MD = flags.DEFINE_string("results_md", None,
                                   "Markdown file whose block between the study markers is replaced by the tables.")
 flags.mark_flag_as_required("out")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Run configs.
@@ -154,7 +155,8 @@ def run_floors(out, data, mesh, *, seeds: int, probe_epochs: int) -> None:
 
 
 def run_one(out, kind: str, variant: str, seed: int, data, mesh, *, probe_epochs: int, **config_kwargs) -> dict:
-  """Pretrain one student (resuming if interrupted), score it, write `eval.json`; skipped when that exists."""
+  """Pretrain one student, score it, write `eval.json`; skipped when that exists. A run is checkpointed only at its
+  end, so an interrupted one starts over (its metrics.jsonl then holds both attempts; readers keep the last)."""
   workdir = out / "runs" / run_name(kind, variant, seed)
   path = workdir / "eval.json"
   if path.exists():
@@ -181,10 +183,8 @@ def run_study(out) -> None:
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   teacher_dir = out / "runs" / _TEACHER_RUN.value
-  teacher_kind, teacher_variant, teacher_seed = _TEACHER_RUN.value.rsplit("-", 2)
-  teacher_planned = teacher_variant in grid.get(teacher_kind, []) and teacher_seed[1:].isdigit() and \
-      int(teacher_seed[1:]) < _SEEDS.value
-  if "checkpoint" in grid and not teacher_planned and not (teacher_dir / "eval.json").exists():
+  planned = {run_name(*run) for run in planned_runs(grid, _SEEDS.value) if run[0] != "checkpoint"}
+  if "checkpoint" in grid and _TEACHER_RUN.value not in planned and not (teacher_dir / "eval.json").exists():
     raise app.UsageError(f"--teacher_run={_TEACHER_RUN.value} is neither in this study's grid nor finished in {out}.")
   metrics.quiet_library_logs()
   # Every run compiles the same evaluation programs (and a resumed study the same train steps): cache them on disk.
@@ -192,10 +192,10 @@ def run_study(out) -> None:
     jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   mesh = sharding.make_mesh(-1, 1)
-  input_cfg = demo.get_config().input
+  base = demo.get_config()
   start = time.time()
-  data = (frozen_features.load_split(input_cfg, "train", _TRAIN_EXAMPLES.value, image_size=28),
-          frozen_features.load_split(input_cfg, "test", _TEST_EXAMPLES.value, image_size=28))
+  data = (frozen_features.load_split(base.input, "train", _TRAIN_EXAMPLES.value, image_size=base.model.image_size),
+          frozen_features.load_split(base.input, "test", _TEST_EXAMPLES.value, image_size=base.model.image_size))
   run_floors(out, data, mesh, seeds=_SEEDS.value, probe_epochs=_PROBE_EPOCHS.value)
   runs = planned_runs(grid, _SEEDS.value)
   config_kwargs = dict(steps=_STEPS.value, batch_size=_BATCH_SIZE.value, ema_momentum=_EMA_MOMENTUM.value,
@@ -208,7 +208,7 @@ def run_study(out) -> None:
           f"study {(time.time() - start) / 60:.1f} min)", flush=True)
   print(f"Study finished in {(time.time() - start) / 60:.1f} min on {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s).", flush=True)
-  study_summary.write_json(out / "study_time.json", {"wall_seconds": time.time() - start, "argv": sys.argv[1:]})
+  study_summary.record_call(out, argv=sys.argv[1:], wall_seconds=time.time() - start, runs=len(runs))
 
 
 def main(argv):

@@ -1,6 +1,6 @@
 """What a study's files say: the records of its runs, mean ± std tables and the generated block of RESULTS.md.
 
-Reads only `<study>/runs/*/eval.json`, `<study>/floors/*/eval.json` and `<study>/study_time.json` (written by
+Reads only `<study>/runs/*/eval.json`, `<study>/floors/*/eval.json` and `<study>/study_calls.json` (written by
 tools/study.py), so the tables can be rebuilt at any time without rerunning anything.
 """
 from __future__ import annotations
@@ -97,24 +97,32 @@ def markdown(summary: dict, settings: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def record_call(out, *, argv: list[str], wall_seconds: float, runs: int) -> None:
+  """Appends one study call (its flags, wall time and number of runs) to `<study>/study_calls.json`."""
+  path = out / "study_calls.json"
+  calls = json.loads(path.read_text())["calls"] if path.exists() else []
+  write_json(path, {"calls": calls + [{"argv": argv, "wall_seconds": wall_seconds, "runs": runs}]})
+
+
 def run_settings(out) -> dict:
-  """Steps, batch size and study wall time as recorded in the run files (not as given by this call's flags)."""
+  """Steps and batch size as recorded in the run files (not as given by this call's flags), and the study calls."""
   settings = {}
   for p in sorted(out.glob("runs/*/eval.json")):
     record = json.loads(p.read_text())
     settings.setdefault("steps", set()).add(record["steps"])
     settings.setdefault("batch_size", set()).add(record["batch_size"])
   settings = {k: sorted(v) for k, v in settings.items()}
-  if (out / "study_time.json").exists():
-    settings["wall_minutes"] = json.loads((out / "study_time.json").read_text())["wall_seconds"] / 60
+  if (out / "study_calls.json").exists():
+    settings["calls"] = json.loads((out / "study_calls.json").read_text())["calls"]
   return settings
 
 
 def settings_line(settings: dict) -> str:
   parts = [f"{', '.join(map(str, settings.get('steps', [])))} steps at batch "
            f"{', '.join(map(str, settings.get('batch_size', [])))}"]
-  if "wall_minutes" in settings:
-    parts.append(f"last study call took {settings['wall_minutes']:.0f} min")
+  for call in settings.get("calls", []):
+    grid = next((a for a in call["argv"] if a.startswith("--grid")), "the default --grid")
+    parts.append(f"{call['runs']} runs ({grid}) took {call['wall_seconds'] / 60:.0f} min")
   return "; ".join(parts) + "."
 
 

@@ -128,7 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_data = train_data_fn(classifier.config.image_size)
   eval_data = lambda: eval_data_fn(classifier.config.image_size)
   tx, schedule = make_optimizer(config, abstract_params, total_steps=total_steps, depth=classifier.config.depth,
-                                warmup_steps=config.warmup_epochs * steps_per_epoch)
+                                warmup_steps=round(config.warmup_epochs * steps_per_epoch))
   abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
                     "opt_state": jax.eval_shape(tx.init, abstract_params)}
   if use_ema:

@@ -102,7 +102,7 @@ def _fit(config: ml_collections.ConfigDict, *, feature_dim: int, steps_per_epoch
     raise ValueError(f"config.batch_size={config.batch_size} exceeds the number of training examples; lower it.")
   total_steps = config.epochs * steps_per_epoch
   tx, schedule = make_optimizer(config.optimizer, total_steps=total_steps, global_batch_size=config.batch_size,
-                                warmup_steps=config.warmup_epochs * steps_per_epoch)
+                                warmup_steps=round(config.warmup_epochs * steps_per_epoch))
   train_step = make_train_step(tx, config.bn_momentum)
   def init_state(rng):
     probe = init_probe(rng, feature_dim, config.num_classes)
