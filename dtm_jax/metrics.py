@@ -56,11 +56,12 @@ def transformer_forward_flops(*, width: int, depth: int, tokens: int, mlp_dim: i
 
 
 def morphing_flops(*, tokens: int, dim: int, num_schedules: int, max_iters: int) -> float:
-  """Upper bound of the morphing work per image: each round's (N/2)×(N/2) cosine matrix, plus the group means."""
-  half = tokens // 2
-  similarity = num_schedules * max_iters * 2.0 * half * half * dim
+  """Upper bound of the morphing work per image (dtm_jax.morphing): the token Gram matrix, shared by the schedules
+  (2·N²·D), each round's slot similarities (≤ (N/2)² entries, a few FLOPs each) and the loss's group means."""
+  gram = 2.0 * tokens * tokens * dim
+  similarity = num_schedules * max_iters * 4.0 * (tokens // 2) ** 2
   group_means = num_schedules * 2 * 2.0 * tokens * dim
-  return similarity + group_means
+  return gram + similarity + group_means
 
 
 class _DropLibraryInfo(logging_std.Filter):

@@ -1,18 +1,25 @@
 """Dynamic token morphing: random schedules, bipartite token grouping and group means (DTM_SPEC §2.4, §3).
 
 Morphing groups contextually similar teacher tokens by repeated bipartite matching (ToMe). Everything here has fixed
-shapes, so any mix of schedules runs through one compiled program inside the jitted training step:
+shapes, so any mix of schedules runs through one compiled program inside the jitted training step.
 
-  * the slots of one image live in an array of fixed capacity; the first `count` entries are the current ordered
-    slots, each kept as the *sum* of its members' features and its size (sums merge by plain addition and stay exact
-    on coarse inputs, so equal groups give bit-identical similarities and ties stay ties);
-  * `lax.while_loop` runs rounds until no image has one left; an image whose schedule is done sits the remaining
-    rounds out unchanged;
-  * the merge of a round is a slot→slot map applied by segment sums, and an original-token→slot label array follows
-    the merges, so the output is the group id of every token.
+The rounds never touch the D-dimensional features. A slot's feature is the mean of its members' tokens, so the inner
+product of two slot means is a sum of token inner products divided by the two sizes: one token Gram matrix
+G = X·Xᵀ ([N, N], computed once per image and shared by every schedule) carries all the information a round needs.
+The state of one image is then
 
-To save work, the slot array shrinks in static steps (N, ¾N, ½N) as the slots merge away; this changes no result,
-only the size of the similarity matrices.
+  * the Gram matrix of the slots' feature *sums*, [capacity, capacity], in the current slot order, and their sizes;
+    a merge is a segment sum over rows and columns (O(t²) per round instead of the O(t²·D) similarity matmul);
+  * an original-token→slot label array that follows the merges, so the output is the group id of every token.
+
+`lax.while_loop` runs rounds until no image has one left (an image whose schedule is done sits the remaining rounds
+out unchanged), and the slot arrays shrink in static steps (N, ¾N, ½N) as the slots merge away. Neither changes a
+result, only the work done.
+
+Exactness: the cosine of two slots is computed from the slot-mean inner products (sums divided by sizes with a true
+division), so slots whose members are equal tokens have exactly the same similarities as one such token whenever the
+Gram sums are exact in float32 — ties stay ties, as in the released code on such inputs. Elsewhere the similarities
+agree with a float64 computation to ~1e-6, so only decisions between scores closer than that can differ.
 """
 import functools
 from typing import NamedTuple
@@ -21,6 +28,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+GRAM_UPDATES = ("auto", "pairwise", "scatter")
 # Smallest squared norm used when normalising: an all-zero feature gets cosine similarity 0 with everything.
 _MIN_SQUARED_NORM = 1e-24
 
@@ -58,7 +66,7 @@ def merges_per_round(num_merge, num_iters, num_tokens):
   return jnp.where(ceil * num_iters > num_tokens, num_merge // num_iters, ceil)
 
 
-def morph(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True):
+def morph(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True, gram_update="auto"):
   """Groups similar tokens by iterated bipartite soft matching, exactly as DTM_SPEC §3 describes.
 
   Each round splits the ordered slots alternately into A (even positions) and B (odd positions), matches every A
@@ -79,52 +87,86 @@ def morph(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True):
       the released code, which treats it like a class token) and unmerged A slots keep their positional order. With
       False every slot can merge and unmerged A slots stay in descending-score order, as the released code leaves
       them.
+    gram_update: how a round's merges update the slot Gram matrix (speed only; the results agree up to float
+      summation order, exactly on exact inputs): "pairwise" adds one source's row and column at a time (O(r·N) per
+      round, best on CPUs), "scatter" does the whole round in one scatter-add (O(N²) but one parallel op, best on
+      GPUs/TPUs); "auto" picks by the default backend.
 
   Returns:
     int32 [B, N] group ids in [0, number of groups): tokens with equal ids form one group; the id is the final slot
     position, so ids are contiguous.
   """
+  _check_tokens(tokens)
+  return _morph_gram(token_gram(tokens), *_schedule_arrays(tokens.shape[0], num_merge, num_iters),
+                     jnp.asarray(protect_first, jnp.int32), max_iters=max_iters,
+                     gram_update=_resolve_gram_update(gram_update))
+
+
+def morph_schedules(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True, gram_update="auto"):
+  """`morph` for each of L schedules: num_merge/num_iters int32 [L, B] → group ids int32 [L, B, N].
+
+  The token Gram matrix is computed once for all schedules. Schedules run one after the other (L is static) so that
+  each stops after its own rounds; a vmap over schedules would run every schedule for as many rounds as the longest.
+  """
+  _check_tokens(tokens)
+  gram = token_gram(tokens)
+  protected = jnp.asarray(protect_first, jnp.int32)
+  return jnp.stack([
+      _morph_gram(gram, *_schedule_arrays(tokens.shape[0], merge, iters), protected, max_iters=max_iters,
+                  gram_update=_resolve_gram_update(gram_update))
+      for merge, iters in zip(num_merge, num_iters)])
+
+
+def token_gram(tokens):
+  """Inner products of every pair of an image's tokens: [B, N, D] → float32 [B, N, N], full float32 precision.
+
+  The only pass over the features that morphing makes; on accelerators it is one well-shaped matmul.
+  """
+  x = lax.stop_gradient(tokens).astype(jnp.float32)
+  return jnp.einsum("bnd,bmd->bnm", x, x, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _check_tokens(tokens):
   if tokens.ndim != 3:
     raise ValueError(f"morph expects tokens of shape [batch, tokens, dim]; got shape {tokens.shape}.")
-  batch = tokens.shape[0]
-  # One signature whatever the callers pass (Python ints, int64, bool), so eager calls share one compilation.
-  return _morph(tokens, jnp.broadcast_to(jnp.asarray(num_merge, jnp.int32), (batch,)),
-                jnp.broadcast_to(jnp.asarray(num_iters, jnp.int32), (batch,)), jnp.asarray(protect_first, jnp.int32),
-                max_iters=max_iters)
 
 
-@functools.partial(jax.jit, static_argnames="max_iters")
-def _morph(tokens, num_merge, num_iters, protected, *, max_iters):
-  """morph with normalised arguments: num_merge, num_iters int32 [B], protected int32 [] (1 or 0)."""
-  batch, num_tokens, _ = tokens.shape
+def _schedule_arrays(batch, num_merge, num_iters):
+  """num_merge, num_iters as int32 [B] whatever the callers pass (Python ints, int64, bool), so calls share one
+  compilation."""
+  return (jnp.broadcast_to(jnp.asarray(num_merge, jnp.int32), (batch,)),
+          jnp.broadcast_to(jnp.asarray(num_iters, jnp.int32), (batch,)))
+
+
+def _resolve_gram_update(name):
+  if name not in GRAM_UPDATES:
+    raise ValueError(f"gram_update={name!r} is not one of {GRAM_UPDATES}.")
+  if name == "auto":
+    return "pairwise" if jax.default_backend() == "cpu" else "scatter"
+  return name
+
+
+@functools.partial(jax.jit, static_argnames=("max_iters", "gram_update"))
+def _morph_gram(gram, num_merge, num_iters, protected, *, max_iters, gram_update):
+  """Morphing from the token Gram matrix f32 [B, N, N]: num_merge, num_iters int32 [B], protected int32 []."""
+  batch, num_tokens, _ = gram.shape
   per_round = merges_per_round(num_merge, num_iters, num_tokens)
-  slots = _Slots(sums=lax.stop_gradient(tokens).astype(jnp.float32), sizes=jnp.ones((batch, num_tokens), jnp.float32),
-                 labels=jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens)),
+  identity = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
+  slots = _Slots(gram=gram, sizes=jnp.ones((batch, num_tokens), jnp.float32), order=identity, parent=identity,
                  count=jnp.full((batch,), num_tokens, jnp.int32), rounds=jnp.zeros((batch,), jnp.int32))
-  merge_round = jax.vmap(_merge_round, in_axes=(0, 0, 0, None))
 
   capacities = _slot_capacities(num_tokens)
   for capacity, next_capacity in zip(capacities, capacities[1:] + [0]):
-    slots = slots._replace(sums=slots.sums[:, :capacity], sizes=slots.sizes[:, :capacity])
 
     def needs_round(s, next_capacity=next_capacity):
       merges = jnp.minimum(per_round, (s.count - protected) // 2)
       return (s.rounds < num_iters) & (s.rounds < max_iters) & (merges > 0) & (s.count > next_capacity)
 
-    slots = lax.while_loop(lambda s: jnp.any(needs_round(s)),
-                           lambda s: merge_round(s, needs_round(s), per_round, protected), slots)
-  return slots.labels
+    def merge_round(s, capacity=capacity):
+      return _merge_round(s, needs_round(s), per_round, protected, capacity, gram_update)
 
-
-def morph_schedules(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True):
-  """`morph` for each of L schedules: num_merge/num_iters int32 [L, B] → group ids int32 [L, B, N].
-
-  Schedules run one after the other (L is static) so that each stops after its own rounds; a vmap over schedules
-  would run every schedule for as many rounds as the longest one.
-  """
-  return jnp.stack([
-      morph(tokens, merge, iters, max_iters=max_iters, protect_first=protect_first)
-      for merge, iters in zip(num_merge, num_iters)])
+    slots = lax.while_loop(lambda s: jnp.any(needs_round(s)), merge_round, slots)
+  return _group_ids(slots, max_iters)
 
 
 def per_group_means(x, groups):
@@ -137,46 +179,52 @@ def per_group_means(x, groups):
   Returns:
     (means f32 [B, N, C], sizes f32 [B, N]): row g holds group g's mean and size; unused ids have zeros.
   """
-  def one_image(features, ids):
-    ids = _valid_ids(ids)
-    sizes = _segment_sum(jnp.ones(ids.shape, jnp.float32), ids)
-    return _segment_sum(features.astype(jnp.float32), ids) / jnp.maximum(sizes, 1.0)[:, None], sizes
-  return jax.vmap(one_image)(x, groups)
+  ids = _valid_ids(groups)
+  sizes = _segment_sum(jnp.ones(ids.shape, jnp.float32), ids)
+  return _segment_sum(x.astype(jnp.float32), ids) / jnp.maximum(sizes, 1.0)[..., None], sizes
 
 
 def group_mean(x, groups):
   """Replaces every token of x [B, N, C] by the mean of its group (groups int32 [B, N]); returns x's dtype."""
   means, _ = per_group_means(x, groups)
-  return jax.vmap(lambda m, ids: m[_valid_ids(ids)])(means, groups).astype(x.dtype)
+  return jnp.take_along_axis(means, _valid_ids(groups)[..., None], axis=1).astype(x.dtype)
 
 
 def num_groups(groups):
   """Realised number of groups per image (for logging): groups int32 [B, N] → int32 [B]."""
-  def one_image(ids):
-    return jnp.sum(_segment_sum(jnp.ones(ids.shape, jnp.int32), _valid_ids(ids)) > 0, dtype=jnp.int32)
-  return jax.vmap(one_image)(groups)
+  present = _segment_sum(jnp.ones(groups.shape, jnp.int32), _valid_ids(groups)) > 0
+  return jnp.sum(present, axis=1, dtype=jnp.int32)
 
 
 def _valid_ids(ids):
   """Group ids clipped to [0, N), which keeps the unchecked scatters of _segment_sum in bounds."""
-  return jnp.clip(ids, 0, ids.shape[0] - 1)
+  return jnp.clip(ids, 0, ids.shape[-1] - 1)
 
 
 def _segment_sum(values, ids):
-  """Sums the rows of values [N, ...] that share an id into row `id`; ids must lie in [0, N).
+  """Sums the rows of values [B, N, ...] that share an id (int32 [B, N], in [0, N)) into row `id`, per image.
 
-  An unchecked scatter-add: XLA's bounds-checked scatter is several times slower on CPU.
+  One unchecked scatter-add over the flattened batch: XLA's bounds-checked scatter, and a vmapped (batched) one, are
+  several times slower on CPU.
   """
-  return jnp.zeros_like(values).at[ids].add(values, mode="promise_in_bounds")
+  batch, num_tokens = ids.shape
+  flat_ids = (jnp.arange(batch, dtype=jnp.int32)[:, None] * num_tokens + ids).reshape(-1)
+  flat_values = values.reshape((batch * num_tokens,) + values.shape[2:])
+  return jnp.zeros_like(flat_values).at[flat_ids].add(flat_values, mode="promise_in_bounds").reshape(values.shape)
 
 
 class _Slots(NamedTuple):
-  """Morphing state of one image (_morph carries a batch of them). Positions >= count hold no slot."""
-  sums: jax.Array     # f32 [capacity, D]: sum of the member tokens of each slot, in the current slot order
-  sizes: jax.Array    # f32 [capacity]: number of member tokens
-  labels: jax.Array   # int32 [N]: current slot position of every original token
-  count: jax.Array    # int32 []: number of slots
-  rounds: jax.Array   # int32 []: rounds done
+  """Morphing state of a batch of images.
+
+  A slot is named by an id, the original token it started from; ids of slots merged away are dead. The Gram matrix
+  and sizes are indexed by id, so a merge only touches the rows and columns of the two slots involved.
+  """
+  gram: jax.Array     # f32 [B, N, N]: inner products of the slots' feature sums, by id
+  sizes: jax.Array    # f32 [B, N]: number of member tokens, by id
+  order: jax.Array    # int32 [B, N]: the ids of the current slots, in slot order (first `count` valid)
+  parent: jax.Array   # int32 [B, N]: the id a slot was merged into (its own id while alive)
+  count: jax.Array    # int32 [B]: number of slots
+  rounds: jax.Array   # int32 [B]: rounds done
 
 
 def _slot_capacities(num_tokens):
@@ -189,41 +237,110 @@ def _slot_capacities(num_tokens):
   return sorted({c for c in capacities if c >= 2}, reverse=True)
 
 
-def _merge_round(slots, active, per_round, protected):
-  """One bipartite merging round of one image (DTM_SPEC §3 steps 1–7); changes nothing unless `active`."""
-  capacity = slots.sizes.shape[0]
+def _merge_round(slots, active, per_round, protected, capacity, gram_update):
+  """One bipartite merging round (DTM_SPEC §3 steps 1–7) of every image that is `active`; the others are kept.
+
+  Active images have at most `capacity` slots, so only that prefix of the order is matched and rewritten.
+  """
   merges = jnp.where(active, jnp.minimum(per_round, (slots.count - protected) // 2), 0)
+  current_order = slots.order[:, :capacity]
+  new_order, sources, partners = jax.vmap(_match, in_axes=(0, 0, 0, 0, 0, None))(
+      slots.gram, slots.sizes, current_order, slots.count, merges, protected)
+  order = slots.order.at[:, :capacity].set(jnp.where(active[:, None], new_order, current_order))
+  merging = jnp.arange(sources.shape[1]) < merges[:, None]  # [B, A]: the first `merges` sources merge
+  merge_gram = _merge_gram_pairwise if gram_update == "pairwise" else _merge_gram_scatter
+  gram = merge_gram(slots.gram, sources, partners, merges)
+  batch = jnp.arange(sources.shape[0])[:, None]
+  dead = slots.sizes.shape[1]  # an out-of-range id: updates sent there are dropped
+  sizes = slots.sizes.at[batch, jnp.where(merging, partners, dead)].add(
+      jnp.take_along_axis(slots.sizes, sources, axis=1), mode="drop")
+  parent = slots.parent.at[batch, jnp.where(merging, sources, dead)].set(partners, mode="drop")
+  return _Slots(gram=gram, sizes=sizes, order=order, parent=parent,
+                count=slots.count - merges, rounds=slots.rounds + active)
+
+
+def _match(gram, sizes, order, count, merges, protected):
+  """Steps 2–7 for one image: (new slot order, A-slot ids by descending best score, the id of each one's partner).
+
+  The first `merges` entries of the last two are the round's sources and their partners.
+  """
+  capacity = order.shape[0]
+  a_ids, b_ids = order[0::2], order[1::2]
 
   # Steps 2–4: alternate split, cosine similarity of the slot means, best B partner of every A slot.
-  # XLA turns `x / broadcast(n)` into `x * (1 / n)`, which is inexact; the barrier keeps a true division, so that a
-  # slot of k equal tokens has exactly their feature as its mean and equal groups tie exactly (as in PyTorch).
-  sizes = lax.optimization_barrier(jnp.broadcast_to(jnp.maximum(slots.sizes, 1.0)[:, None], slots.sums.shape))
-  means = slots.sums / sizes
-  similarity = _cosine_similarity(means[0::2], means[1::2])
+  similarity = _cosine_similarity_of_means(gram, jnp.maximum(sizes, 1.0), a_ids, b_ids)
   num_a, num_b = similarity.shape
   a_position, b_position = jnp.arange(num_a), jnp.arange(num_b)
-  similarity = jnp.where(b_position[None, :] < slots.count // 2, similarity, -jnp.inf)
-  best, partner = jnp.max(similarity, axis=1), jnp.argmax(similarity, axis=1)
-  may_merge = (a_position < (slots.count + 1) // 2) & (a_position >= protected)
+  similarity = jnp.where(b_position[None, :] < count // 2, similarity, -jnp.inf)
+  best = jnp.max(similarity, axis=1)
+  partner = jnp.min(jnp.where(similarity == best[:, None], b_position[None, :], num_b), axis=1)  # first maximum
+  partner = jnp.minimum(partner, num_b - 1)  # rows that are all -inf or NaN: any in-range partner (never a source)
+  may_merge = (a_position < (count + 1) // 2) & (a_position >= protected)
   best = jnp.where(may_merge, best, -jnp.inf)
 
   # Step 5: the `merges` best-matched A slots are sources.
   rank = _stable_descending_rank(best)
   is_source = rank < merges
 
-  # Steps 6–7: new order [unmerged A, B]; sources land on their partner.
-  num_unmerged = (slots.count + 1) // 2 - merges
+  # Step 7: new order [unmerged A, B]; sources leave the order. Positions past `count` hold no slot and stay put.
+  num_unmerged = (count + 1) // 2 - merges
   unmerged_position = jnp.where(protected > 0, jnp.cumsum(~is_source) - 1, rank - merges)
-  destination = _interleave(jnp.where(is_source, num_unmerged + partner, unmerged_position),
-                            num_unmerged + b_position)
+  destination = _interleave(jnp.where(is_source, capacity, unmerged_position), num_unmerged + b_position)
   position = jnp.arange(capacity)
-  destination = jnp.where(active & (position < slots.count), destination, position)  # else nothing moves
+  destination = jnp.where(position < count, destination, position)
+  new_order = order.at[destination].set(order, mode="drop")
 
-  # Destinations are in [0, capacity) by construction. An image that is done keeps its labels: they may point past
-  # a later, smaller capacity (its sums are then cut short, but nothing reads them again).
-  return _Slots(sums=_segment_sum(slots.sums, destination), sizes=_segment_sum(slots.sizes, destination),
-                labels=jnp.where(active, destination[slots.labels], slots.labels), count=slots.count - merges,
-                rounds=slots.rounds + active)
+  by_rank = jnp.zeros_like(rank).at[rank].set(a_position)  # A positions in descending-score order
+  return new_order, a_ids[by_rank], b_ids[partner[by_rank]]
+
+
+def _merge_gram_pairwise(gram, sources, partners, merges):
+  """Merges source j into partner j for j < merges, one pair at a time: adds its row, then its column.
+
+  Adding a slot's row and column to another's gives exactly the Gram matrix of the merged sums, so sources that
+  share a partner simply follow one another. The loop runs max(merges) times over the batch; an image with fewer
+  merges adds zeros. Each step touches 2·N entries per image, so a round costs O(r·N), not O(N²).
+  """
+  batch = jnp.arange(gram.shape[0])
+
+  def merge_one(j, gram):
+    source, partner, merging = sources[:, j], partners[:, j], (j < merges)[:, None]
+    gram = gram.at[batch, partner].add(jnp.where(merging, gram[batch, source], 0.0), mode="promise_in_bounds")
+    return gram.at[batch, :, partner].add(jnp.where(merging, gram[batch, :, source], 0.0),
+                                          mode="promise_in_bounds")
+
+  return lax.fori_loop(0, jnp.max(merges), merge_one, gram)
+
+
+def _merge_gram_scatter(gram, sources, partners, merges):
+  """Merges every source j < merges into partner j at once: the Gram matrix summed over rows and columns that share
+  a destination, one scatter-add of the N² entries per image (dead ids and non-sources map to themselves)."""
+  batch, num_tokens, _ = gram.shape
+  merging = jnp.arange(sources.shape[1]) < merges[:, None]
+  image = jnp.arange(batch, dtype=jnp.int32)[:, None]
+  destination = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens)).at[
+      image, jnp.where(merging, sources, num_tokens)].set(partners, mode="drop")
+  row = image * num_tokens + destination
+  pair = (row[:, :, None] * num_tokens + destination[:, None, :]).reshape(-1)
+  return jnp.zeros((gram.size,), gram.dtype).at[pair].add(gram.reshape(-1), mode="promise_in_bounds").reshape(
+      gram.shape)
+
+
+def _group_ids(slots, max_iters):
+  """Group id of every token: the final position of the slot its own slot was (transitively) merged into.
+
+  A slot is merged away at most once and only into a slot alive in that round, so following `parent` ends at a
+  live slot within max_iters links; pointer doubling gets there in ⌈log2(max_iters)⌉ gathers.
+  """
+  root = slots.parent
+  for _ in range((max_iters - 1).bit_length()):
+    root = jnp.take_along_axis(root, root, axis=1)
+  batch, num_tokens = root.shape
+  live = jnp.arange(num_tokens)[None, :] < slots.count[:, None]
+  position = jnp.zeros((batch, num_tokens), jnp.int32).at[
+      jnp.arange(batch)[:, None], jnp.where(live, slots.order, num_tokens)].set(
+          jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens)), mode="drop")
+  return jnp.take_along_axis(position, root, axis=1)
 
 
 def _interleave(even, odd):
@@ -232,15 +349,19 @@ def _interleave(even, odd):
   return jnp.concatenate([pairs, even[odd.shape[0]:]])
 
 
-def _cosine_similarity(a, b):
-  """[n, D] × [m, D] → [n, m] cosine similarities in full float32 (also on TPU/GPU, whose default is lower).
+def _cosine_similarity_of_means(gram, sizes, a_ids, b_ids):
+  """Cosine similarities [len(a_ids), len(b_ids)] between slots, from the Gram matrix of their sums (by id).
 
-  The dot products come first and the norms scale the small result, which saves a pass over the features.
+  Sums are first divided by the sizes — mean·mean = sumᵢ·sumⱼ / (nᵢ·nⱼ) — with a true division: XLA would turn
+  `x / broadcast(n)` into the inexact `x * (1 / n)`, which the barrier prevents. Slots of k equal tokens then have
+  exactly the inner products of one such token (given exact sums), and equal groups tie exactly, as in PyTorch.
+  An all-zero slot has similarity 0 with everything.
   """
-  def inverse_norm(x):
-    return lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1), _MIN_SQUARED_NORM))
-  dots = jnp.einsum("nd,md->nm", a, b, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-  return dots * inverse_norm(a)[:, None] * inverse_norm(b)[None, :]
+  squared_norms = jnp.diagonal(gram) / lax.optimization_barrier(sizes * sizes)
+  inverse_norms = lax.rsqrt(jnp.maximum(squared_norms, _MIN_SQUARED_NORM))
+  a_sizes, b_sizes = sizes[a_ids], sizes[b_ids]
+  dots = gram[a_ids[:, None], b_ids[None, :]] / lax.optimization_barrier(a_sizes[:, None] * b_sizes[None, :])
+  return dots * inverse_norms[a_ids][:, None] * inverse_norms[b_ids][None, :]
 
 
 def _stable_descending_rank(scores):

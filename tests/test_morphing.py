@@ -8,8 +8,7 @@ from dtm_jax import losses
 from dtm_jax import morphing
 import morphing_reference as reference
 
-# Token values on this grid add up exactly in float32, as in the float64 reference, so groups of equal tokens have
-# exactly equal means in both and their ties are real ties in both.
+# Token values on this grid keep the test inputs exactly representable in float32, as in the float64 reference.
 _GRID = 1.0 / 1024
 # A case whose reference run made a decision on two scores closer than this is ill-posed for the comparison: either
 # choice is right within rounding. The float32 similarities of these inputs differ from float64 by at most 7.3e-7
@@ -31,6 +30,16 @@ def _smooth_field(rng, side, dim):
   return field + 0.1 * rng.normal(size=field.shape)
 
 
+def _tie_vector(rng, dim):
+  """A token repeated to make exact ties: entries in {-1, 0, 1}.
+
+  morph compares slots through sums of token inner products (see dtm_jax.morphing); with such entries those sums
+  stay exact in float32 up to groups of all 196 tokens (196² · |v|² < 2²⁴ for |v|² ≈ dim · 2/3 at dim 512), so groups
+  of this token have exactly this token's similarities and ties are real ties in float32 as in the reference.
+  """
+  return rng.integers(-1, 2, size=dim).astype(np.float64)
+
+
 def _make_tokens(rng, pattern, side, dim):
   """Tokens [side², dim] of a side×side patch grid, with values on _GRID."""
   if pattern == "iid":
@@ -41,9 +50,9 @@ def _make_tokens(rng, pattern, side, dim):
     x = _smooth_field(rng, side, dim)
     height, width = rng.integers(1, side + 1, size=2)
     top, left = rng.integers(0, side - height + 1), rng.integers(0, side - width + 1)
-    x[top:top + height, left:left + width] = rng.normal(size=dim)
+    x[top:top + height, left:left + width] = _tie_vector(rng, dim)
   elif pattern == "constant":  # every score ties in every round
-    x = np.broadcast_to(rng.normal(size=dim), (side, side, dim))
+    x = np.broadcast_to(_tie_vector(rng, dim), (side, side, dim))
   else:
     raise ValueError(pattern)
   return (np.round(x.reshape(side * side, dim) / _GRID) * _GRID).astype(np.float32)
@@ -59,10 +68,12 @@ def _well_posed_case(rng, pattern, side, dim, num_merge, num_iters, protect_firs
   raise AssertionError(f"No well-posed {pattern} input in 30 draws (side {side}, dim {dim}); make the inputs rougher.")
 
 
-# Every N and every D twice (each pair is a compilation); cases per protect mode: 2 × (24 + 18 + 9) = 102, 204 in all.
+# Every N and every D twice (each pair is a compilation); cases per protect mode: 2 × (24 + 18 + 9) = 102, 204 in all,
+# for each way of updating the slot Gram matrix.
+@pytest.mark.parametrize("gram_update", ["pairwise", "scatter"])
 @pytest.mark.parametrize("side,dim,num_cases", [(4, 8, 24), (4, 64, 24), (7, 8, 18), (7, 512, 18), (14, 64, 9),
                                                 (14, 512, 9)])
-def test_same_partitions_as_loop_reference(side, dim, num_cases):
+def test_same_partitions_as_loop_reference(side, dim, num_cases, gram_update):
   num_tokens = side * side
   for protect_first in (True, False):
     rng = np.random.default_rng([side, dim, int(protect_first)])
@@ -78,12 +89,12 @@ def test_same_partitions_as_loop_reference(side, dim, num_cases):
     num_merge, num_iters = (np.array(column, np.int32) for column in zip(*schedules))
 
     groups = np.asarray(morphing.morph(jnp.asarray(np.stack(tokens)), num_merge, num_iters,
-                                       protect_first=protect_first))
+                                       protect_first=protect_first, gram_update=gram_update))
 
     for case, (merge, iters) in enumerate(schedules):
       assert groups[case].tolist() == expected[case], (
           f"case {case}: pattern {_PATTERNS[case % len(_PATTERNS)]}, num_merge {merge}, num_iters {iters}, "
-          f"protect_first {protect_first}")
+          f"protect_first {protect_first}, gram_update {gram_update}")
 
 
 def test_one_compilation_for_any_schedule():

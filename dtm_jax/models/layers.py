@@ -75,6 +75,24 @@ def drop_path(x, rate, rng):
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def attention(q, k, v, bias=None, implementation=None):
+  """softmax(q·kᵀ/√d + bias)·v for q, k, v [B, T, heads, d] and bias broadcastable to [B, heads, T, T].
+
+  `jax.nn.dot_product_attention` with the implementation asked for (cuDNN's fused kernels on GPUs when None). On
+  CPUs, where XLA's batched matmuls over the [B, T, heads, d] layout run at half speed, the default is the same
+  computation with the heads moved ahead of the tokens first (2× faster forward and backward on XLA:CPU), with
+  the logits and softmax in float32 as in `jax.nn.dot_product_attention`.
+  """
+  if implementation is not None or jax.default_backend() != "cpu":
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, heads, T, d]
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  probabilities = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probabilities, v), 1, 2)
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention through `jax.nn.dot_product_attention`, so GPUs can use fused kernels.
 
@@ -111,7 +129,7 @@ class Attention(nnx.Module):
     if self.rel_pos_bias is not None:
       own_bias = relative_position_bias(self.rel_pos_bias[...], self.rel_pos_grid)
       bias = own_bias if bias is None else bias + own_bias
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.attention_impl)
+    out = attention(q, k, v, bias, self.attention_impl)
     return self.proj(out.reshape(batch, tokens, width))
 
 
