@@ -22,6 +22,10 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from dtm_jax import host_allocator  # pylint: disable=g-import-not-at-top
+
+host_allocator.keep_freed_memory_on_cpu_hosts()
+
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np

@@ -4,6 +4,7 @@ Standard tables (one command each):
   python benchmarks/train_step.py --table=gpu   # ViT-S/16 and ViT-B/16 students, CLIP ViT-B/16 teacher, 224², bf16,
                                                 # batch 256, DTM on and off (H100/H200)
   python benchmarks/train_step.py --table=cpu   # ViT-Tiny student + ViT-Tiny-sized CLIP teacher, 224², fp32, batch 16
+  python benchmarks/train_step.py --table=cpu --torch  # and the same step in PyTorch (benchmarks/train_step_torch.py)
 One configuration:
   python benchmarks/train_step.py --student=base --teacher=B/16 --batch=256 --dtype=bfloat16 --dtm=both
 
@@ -21,6 +22,10 @@ import time
 import os
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from dtm_jax import host_allocator  # pylint: disable=g-import-not-at-top
+
+host_allocator.keep_freed_memory_on_cpu_hosts()
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
@@ -153,6 +158,8 @@ def main():
   parser.add_argument("--attention", default=None, help="jax.nn.dot_product_attention implementation: xla, cudnn")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--accum", type=int, default=1)
+  parser.add_argument("--torch", action="store_true",
+                      help="Also time the PyTorch counterpart (float32, 2 threads; needs torch and transformers).")
   args = parser.parse_args()
 
   runs = TABLES[args.table] if args.table else [dict(student=args.student, teacher=args.teacher, batch=args.batch,
@@ -167,6 +174,20 @@ def main():
       results[dtm] = measure(**run, dtm=dtm, steps=args.steps, attention=args.attention, accum=args.accum)
       overhead = (results[True]["step_ms"] / results[False]["step_ms"]) if dtm and False in results else None
       print(_row(results[dtm], overhead), flush=True)
+    if args.torch:
+      _print_torch_rows(run, modes, results, args.steps)
+
+
+def _print_torch_rows(run: dict, modes: list[bool], jax_results: dict, steps: int) -> None:
+  """The PyTorch step of the same sizes, and how many times slower it is than the JAX step of this process."""
+  import train_step_torch  # pylint: disable=g-import-not-at-top
+  if run["dtype"] != "float32":
+    raise SystemExit("--torch compares float32 CPU steps; use it with --table=cpu or --dtype=float32.")
+  for dtm in modes:
+    r = train_step_torch.measure_torch(batch=run["batch"], image_size=run["image_size"], dtm=dtm, steps=steps)
+    ratio = r["step_ms"] / jax_results[dtm]["step_ms"]
+    print(f"PyTorch {r['torch']} (transformers {r['transformers']}, {r['threads']} threads), DTM "
+          f"{'on' if dtm else 'off'}: {r['step_ms']:.1f} ms per step = {ratio:.2f}× the JAX step", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,17 @@ shapes, so any mix of schedules runs through one compiled program inside the jit
 The rounds never touch the D-dimensional features. A slot's feature is the mean of its members' tokens, so the inner
 product of two slot means is a sum of token inner products divided by the two sizes: one token Gram matrix
 G = X·Xᵀ ([N, N], computed once per image and shared by every schedule) carries all the information a round needs.
-The state of one image is then
+A slot is named by an id (the token it started from), and the state of one image is
 
-  * the Gram matrix of the slots' feature *sums*, [capacity, capacity], in the current slot order, and their sizes;
-    a merge is a segment sum over rows and columns (O(t²) per round instead of the O(t²·D) similarity matmul);
-  * an original-token→slot label array that follows the merges, so the output is the group id of every token.
+  * the Gram matrix of the slots' feature *sums* and their sizes, indexed by id: merging slot s into slot p adds row
+    s to row p and column s to column p, so a round costs O(r·N) (or one O(N²) scatter) instead of the O(t²·D)
+    similarity matmul of the feature formulation;
+  * the current slot order (ids), and for every merged slot the id it went into, from which each token's final
+    group is found at the end.
 
 `lax.while_loop` runs rounds until no image has one left (an image whose schedule is done sits the remaining rounds
-out unchanged), and the slot arrays shrink in static steps (N, ¾N, ½N) as the slots merge away. Neither changes a
-result, only the work done.
+out unchanged), and the part of the order that is matched shrinks in static steps (N, ¾N, ½N) as the slots merge
+away. Neither changes a result, only the work done.
 
 Exactness: the cosine of two slots is computed from the slot-mean inner products (sums divided by sizes with a true
 division), so slots whose members are equal tokens have exactly the same similarities as one such token whenever the
@@ -305,9 +307,12 @@ def _merge_gram_pairwise(gram, sources, partners, merges):
 
   def merge_one(j, gram):
     source, partner, merging = sources[:, j], partners[:, j], (j < merges)[:, None]
-    gram = gram.at[batch, partner].add(jnp.where(merging, gram[batch, source], 0.0), mode="promise_in_bounds")
-    return gram.at[batch, :, partner].add(jnp.where(merging, gram[batch, :, source], 0.0),
-                                          mode="promise_in_bounds")
+    # One row (then column) per image, so the indices are unique: a plain in-place write, ~30% faster on CPU than
+    # an accumulating scatter-add.
+    row = gram[batch, partner] + jnp.where(merging, gram[batch, source], 0.0)
+    gram = gram.at[batch, partner].set(row, mode="promise_in_bounds", unique_indices=True)
+    column = gram[batch, :, partner] + jnp.where(merging, gram[batch, :, source], 0.0)
+    return gram.at[batch, :, partner].set(column, mode="promise_in_bounds", unique_indices=True)
 
   return lax.fori_loop(0, jnp.max(merges), merge_one, gram)
 

@@ -13,6 +13,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from dtm_jax import host_allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+host_allocator.keep_freed_memory_on_cpu_hosts()
+
 # Many tests build the same tiny train step (in this process and in the main.py subprocesses they launch): a
 # persistent compilation cache makes each program compile once per test session instead of once per test.
 import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
