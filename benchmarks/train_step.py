@@ -159,7 +159,8 @@ def main():
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--accum", type=int, default=1)
   parser.add_argument("--torch", action="store_true",
-                      help="Also time the PyTorch counterpart (float32, 2 threads; needs torch and transformers).")
+                      help="Also time the PyTorch counterpart (float32, one thread per usable CPU; needs torch and "
+                           "transformers).")
   args = parser.parse_args()
 
   runs = TABLES[args.table] if args.table else [dict(student=args.student, teacher=args.teacher, batch=args.batch,

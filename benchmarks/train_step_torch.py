@@ -41,9 +41,13 @@ def _teacher(image_size: int, patch_size: int, out_dim: int) -> torch.nn.Module:
   return transformers.CLIPVisionModelWithProjection(config).eval().requires_grad_(False)
 
 
-def measure_torch(*, batch: int, image_size: int, dtm: bool, steps: int, threads: int = 2,
+def measure_torch(*, batch: int, image_size: int, dtm: bool, steps: int, threads: int | None = None,
                   patch_size: int = 16, out_dim: int = 512, max_iters: int = 14, seed: int = 0) -> dict:
-  """Median step time of the PyTorch step (float32) after 2 warm-up steps; the schedules are drawn per step."""
+  """Median step time of the PyTorch step (float32) after 2 warm-up steps; the schedules are drawn per step.
+
+  `threads` defaults to the CPUs this process may run on (2 on the project's machines, 1 under `taskset -c 0`).
+  """
+  threads = threads or len(os.sched_getaffinity(0))  # as many threads as the process may use, like XLA
   torch.set_num_threads(threads)
   torch.manual_seed(seed)
   rng = np.random.default_rng(seed)
