@@ -63,10 +63,9 @@ def weight_decay_mask(params: PyTree, no_decay_names: Sequence[str]) -> PyTree:
   patterns = [re.compile(rf"(^|/){re.escape(name)}(/|$)") for name in no_decay_names]
 
   def decays(path, leaf):
-    name = path_name(path)
-    if jnp.ndim(leaf) <= 1 or name.endswith("bias"):
+    if jnp.ndim(leaf) <= 1:  # every bias (incl. q/v biases), norm scale and layer scale
       return False
-    return not any(p.search(name) for p in patterns)
+    return not any(p.search(path_name(path)) for p in patterns)
 
   return jax.tree_util.tree_map_with_path(decays, params)
 
