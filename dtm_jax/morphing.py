@@ -98,10 +98,8 @@ def morph(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True, gra
     int32 [B, N] group ids in [0, number of groups): tokens with equal ids form one group; the id is the final slot
     position, so ids are contiguous.
   """
-  _check_tokens(tokens)
-  return _morph_gram(token_gram(tokens), *_schedule_arrays(tokens.shape[0], num_merge, num_iters),
-                     jnp.asarray(protect_first, jnp.int32), max_iters=max_iters,
-                     gram_update=_resolve_gram_update(gram_update))
+  return morph_schedules(tokens, [num_merge], [num_iters], max_iters=max_iters, protect_first=protect_first,
+                         gram_update=gram_update)[0]
 
 
 def morph_schedules(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True, gram_update="auto"):
@@ -110,12 +108,13 @@ def morph_schedules(tokens, num_merge, num_iters, *, max_iters=14, protect_first
   The token Gram matrix is computed once for all schedules. Schedules run one after the other (L is static) so that
   each stops after its own rounds; a vmap over schedules would run every schedule for as many rounds as the longest.
   """
-  _check_tokens(tokens)
-  gram = token_gram(tokens)
-  protected = jnp.asarray(protect_first, jnp.int32)
+  if tokens.ndim != 3:
+    raise ValueError(f"morph expects tokens of shape [batch, tokens, dim]; got shape {tokens.shape}.")
+  gram, protected = token_gram(tokens), jnp.asarray(protect_first, jnp.int32)
+  gram_update = _resolve_gram_update(gram_update)
   return jnp.stack([
       _morph_gram(gram, *_schedule_arrays(tokens.shape[0], merge, iters), protected, max_iters=max_iters,
-                  gram_update=_resolve_gram_update(gram_update))
+                  gram_update=gram_update)
       for merge, iters in zip(num_merge, num_iters)])
 
 
@@ -126,11 +125,6 @@ def token_gram(tokens):
   """
   x = lax.stop_gradient(tokens).astype(jnp.float32)
   return jnp.einsum("bnd,bmd->bnm", x, x, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-
-
-def _check_tokens(tokens):
-  if tokens.ndim != 3:
-    raise ValueError(f"morph expects tokens of shape [batch, tokens, dim]; got shape {tokens.shape}.")
 
 
 def _schedule_arrays(batch, num_merge, num_iters):
