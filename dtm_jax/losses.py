@@ -85,19 +85,16 @@ def dtm_loss(student, target, groups_per_schedule, kind="smooth_l1", beta=2.0, n
     target = standardize(target)
   difference = student - target
 
-  def schedule_loss(groups):
-    if kind == "cosine":
-      student_means, sizes = morphing.per_group_means(student, groups)
-      target_means, _ = morphing.per_group_means(target, groups)
-      per_group = token_loss(student_means, target_means, kind)
-    else:  # group means are linear: mean(student) − mean(target) = mean(student − target)
-      difference_means, sizes = morphing.per_group_means(difference, groups)
-      per_group = jnp.mean(elementwise_loss(difference_means, kind, beta), axis=-1)
-    if weighting == "token":
-      weights = sizes / sizes.shape[-1]
-    else:
-      present = (sizes > 0).astype(jnp.float32)
-      weights = present / jnp.sum(present, axis=-1, keepdims=True)
-    return jnp.mean(jnp.sum(weights * per_group, axis=-1))
-
-  return jnp.mean(jnp.stack([schedule_loss(groups) for groups in groups_per_schedule]))
+  if kind == "cosine":
+    student_means, sizes = morphing.per_group_means(student, groups_per_schedule)
+    target_means, _ = morphing.per_group_means(target, groups_per_schedule)
+    per_group = token_loss(student_means, target_means, kind)
+  else:  # group means are linear: mean(student) − mean(target) = mean(student − target)
+    difference_means, sizes = morphing.per_group_means(difference, groups_per_schedule)
+    per_group = jnp.mean(elementwise_loss(difference_means, kind, beta), axis=-1)
+  if weighting == "token":
+    weights = sizes / sizes.shape[-1]
+  else:
+    present = (sizes > 0).astype(jnp.float32)
+    weights = present / jnp.sum(present, axis=-1, keepdims=True)
+  return jnp.mean(jnp.sum(weights * per_group, axis=-1))  # over images and schedules

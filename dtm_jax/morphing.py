@@ -24,13 +24,18 @@ Gram sums are exact in float32 — ties stay ties, as in the released code on su
 agree with a float64 computation to ~1e-6, so only decisions between scores closer than that can differ.
 """
 import functools
+import math
 from typing import NamedTuple
 
 import jax
 from jax import lax
 import jax.numpy as jnp
 
-GRAM_UPDATES = ("auto", "pairwise", "scatter")
+from dtm_jax import kernels
+
+IMPLEMENTATIONS = ("auto", "cpu_kernel", "pairwise", "scatter")
+# Images per matmul of the token Gram matrices on CPUs (see token_gram).
+_CPU_GRAM_BLOCK = 8
 # Smallest squared norm used when normalising: an all-zero feature gets cosine similarity 0 with everything.
 _MIN_SQUARED_NORM = 1e-24
 
@@ -68,7 +73,7 @@ def merges_per_round(num_merge, num_iters, num_tokens):
   return jnp.where(ceil * num_iters > num_tokens, num_merge // num_iters, ceil)
 
 
-def morph(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True, gram_update="auto"):
+def morph(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True, implementation="auto"):
   """Groups similar tokens by iterated bipartite soft matching, exactly as DTM_SPEC §3 describes.
 
   Each round splits the ordered slots alternately into A (even positions) and B (odd positions), matches every A
@@ -89,42 +94,58 @@ def morph(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True, gra
       the released code, which treats it like a class token) and unmerged A slots keep their positional order. With
       False every slot can merge and unmerged A slots stay in descending-score order, as the released code leaves
       them.
-    gram_update: how a round's merges update the slot Gram matrix (speed only; the results agree up to float
-      summation order, exactly on exact inputs): "pairwise" adds one source's row and column at a time (O(r·N) per
-      round, best on CPUs), "scatter" does the whole round in one scatter-add (O(N²) but one parallel op, best on
-      GPUs/TPUs); "auto" picks by the default backend.
+    implementation: how the rounds run (speed only; the partitions agree up to float summation order, exactly on
+      exact inputs). "cpu_kernel": a native kernel that morphs each image in cache-resident memory, images spread
+      over XLA's CPU threads (dtm_jax.kernels; built on first use, CPU only). The XLA versions update the slot Gram
+      matrix of a round's merges either "pairwise", one source's row and column at a time (O(r·N) per round), or
+      by "scatter", the whole round in one scatter-add (O(N²) but one parallel op, best on GPUs/TPUs). "auto":
+      cpu_kernel on CPUs (pairwise if it cannot be built), scatter elsewhere.
 
   Returns:
     int32 [B, N] group ids in [0, number of groups): tokens with equal ids form one group; the id is the final slot
     position, so ids are contiguous.
   """
   return morph_schedules(tokens, [num_merge], [num_iters], max_iters=max_iters, protect_first=protect_first,
-                         gram_update=gram_update)[0]
+                         implementation=implementation)[0]
 
 
-def morph_schedules(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True, gram_update="auto"):
+def morph_schedules(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True, implementation="auto"):
   """`morph` for each of L schedules: num_merge/num_iters int32 [L, B] → group ids int32 [L, B, N].
 
-  The token Gram matrix is computed once for all schedules. Schedules run one after the other (L is static) so that
-  each stops after its own rounds; a vmap over schedules would run every schedule for as many rounds as the longest.
+  The token Gram matrix is computed once for all schedules. The CPU kernel morphs all L·B image-schedules in one
+  call; the XLA versions run the schedules one after the other (L is static) so that each stops after its own
+  rounds (a vmap over schedules would run every schedule for as many rounds as the longest).
   """
   if tokens.ndim != 3:
     raise ValueError(f"morph expects tokens of shape [batch, tokens, dim]; got shape {tokens.shape}.")
   gram, protected = token_gram(tokens), jnp.asarray(protect_first, jnp.int32)
-  gram_update = _resolve_gram_update(gram_update)
-  return jnp.stack([
-      _morph_gram(gram, *_schedule_arrays(tokens.shape[0], merge, iters), protected, max_iters=max_iters,
-                  gram_update=gram_update)
-      for merge, iters in zip(num_merge, num_iters)])
+  schedules = [_schedule_arrays(tokens.shape[0], merge, iters) for merge, iters in zip(num_merge, num_iters)]
+  implementation = _resolve_implementation(implementation)
+  if implementation == "cpu_kernel":
+    return kernels.morph_gram(gram, jnp.stack([merge for merge, _ in schedules]),
+                              jnp.stack([iters for _, iters in schedules]), protected, max_iters=max_iters)
+  return jnp.stack([_morph_gram(gram, merge, iters, protected, max_iters=max_iters, gram_update=implementation)
+                    for merge, iters in schedules])
 
 
 def token_gram(tokens):
   """Inner products of every pair of an image's tokens: [B, N, D] → float32 [B, N, N], full float32 precision.
 
-  The only pass over the features that morphing makes; on accelerators it is one well-shaped matmul.
+  The only pass over the features that morphing makes; on accelerators it is one well-shaped matmul at HIGHEST
+  precision (no TF32/bf16 passes). XLA:CPU computes float32 dots exactly at any precision but runs HIGHEST through
+  a slower routine, and a loop over blocks of 8 images beats its batched dot by ~25% at the default shapes
+  (benchmarks/morphing.py), so CPUs get that unless the batch is explicitly sharded (the blocks would cut across
+  shards).
   """
   x = lax.stop_gradient(tokens).astype(jnp.float32)
-  return jnp.einsum("bnd,bmd->bnm", x, x, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  if jax.default_backend() != "cpu":
+    return jnp.einsum("bnd,bmd->bnm", x, x, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  batch, num_tokens, dim = x.shape
+  if any(axis is not None for axis in jax.typeof(x).sharding.spec):
+    return jnp.einsum("bnd,bmd->bnm", x, x)
+  block = math.gcd(batch, _CPU_GRAM_BLOCK)
+  blocks = x.reshape(batch // block, block, num_tokens, dim)
+  return lax.map(lambda b: jnp.einsum("bnd,bmd->bnm", b, b), blocks).reshape(batch, num_tokens, num_tokens)
 
 
 def _schedule_arrays(batch, num_merge, num_iters):
@@ -134,11 +155,15 @@ def _schedule_arrays(batch, num_merge, num_iters):
           jnp.broadcast_to(jnp.asarray(num_iters, jnp.int32), (batch,)))
 
 
-def _resolve_gram_update(name):
-  if name not in GRAM_UPDATES:
-    raise ValueError(f"gram_update={name!r} is not one of {GRAM_UPDATES}.")
+def _resolve_implementation(name):
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={name!r} is not one of {IMPLEMENTATIONS}.")
   if name == "auto":
-    return "pairwise" if jax.default_backend() == "cpu" else "scatter"
+    if jax.default_backend() != "cpu":
+      return "scatter"
+    return "cpu_kernel" if kernels.available() else "pairwise"
+  if name == "cpu_kernel":
+    kernels.require()
   return name
 
 
@@ -170,20 +195,32 @@ def per_group_means(x, groups):
 
   Args:
     x: [B, N, C] token features.
-    groups: int32 [B, N] group ids in [0, N) (others are clipped).
+    groups: int32 [B, N] group ids in [0, N) (others are clipped), or [L, B, N]: L partitions of the same tokens.
 
   Returns:
-    (means f32 [B, N, C], sizes f32 [B, N]): row g holds group g's mean and size; unused ids have zeros.
+    (means f32 groups.shape + [C], sizes f32 groups.shape): row g holds group g's mean and size; unused ids have
+    zeros.
   """
   ids = _valid_ids(groups)
   sizes = _segment_sum(jnp.ones(ids.shape, jnp.float32), ids)
-  return _segment_sum(x.astype(jnp.float32), ids) / jnp.maximum(sizes, 1.0)[..., None], sizes
+  return _group_sums(x.astype(jnp.float32), ids) / jnp.maximum(sizes, 1.0)[..., None], sizes
+
+
+def _group_sums(x, ids):
+  """Sums of x [B, N, C] per id for ids [..., B, N] in [0, N): the CPU kernel where it runs, else one scatter-add."""
+  batch, num_tokens, channels = x.shape
+  partitions = ids.reshape(-1, batch, num_tokens)
+  if _resolve_implementation("auto") == "cpu_kernel":
+    sums = kernels.group_sums(x, partitions)
+  else:
+    sums = _segment_sum(jnp.broadcast_to(x, partitions.shape + (channels,)), partitions)
+  return sums.reshape(ids.shape + (channels,))
 
 
 def group_mean(x, groups):
   """Replaces every token of x [B, N, C] by the mean of its group (groups int32 [B, N]); returns x's dtype."""
   means, _ = per_group_means(x, groups)
-  return jnp.take_along_axis(means, _valid_ids(groups)[..., None], axis=1).astype(x.dtype)
+  return jnp.take_along_axis(means, _valid_ids(groups)[..., None], axis=-2).astype(x.dtype)
 
 
 def num_groups(groups):
@@ -198,14 +235,15 @@ def _valid_ids(ids):
 
 
 def _segment_sum(values, ids):
-  """Sums the rows of values [B, N, ...] that share an id (int32 [B, N], in [0, N)) into row `id`, per image.
+  """Sums the rows of values [..., N, ...] that share an id (int32 [..., N], in [0, N)) into row `id`, per leading
+  index (image, or partition and image).
 
-  One unchecked scatter-add over the flattened batch: XLA's bounds-checked scatter, and a vmapped (batched) one, are
-  several times slower on CPU.
+  One unchecked scatter-add over the flattened leading dimensions: XLA's bounds-checked scatter, and a vmapped
+  (batched) one, are several times slower on CPU.
   """
-  batch, num_tokens = ids.shape
-  flat_ids = (jnp.arange(batch, dtype=jnp.int32)[:, None] * num_tokens + ids).reshape(-1)
-  flat_values = values.reshape((batch * num_tokens,) + values.shape[2:])
+  num_tokens, rows = ids.shape[-1], ids.size // ids.shape[-1]
+  flat_ids = (jnp.arange(rows, dtype=jnp.int32)[:, None] * num_tokens + ids.reshape(rows, num_tokens)).reshape(-1)
+  flat_values = values.reshape((ids.size,) + values.shape[ids.ndim:])
   return jnp.zeros_like(flat_values).at[flat_ids].add(flat_values, mode="promise_in_bounds").reshape(values.shape)
 
 

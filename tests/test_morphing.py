@@ -70,10 +70,10 @@ def _well_posed_case(rng, pattern, side, dim, num_merge, num_iters, protect_firs
 
 # Every N and every D twice (each pair is a compilation); cases per protect mode: 2 × (24 + 18 + 9) = 102, 204 in all,
 # for each way of updating the slot Gram matrix.
-@pytest.mark.parametrize("gram_update", ["pairwise", "scatter"])
+@pytest.mark.parametrize("implementation", ["cpu_kernel", "pairwise", "scatter"])
 @pytest.mark.parametrize("side,dim,num_cases", [(4, 8, 24), (4, 64, 24), (7, 8, 18), (7, 512, 18), (14, 64, 9),
                                                 (14, 512, 9)])
-def test_same_partitions_as_loop_reference(side, dim, num_cases, gram_update):
+def test_same_partitions_as_loop_reference(side, dim, num_cases, implementation):
   num_tokens = side * side
   for protect_first in (True, False):
     rng = np.random.default_rng([side, dim, int(protect_first)])
@@ -89,12 +89,12 @@ def test_same_partitions_as_loop_reference(side, dim, num_cases, gram_update):
     num_merge, num_iters = (np.array(column, np.int32) for column in zip(*schedules))
 
     groups = np.asarray(morphing.morph(jnp.asarray(np.stack(tokens)), num_merge, num_iters,
-                                       protect_first=protect_first, gram_update=gram_update))
+                                       protect_first=protect_first, implementation=implementation))
 
     for case, (merge, iters) in enumerate(schedules):
       assert groups[case].tolist() == expected[case], (
           f"case {case}: pattern {_PATTERNS[case % len(_PATTERNS)]}, num_merge {merge}, num_iters {iters}, "
-          f"protect_first {protect_first}, gram_update {gram_update}")
+          f"protect_first {protect_first}, implementation {implementation}")
 
 
 def test_one_compilation_for_any_schedule():

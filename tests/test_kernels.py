@@ -1,0 +1,110 @@
+"""dtm_jax.kernels: the CPU kernels build here, agree with the XLA versions, work sharded and vmapped, and morphing
+falls back with a clear message when they can't be built."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dtm_jax import kernels, losses, morphing
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def test_kernels_build_and_morphing_uses_them_on_cpu():
+  kernels.require()  # raises KernelUnavailableError with the compiler's message if the build fails
+  assert morphing._resolve_implementation("auto") == "cpu_kernel"
+  assert any(path.name.startswith("libdtm_morphing_") for path in kernels.cache_dir().iterdir())
+
+
+def _random_groups(rng, num_schedules, batch, num_tokens):
+  """Group ids with repeated and unused ids, like real morphing output."""
+  return rng.integers(0, num_tokens // 3, size=(num_schedules, batch, num_tokens)).astype(np.int32)
+
+
+def test_group_sums_match_scatter_add_and_its_gradient():
+  rng = np.random.default_rng(0)
+  values = jnp.asarray(rng.normal(size=(3, 20, 7)), jnp.float32)
+  groups = jnp.asarray(_random_groups(rng, 2, 3, 20))
+  expected = np.zeros((2, 3, 20, 7))
+  for l in range(2):
+    for b in range(3):
+      np.add.at(expected[l, b], np.asarray(groups[l, b]), np.asarray(values[b], np.float64))
+  np.testing.assert_allclose(jax.jit(kernels.group_sums)(values, groups), expected, rtol=1e-6, atol=1e-6)
+
+  weights = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
+  gradient = jax.grad(lambda v: jnp.sum(kernels.group_sums(v, groups) * weights))(values)
+  # d/dv[b, i] = Σ_l weights[l, b, group of i]
+  expected_gradient = sum(np.take_along_axis(np.asarray(weights[l]), np.asarray(groups[l])[..., None], axis=1)
+                          for l in range(2))
+  np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-6, atol=1e-6)
+
+
+def test_dtm_loss_same_with_kernel_and_scatter(monkeypatch):
+  rng = np.random.default_rng(1)
+  student = jnp.asarray(rng.normal(size=(4, 16, 8)), jnp.float32)
+  target = jnp.asarray(rng.normal(size=(4, 16, 8)), jnp.float32)
+  groups = jnp.asarray(_random_groups(rng, 2, 4, 16))
+  loss_and_grad = lambda: jax.value_and_grad(losses.dtm_loss)(student, target, groups)
+  with_kernel = loss_and_grad()
+  monkeypatch.setattr(kernels, "available", lambda: False)  # "auto" then takes the XLA scatter
+  assert morphing._resolve_implementation("auto") == "pairwise"
+  with_scatter = loss_and_grad()
+  np.testing.assert_allclose(with_kernel[0], with_scatter[0], rtol=1e-6)
+  np.testing.assert_allclose(with_kernel[1], with_scatter[1], rtol=1e-5, atol=1e-7)
+
+
+def test_kernel_morphing_sharded_over_devices_and_vmapped():
+  assert jax.device_count() == 8
+  rng = np.random.default_rng(2)
+  tokens = jnp.asarray(rng.normal(size=(8, 49, 16)), jnp.float32)
+  num_merge = jnp.asarray(rng.integers(0, 50, size=(2, 8)), jnp.int32)
+  num_iters = jnp.asarray(rng.integers(1, 15, size=(2, 8)), jnp.int32)
+  expected = np.asarray(morphing.morph_schedules(tokens, num_merge, num_iters, implementation="pairwise"))
+
+  mesh = jax.make_mesh((8,), ("data",))
+  sharded = jax.jit(lambda t, m, k: morphing.morph_schedules(t, m, k, implementation="cpu_kernel"))(
+      jax.device_put(tokens, NamedSharding(mesh, P("data"))), jax.device_put(num_merge, NamedSharding(mesh, P(None, "data"))),
+      jax.device_put(num_iters, NamedSharding(mesh, P(None, "data"))))
+  np.testing.assert_array_equal(sharded, expected)
+
+  per_image = jax.vmap(lambda t, m, k: morphing.morph(t[None], m[None], k[None], implementation="cpu_kernel")[0])(
+      tokens, num_merge[0], num_iters[0])
+  np.testing.assert_array_equal(per_image, expected[0])
+
+
+def test_falls_back_to_xla_with_the_reason_when_no_compiler(tmp_path):
+  script = """
+import logging, sys
+import jax.numpy as jnp, numpy as np
+from dtm_jax import kernels, morphing
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
+tokens = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 4)), jnp.float32)
+groups = morphing.morph(tokens, 6, 2)  # auto: falls back to the XLA rounds
+np.testing.assert_array_equal(groups, morphing.morph(tokens, 6, 2, implementation="pairwise"))
+try:
+  morphing.morph(tokens, 6, 2, implementation="cpu_kernel")
+except kernels.KernelUnavailableError as error:
+  print("RAISED", error)
+"""
+  env = dict(os.environ, CXX="no-such-compiler", DTM_JAX_KERNEL_CACHE=str(tmp_path), JAX_PLATFORMS="cpu",
+             PYTHONPATH=ROOT)
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert result.returncode == 0, result.stderr
+  assert "No C++ compiler 'no-such-compiler'" in result.stdout  # the warning of the automatic fallback
+  assert "RAISED No C++ compiler 'no-such-compiler'" in result.stdout  # an explicit request fails loudly
+  assert not list(tmp_path.iterdir())
+
+
+def test_token_gram_is_float32_exact_on_cpu():
+  rng = np.random.default_rng(3)
+  tokens = rng.normal(size=(12, 49, 64)).astype(np.float32)
+  exact = np.einsum("bnd,bmd->bnm", tokens.astype(np.float64), tokens.astype(np.float64))
+  gram = np.asarray(jax.jit(morphing.token_gram)(jnp.asarray(tokens)), np.float64)
+  # float32 accumulation over 64 products: well within 1e-6 of the largest entry, far from TF32/bf16 (~1e-3).
+  assert np.max(np.abs(gram - exact)) < 1e-6 * np.max(np.abs(exact))
