@@ -38,8 +38,8 @@ def _initialize_distributed():
 def main(argv):
   del argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from dtm_jax import host_allocator  # pylint: disable=g-import-not-at-top
-  host_allocator.keep_freed_memory_on_cpu_hosts()  # before any computation starts XLA's threads
+  from dtm_jax import cpu_host  # pylint: disable=g-import-not-at-top
+  cpu_host.configure()  # before JAX starts its backend and threads
   _initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   from dtm_jax import metrics  # pylint: disable=g-import-not-at-top

@@ -22,9 +22,9 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from dtm_jax import host_allocator  # pylint: disable=g-import-not-at-top
+from dtm_jax import cpu_host  # pylint: disable=g-import-not-at-top
 
-host_allocator.keep_freed_memory_on_cpu_hosts()
+cpu_host.configure()
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp

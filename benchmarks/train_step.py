@@ -11,7 +11,7 @@ One configuration:
 Prints per configuration: step time (median over the timed steps), images/s, TFLOP/s per device, MFU (analytic
 FLOPs: student forward+backward = 3× forward, teacher forward, morphing; peak from metrics.PEAK_BF16_FLOPS), peak
 device memory, the number of compilations of the step, and the DTM overhead = step time with DTM ÷ step time with the
-token-wise loss (num_merge = 0), both measured in this process.
+token-wise loss (num_merge = 0), both measured in this process, their steps taking turns.
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import os
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from dtm_jax import host_allocator  # pylint: disable=g-import-not-at-top
+from dtm_jax import cpu_host  # pylint: disable=g-import-not-at-top
 
-host_allocator.keep_freed_memory_on_cpu_hosts()
+cpu_host.configure()
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
@@ -66,9 +66,9 @@ def _optim_config() -> ml_collections.ConfigDict:
                                         no_decay_names=("cls_token", "pos_embed"), grad_clip=3.0, layer_decay=1.0))
 
 
-def measure(*, student: str, teacher: str, batch: int, dtype: str, image_size: int, dtm: bool, steps: int,
-            attention: str | None = None, accum: int = 1, patch_size: int = 16, fsdp: int = 1) -> dict:
-  """Builds the step once and times `steps` steps after warm-up. Returns the figures as a dict."""
+def build(*, student: str, teacher: str, batch: int, dtype: str, image_size: int, dtm: bool,
+          attention: str | None = None, accum: int = 1, patch_size: int = 16, fsdp: int = 1) -> dict:
+  """Builds and warms up the step (compilation + 3 steps). Returns the step runner and what `figures` needs."""
   target = targets.build_target(_target_config(teacher, dtype, attention), image_size=image_size,
                                 patch_size=patch_size)
   model_cfg = vit.get_config(student, image_size=image_size, patch_size=patch_size, dtype=jnp.dtype(dtype),
@@ -91,7 +91,8 @@ def measure(*, student: str, teacher: str, batch: int, dtype: str, image_size: i
   state = jax.jit(init_state, out_shardings=state_sh)()
   target_sh = sharding.param_shardings(target.params, mesh)
   target_params = jax.device_put(target.params, target_sh)
-  loss_and_grads = train.make_loss_and_grads(student=student_fm, target=target, config=config, tokens=tokens)
+  loss_and_grads = train.make_loss_and_grads(student=student_fm, target=target, config=config, tokens=tokens,
+                                             mesh=mesh)
   step_fn = train.make_train_step(loss_and_grads=loss_and_grads, tx=tx, lr_schedule=schedule)
   traces = []
 
@@ -107,29 +108,44 @@ def measure(*, student: str, teacher: str, batch: int, dtype: str, image_size: i
   data = jax.device_put({"image": jnp.asarray(rng.standard_normal((batch, image_size, image_size, 3)), jnp.float32),
                          "mask": jnp.asarray(masks)}, batch_sh)
 
-  for _ in range(3):  # compile + warm-up
-    state, out = step(state, target_params, data)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    state, out = step(state, target_params, data)
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - t0)
-  step_time = statistics.median(times)
+  carry = {"state": state}
 
+  def run_step():
+    carry["state"], out = step(carry["state"], target_params, data)
+    return jax.block_until_ready(out)
+
+  for _ in range(3):  # compile + warm-up
+    run_step()
   flops = batch * (3 * targets.transformer_flops(model_cfg, model_cfg.out_dim) + target.forward_flops +
                    (metrics.morphing_flops(tokens=tokens, dim=target.out_dim, num_schedules=2, max_iters=14)
                     if dtm else 0.0))
-  tflops = flops / step_time / jax.device_count() / 1e12
+  return {"run_step": run_step, "traces": traces, "flops": flops, "config": dict(
+      student=student, teacher=teacher, batch=batch, dtype=dtype, image_size=image_size, dtm=dtm,
+      attention=attention or "default")}
+
+
+def time_interleaved(built: list[dict], steps: int) -> list[dict]:
+  """Times `steps` steps of every built step, taking turns (one step of each in every round), so that a change in the
+  machine's speed during the run (±30% on shared VMs) affects them alike and their ratio stays fair."""
+  times = [[] for _ in built]
+  for _ in range(steps):
+    for b, step_times in zip(built, times):
+      t0 = time.perf_counter()
+      out = b["run_step"]()
+      step_times.append(time.perf_counter() - t0)
+      b["loss"] = float(out["loss"])
+  return [figures(b, statistics.median(t)) for b, t in zip(built, times)]
+
+
+def figures(b: dict, step_time: float) -> dict:
+  tflops = b["flops"] / step_time / jax.device_count() / 1e12
   peak = metrics.peak_flops_per_device(jax.devices()[0].device_kind)
   stats = jax.devices()[0].memory_stats() or {}
   return {
-      "student": student, "teacher": teacher, "batch": batch, "dtype": dtype, "image_size": image_size,
-      "dtm": dtm, "attention": attention or "default", "step_ms": 1e3 * step_time, "images_per_s": batch / step_time,
+      **b["config"], "step_ms": 1e3 * step_time, "images_per_s": b["config"]["batch"] / step_time,
       "tflops_per_device": tflops, "mfu": tflops * 1e12 / peak if peak else float("nan"),
-      "peak_memory_gib": stats.get("peak_bytes_in_use", float("nan")) / 2 ** 30, "compilations": len(traces),
-      "loss": float(out["loss"]),
+      "peak_memory_gib": stats.get("peak_bytes_in_use", float("nan")) / 2 ** 30, "compilations": len(b["traces"]),
+      "loss": b["loss"],
   }
 
 
@@ -170,9 +186,9 @@ def main():
         f"backend {jax.default_backend()}", flush=True)
   print(HEADER, flush=True)
   for run in runs:
-    results = {}
+    built = [build(**run, dtm=dtm, attention=args.attention, accum=args.accum) for dtm in modes]
+    results = dict(zip(modes, time_interleaved(built, args.steps)))
     for dtm in modes:
-      results[dtm] = measure(**run, dtm=dtm, steps=args.steps, attention=args.attention, accum=args.accum)
       overhead = (results[True]["step_ms"] / results[False]["step_ms"]) if dtm and False in results else None
       print(_row(results[dtm], overhead), flush=True)
     if args.torch:

@@ -18,6 +18,11 @@ A slot is named by an id (the token it started from), and the state of one image
 out unchanged), and the part of the order that is matched shrinks in static steps (N, ¾N, ½N) as the slots merge
 away. Neither changes a result, only the work done.
 
+On CPUs the rounds and the loss's group sums run instead as native kernels (dtm_jax.kernels: XLA FFI custom calls
+built on first use), the same algorithm and float32 arithmetic image by image in cache-resident memory: XLA:CPU
+executes the rounds' small gathers and scatters one after another at tens of µs each, ~2× the cost of the Gram
+matmul. Without a C++ compiler the XLA rounds run everywhere.
+
 Exactness: the cosine of two slots is computed from the slot-mean inner products (sums divided by sizes with a true
 division), so slots whose members are equal tokens have exactly the same similarities as one such token whenever the
 Gram sums are exact in float32 — ties stay ties, as in the released code on such inputs. Elsewhere the similarities

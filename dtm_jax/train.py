@@ -121,11 +121,13 @@ def config_differences(old: dict, new: dict) -> list[str]:
 # The step.
 # ----------------------------------------------------------------------------------------------------------------
 def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets.Target,
-                        config: ml_collections.ConfigDict, tokens: int):
+                        config: ml_collections.ConfigDict, tokens: int, mesh=None):
   """(params, target_params, batch, step) → (loss, mean number of groups, gradients) for one global batch.
 
   Schedules are drawn for the whole batch from the step's key, then the batch is cut into `grad_accum_steps`
-  micro-batches whose gradients are averaged, so accumulation equals one step on the full batch.
+  micro-batches whose gradients are averaged, so accumulation equals one step on the full batch. With the `mesh`
+  the batch is split over, morphing and the DTM loss run on each device's share of the batch (see
+  _per_batch_shard).
   """
   dtm = config.dtm
   accum = config.grad_accum_steps
@@ -133,14 +135,20 @@ def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets
   if not dtm.enabled:
     max_merge = 0  # token-wise distillation: every schedule merges nothing
 
-  def micro_loss(params, target_params, images, mask, num_merge, num_iters, dropout_rng):
-    target_tokens = target.tokens(target_params, images)
+  def morphed_loss(pred, target_tokens, num_merge, num_iters):
     groups = morphing.morph_schedules(target_tokens, num_merge, num_iters, max_iters=dtm.max_iters,
                                       protect_first=dtm.protect_first)
-    pred = student.apply(params, images, mask, dropout_rng=dropout_rng)
     loss = losses.dtm_loss(pred, target_tokens, groups, kind=dtm.loss, beta=dtm.beta,
                            normalize_target=dtm.normalize_target, weighting=dtm.weighting)
     return loss, jnp.mean(jax.vmap(morphing.num_groups)(groups).astype(jnp.float32))
+
+  if mesh is not None and mesh.size > 1:
+    morphed_loss = _per_batch_shard(morphed_loss, mesh)
+
+  def micro_loss(params, target_params, images, mask, num_merge, num_iters, dropout_rng):
+    target_tokens = target.tokens(target_params, images)
+    pred = student.apply(params, images, mask, dropout_rng=dropout_rng)
+    return morphed_loss(pred, target_tokens, num_merge, num_iters)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -178,6 +186,23 @@ def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets
     return loss / accum, groups / accum, jax.tree.map(lambda g: g / accum, grads)
 
   return loss_and_grads
+
+
+def _per_batch_shard(morphed_loss, mesh):
+  """Runs morphed_loss(pred [B, N, C], target tokens [B, N, D], num_merge, num_iters [L, B]) → (loss, groups) on
+  every device's images and averages the two means over the devices (the shards are equal, so that is the mean over
+  the batch).
+
+  Morphing and the loss work image by image, so this is exact. It keeps their gathers, scatters and while loops
+  local to a device, and lets the CPU kernels (dtm_jax.kernels), which the SPMD partitioner cannot split, see only
+  their device's images instead of the whole batch gathered onto every device.
+  """
+  batch, schedules = P(sharding.BATCH_AXES), P(None, sharding.BATCH_AXES)
+
+  def per_shard(*args):
+    return tuple(jax.lax.pmean(mean, sharding.BATCH_AXES) for mean in morphed_loss(*args))
+
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=(batch, batch, schedules, schedules), out_specs=(P(), P()))
 
 
 def make_train_step(*, loss_and_grads, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
@@ -360,7 +385,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   checkpoint_lib.assert_processes_agree(start_step, metadata["config_hash"])
 
   # ----- The jitted step.
-  loss_and_grads = make_loss_and_grads(student=student_fm, target=target, config=config, tokens=tokens)
+  loss_and_grads = make_loss_and_grads(student=student_fm, target=target, config=config, tokens=tokens,
+                                      mesh=mesh)
   momentum = (lambda step: targets.ema_momentum(config.target, step, total_steps)) if target.is_ema else None
   step_fn = make_train_step(loss_and_grads=loss_and_grads, tx=tx, lr_schedule=lr_schedule, ema_momentum=momentum)
   batch_sh = sharding.batch_sharding(mesh)

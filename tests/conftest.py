@@ -13,9 +13,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from dtm_jax import host_allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dtm_jax import cpu_host  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-host_allocator.keep_freed_memory_on_cpu_hosts()
+cpu_host.configure()
 
 # Many tests build the same tiny train step (in this process and in the main.py subprocesses they launch): a
 # persistent compilation cache makes each program compile once per test session instead of once per test.

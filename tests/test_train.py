@@ -15,13 +15,13 @@ from dtm_jax import checkpoint, sharding, targets, train
 from dtm_jax.models import functional, vit
 from train_testing import REPO, free_port, losses_by_step, tiny_config
 
-def _components(config):
+def _components(config, mesh=None):
   model_cfg = train.student_config(config)
   student, _ = functional.abstract_split(lambda: vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
   _, params = functional.split_module(vit.PretrainViT(model_cfg, rngs=nnx.Rngs(config.seed)))
   target = targets.build_target(config.target, image_size=model_cfg.image_size, patch_size=model_cfg.patch_size)
   loss_and_grads = train.make_loss_and_grads(student=student, target=target, config=config,
-                                             tokens=train.num_patches(config))
+                                             tokens=train.num_patches(config), mesh=mesh)
   return params, target, loss_and_grads
 
 
@@ -47,7 +47,8 @@ def test_first_step_on_sharded_mesh_equals_one_device():
   params, target, loss_and_grads = _components(config)
   batch = _batch(config)
   one = _run_on_mesh(sharding.make_mesh(1, 1, devices=jax.devices()[:1]), params, target, loss_and_grads, batch)
-  many = _run_on_mesh(sharding.make_mesh(4, 2), params, target, loss_and_grads, batch)
+  mesh = sharding.make_mesh(4, 2)
+  many = _run_on_mesh(mesh, params, target, _components(config, mesh)[2], batch)  # morphing + loss per device
   assert np.isfinite(one[0]) and one[0] > 0
   np.testing.assert_allclose(many[0], one[0], rtol=1e-5)
   np.testing.assert_allclose(many[1], one[1], rtol=1e-6)

@@ -97,7 +97,7 @@ def morph_gram(gram, num_merge, num_iters, protected, *, max_iters):
   num_schedules, (batch, num_tokens, _) = num_merge.shape[0], gram.shape
   call = jax.ffi.ffi_call(MORPH_TARGET, jax.ShapeDtypeStruct((num_schedules, batch, num_tokens), jnp.int32),
                           vmap_method="sequential")
-  return call(gram, num_merge, num_iters, protected, max_iters=max_iters)
+  return _varying_like(call(gram, num_merge, num_iters, protected, max_iters=max_iters), gram)
 
 
 @jax.custom_vjp
@@ -109,7 +109,24 @@ def group_sums(values, groups):
   _load()
   call = jax.ffi.ffi_call(GROUP_SUMS_TARGET, jax.ShapeDtypeStruct(groups.shape + values.shape[-1:], jnp.float32),
                           vmap_method="sequential")
-  return call(values, groups)
+  return _varying_like(call(values, groups), values)
+
+
+def _varying_like(result, operand):
+  """Inside shard_map, marks an FFI result as varying over the mesh axes its operand varies over: ffi_call results
+  carry no such type, and gradients must have their primal's."""
+  axes = tuple(sorted(_varying_axes(operand) - _varying_axes(result)))
+  if not axes:
+    return result
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(result, axes, to="varying")
+  return jax.lax.pvary(result, axes)  # releases before pcast
+
+
+def _varying_axes(x) -> frozenset:
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; earlier releases called it `vma`
+  return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 def _group_sums_forward(values, groups):
