@@ -136,7 +136,7 @@ def timed(fn):
 
 
 def matmul_rate(batch, num_tokens, dim):
-  """Measured float32 FLOPs per wall-clock second of the batched N×D×N token Gram matmul."""
+  """Measured float32 FLOPs per wall-clock second of morphing.token_gram (the batched N×D×N Gram matmul)."""
   x = jnp.ones((batch, num_tokens, dim), jnp.float32)
   gram = jax.jit(morphing.token_gram)
   jax.block_until_ready(gram(x))
@@ -239,8 +239,8 @@ def main():
         f"{(student_flops + teacher_flops) / 1e9:.1f} GFLOP; morphing + group means + loss "
         f"{dtm_flops / 1e6:.0f} MFLOP (rounds actually run, mean over the draws) = "
         f"{100 * dtm_flops / (student_flops + teacher_flops):.2f}% of the step.")
-  print(f"Floor: the token Gram matrices alone are {gram_flops * args.batch / 1e9:.2f} GFLOP per step; at this "
-        f"machine's batched float32 matmul rate ({rate / 1e9:.0f} GFLOP/s wall, measured) they take "
+  print(f"Floor: the token Gram matrices alone are {gram_flops * args.batch / 1e9:.2f} GFLOP per step; "
+        f"morphing.token_gram computes them at {rate / 1e9:.0f} GFLOP/s (wall, measured here), in "
         f"{gram_flops * args.batch / rate * 1e3:.0f} ms.")
 
 

@@ -108,3 +108,19 @@ def test_token_gram_is_float32_exact_on_cpu():
   gram = np.asarray(jax.jit(morphing.token_gram)(jnp.asarray(tokens)), np.float64)
   # float32 accumulation over 64 products: well within 1e-6 of the largest entry, far from TF32/bf16 (~1e-3).
   assert np.max(np.abs(gram - exact)) < 1e-6 * np.max(np.abs(exact))
+
+
+def test_unwritable_cache_folder_is_a_clear_fallback(tmp_path):
+  blocked = tmp_path / "file"
+  blocked.write_text("")  # a file where the cache folder should go: mkdir fails
+  script = """
+import logging, sys
+from dtm_jax import kernels, morphing
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
+assert morphing._resolve_implementation("auto") == "pairwise"
+"""
+  env = dict(os.environ, DTM_JAX_KERNEL_CACHE=str(blocked / "kernels"), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert result.returncode == 0, result.stderr
+  assert "set DTM_JAX_KERNEL_CACHE to one that is" in result.stdout

@@ -69,8 +69,10 @@ def _build(compiler: str) -> pathlib.Path:
 def _load() -> None:
   try:
     library = ctypes.cdll.LoadLibrary(str(_build(_compiler())))
-  except OSError as error:
-    raise KernelUnavailableError(f"Loading dtm_jax's CPU morphing kernels failed: {error}") from error
+  except OSError as error:  # an unwritable cache folder, a compiler that vanished, a library that won't load
+    raise KernelUnavailableError(
+        f"Building or loading dtm_jax's CPU morphing kernels failed: {error}. If the cache folder {cache_dir()} is "
+        "not writable, set DTM_JAX_KERNEL_CACHE to one that is.") from error
   jax.ffi.register_ffi_target(MORPH_TARGET, jax.ffi.pycapsule(library.DtmMorphGram), platform="cpu")
   jax.ffi.register_ffi_target(GROUP_SUMS_TARGET, jax.ffi.pycapsule(library.DtmGroupSums), platform="cpu")
 
