@@ -37,6 +37,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from dtm_jax import kernels
+from dtm_jax import sharding
 
 IMPLEMENTATIONS = ("auto", "cpu_kernel", "pairwise", "scatter")
 # Images per matmul of the token Gram matrices on CPUs (see token_gram).
@@ -180,6 +181,7 @@ def _morph_gram(gram, num_merge, num_iters, protected, *, max_iters, gram_update
   identity = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
   slots = _Slots(gram=gram, sizes=jnp.ones((batch, num_tokens), jnp.float32), order=identity, parent=identity,
                  count=jnp.full((batch,), num_tokens, jnp.int32), rounds=jnp.zeros((batch,), jnp.int32))
+  slots = jax.tree.map(lambda x: sharding.varying_like(x, gram), slots)  # one loop-state type under shard_map
 
   capacities = _slot_capacities(num_tokens)
   for capacity, next_capacity in zip(capacities, capacities[1:] + [0]):

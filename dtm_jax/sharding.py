@@ -71,3 +71,24 @@ def to_global(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
   """Assemble one global jax.Array per key from each process's local slice of the batch."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host_batch.items()}
+
+
+def varying_like(x, like):
+  """Inside shard_map, marks x as varying over the mesh axes `like` varies over (a no-op elsewhere).
+
+  shard_map types every value by the mesh axes it may differ over. Values made from constants (a loop's initial
+  state) or returned by an FFI call carry none, so a while loop whose body mixes them with per-device data, or a
+  gradient that must match its primal's type, needs them marked.
+  """
+  axes = tuple(sorted(_varying_axes(like) - _varying_axes(x)))
+  if not axes:
+    return x
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, axes, to="varying")
+  return jax.lax.pvary(x, axes)  # releases before pcast
+
+
+def _varying_axes(x) -> frozenset:
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; earlier releases called it `vma`
+  return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))

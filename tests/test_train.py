@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dtm_jax import checkpoint, sharding, targets, train
+from dtm_jax import checkpoint, morphing, sharding, targets, train
 from dtm_jax.models import functional, vit
 from train_testing import REPO, free_port, losses_by_step, tiny_config
 
@@ -42,7 +42,11 @@ def _run_on_mesh(mesh, params, target, loss_and_grads, batch):
                            sharding.to_global(batch, mesh), jnp.int32(0)))
 
 
-def test_first_step_on_sharded_mesh_equals_one_device():
+@pytest.mark.parametrize("implementation", ["cpu_kernel", "pairwise", "scatter"])
+def test_first_step_on_sharded_mesh_equals_one_device(implementation, monkeypatch):
+  # Every morphing implementation, as GPUs/TPUs ("scatter") and CPUs without a compiler ("pairwise") run it too.
+  resolve = morphing._resolve_implementation
+  monkeypatch.setattr(morphing, "_resolve_implementation", lambda name: resolve(implementation))
   config = tiny_config()
   params, target, loss_and_grads = _components(config)
   batch = _batch(config)

@@ -19,6 +19,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from dtm_jax import sharding
+
 MORPH_TARGET = "dtm_morph_gram"
 GROUP_SUMS_TARGET = "dtm_group_sums"
 _SOURCE = pathlib.Path(__file__).with_name("morphing_cpu.cc")
@@ -99,7 +101,7 @@ def morph_gram(gram, num_merge, num_iters, protected, *, max_iters):
   num_schedules, (batch, num_tokens, _) = num_merge.shape[0], gram.shape
   call = jax.ffi.ffi_call(MORPH_TARGET, jax.ShapeDtypeStruct((num_schedules, batch, num_tokens), jnp.int32),
                           vmap_method="sequential")
-  return _varying_like(call(gram, num_merge, num_iters, protected, max_iters=max_iters), gram)
+  return sharding.varying_like(call(gram, num_merge, num_iters, protected, max_iters=max_iters), gram)
 
 
 @jax.custom_vjp
@@ -111,24 +113,7 @@ def group_sums(values, groups):
   _load()
   call = jax.ffi.ffi_call(GROUP_SUMS_TARGET, jax.ShapeDtypeStruct(groups.shape + values.shape[-1:], jnp.float32),
                           vmap_method="sequential")
-  return _varying_like(call(values, groups), values)
-
-
-def _varying_like(result, operand):
-  """Inside shard_map, marks an FFI result as varying over the mesh axes its operand varies over: ffi_call results
-  carry no such type, and gradients must have their primal's."""
-  axes = tuple(sorted(_varying_axes(operand) - _varying_axes(result)))
-  if not axes:
-    return result
-  if hasattr(jax.lax, "pcast"):
-    return jax.lax.pcast(result, axes, to="varying")
-  return jax.lax.pvary(result, axes)  # releases before pcast
-
-
-def _varying_axes(x) -> frozenset:
-  aval = jax.typeof(x)
-  manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; earlier releases called it `vma`
-  return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+  return sharding.varying_like(call(values, groups), values)
 
 
 def _group_sums_forward(values, groups):
