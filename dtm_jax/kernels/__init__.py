@@ -97,7 +97,7 @@ def available() -> bool:
 
 def morph_gram(gram, num_merge, num_iters, protected, *, max_iters):
   """Group ids int32 [L, B, N] of L schedules (num_merge, num_iters int32 [L, B]) from the Gram f32 [B, N, N]."""
-  _load()
+  require()
   num_schedules, (batch, num_tokens, _) = num_merge.shape[0], gram.shape
   call = jax.ffi.ffi_call(MORPH_TARGET, jax.ShapeDtypeStruct((num_schedules, batch, num_tokens), jnp.int32),
                           vmap_method="sequential")
@@ -110,7 +110,7 @@ def group_sums(values, groups):
 
   Differentiable in values: the gradient of a token is the gradient of its group's sum, a gather done by XLA.
   """
-  _load()
+  require()
   call = jax.ffi.ffi_call(GROUP_SUMS_TARGET, jax.ShapeDtypeStruct(groups.shape + values.shape[-1:], jnp.float32),
                           vmap_method="sequential")
   return sharding.varying_like(call(values, groups), values)
