@@ -145,10 +145,7 @@ void MorphImage(const float* gram_in, int n, int32_t num_merge, int32_t num_iter
         row[partner] += row[source];
       }
       s.parent[source] = partner;
-    }
-    for (int j = 0; j < merges; ++j) {
-      const int source = s.order[2 * ranked[j]], partner = s.order[2 * s.partner[ranked[j]] + 1];
-      s.sizes[partner] += s.sizes[source];
+      s.sizes[partner] += s.sizes[source];  // sources are A slots, never partners: their sizes stay put this round
     }
     count -= merges;
     std::swap(s.order, s.next_order);
