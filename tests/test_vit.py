@@ -266,3 +266,33 @@ def test_config_errors_say_what_to_do(model):
     model(jnp.zeros((1, 28, 28, 3)), jnp.zeros((1, 16), bool))
   with pytest.raises(ValueError, match="mask must be bool"):
     model(jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 15), bool))
+
+
+@pytest.mark.parametrize("bias_shape", [None, (1, 3, 7, 7), (2, 3, 7, 7), (2, 1, 7, 7)])
+def test_cpu_attention_matches_dot_product_attention_with_gradients(bias_shape):
+  """The CPU default (head-major, unnormalised probabilities, hand-written gradient) against JAX's reference."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(2 * rng.normal(size=(2, 7, 3, 8)), jnp.float32) for _ in range(3))
+  bias = None if bias_shape is None else jnp.asarray(rng.normal(size=bias_shape), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+  def value_and_grads(fn):
+    out, vjp = jax.vjp(lambda *args: fn(*args), q, k, v, bias)
+    return out, vjp(cotangent)
+
+  ours = value_and_grads(lambda *args: layers.attention(*args))
+  reference = value_and_grads(lambda *args: jax.nn.dot_product_attention(*args, implementation="xla"))
+  assert jax.tree.structure(ours) == jax.tree.structure(reference)
+  for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_is_exact_gelu_with_its_gradient():
+  """The erf formula loses digits to cancellation (< 1e-6 absolute) only where GELU is ~0."""
+  x = jnp.linspace(-9.0, 9.0, 1001)
+  np.testing.assert_allclose(layers.gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(layers.gelu))(x),
+                             jax.vmap(jax.grad(functools.partial(jax.nn.gelu, approximate=False)))(x),
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(layers.gelu(x), torch.nn.functional.gelu(torch.tensor(np.asarray(x))).numpy(),
+                             rtol=1e-6, atol=1e-6)

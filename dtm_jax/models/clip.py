@@ -143,10 +143,10 @@ class CLIPVision(nnx.Module):
     cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, cfg.width))
     pos_embed = resize_pos_embed(self.pos_embed[...], (height // cfg.patch_size, width // cfg.patch_size))
     x = jnp.concatenate([cls, x], axis=1) + pos_embed.astype(x.dtype)
-    x = self.ln_pre(x)
+    x = layers.per_token(self.ln_pre, x)
     for block in self.blocks:
       x = block(x)
-    x = self.ln_post(x)
+    x = layers.per_token(self.ln_post, x)
     if project:
-      x = self.proj(x)
+      x = layers.per_token(self.proj, x)
     return x if include_cls else x[:, 1:]

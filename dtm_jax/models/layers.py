@@ -25,10 +25,19 @@ def trunc_normal(std=0.02):
   return init
 
 
+def gelu(x):
+  """Exact GELU as PyTorch computes it, x·(1 + erf(x/√2))/2.
+
+  `jax.nn.gelu(approximate=False)` goes through erfc, which XLA:CPU evaluates ~3× slower; the two differ only where
+  GELU is within ~1e-7 of zero.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+
+
 def activation_fn(name):
   """Exact (erf) GELU for the student; QuickGELU `x·σ(1.702x)` for OpenAI-trained CLIP."""
   if name == "gelu":
-    return functools.partial(jax.nn.gelu, approximate=False)
+    return gelu
   if name == "quick_gelu":
     return lambda x: x * jax.nn.sigmoid(1.702 * x)
   raise ValueError(f"Unknown activation {name!r}; choose one of {ACTIVATIONS}.")
@@ -67,6 +76,16 @@ def relative_position_bias(table, grid_size):
   return jnp.transpose(bias, (2, 0, 1))[None]
 
 
+def per_token(layer, x):
+  """`layer` applied to x [..., C] as one [tokens, C] matrix.
+
+  Parameter gradients of token-wise layers (biases, LayerNorm and layer-scale vectors) are then sums over one
+  leading axis, which XLA:CPU computes ~7× faster than sums over (B, T) (~0.3 vs 1.8 ms for [16, 197, 768]); the
+  reshapes are free.
+  """
+  return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
 def drop_path(x, rate, rng):
   """Stochastic depth: zero a sample's residual branch with probability `rate`, rescale the survivors."""
   if rng is None or rate == 0.0:
@@ -79,18 +98,60 @@ def attention(q, k, v, bias=None, implementation=None):
   """softmax(q·kᵀ/√d + bias)·v for q, k, v [B, T, heads, d] and bias broadcastable to [B, heads, T, T].
 
   `jax.nn.dot_product_attention` with the implementation asked for (cuDNN's fused kernels on GPUs when None). On
-  CPUs, where XLA's batched matmuls over the [B, T, heads, d] layout run at half speed, the default is the same
-  computation with the heads moved ahead of the tokens first (2× faster forward and backward on XLA:CPU), with
-  the logits and softmax in float32 as in `jax.nn.dot_product_attention`.
+  CPUs, where XLA's batched matmuls over the [B, T, heads, d] layout run at half speed, the default is
+  `_head_major_attention`: the same computation with the heads moved ahead of the tokens first.
   """
   if implementation is not None or jax.default_backend() != "cpu":
     return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, heads, T, d]
-  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+  return jnp.swapaxes(_head_major_attention(q, k, v, bias), 1, 2)
+
+
+@jax.custom_vjp
+def _head_major_attention(q, k, v, bias):
+  """Attention over q, k, v [B, heads, T, d] that never normalises the [T, T] probabilities.
+
+  The output is (exp(s − max s)·v) / rowsum instead of softmax(s)·v, and the gradient uses
+  dS = P ∘ (dP − rowsum(dO ∘ O)) (the FlashAttention identity), so forward and backward each make two fewer passes
+  over the [B, heads, T, T] scores than autodiff of softmax (~3 ms a block for ViT-Tiny at batch 16 on XLA:CPU).
+  Logits and softmax are float32, as in `jax.nn.dot_product_attention`.
+  """
+  return _attention_forward(q, k, v, bias)[0]
+
+
+def _attention_forward(q, k, v, bias):
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
-  probabilities = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probabilities, v), 1, 2)
+  unnormalised = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+  row_sum = unnormalised.sum(axis=-1, keepdims=True)  # [B, heads, T, 1]
+  out = jnp.einsum("bhqk,bhkd->bhqd", unnormalised.astype(v.dtype), v, preferred_element_type=jnp.float32) / row_sum
+  return out.astype(v.dtype), (q, k, v, bias, unnormalised, row_sum, out)
+
+
+def _attention_backward(residuals, d_out):
+  q, k, v, bias, unnormalised, row_sum, out = residuals
+  scale = q.shape[-1] ** -0.5
+  d_out = d_out.astype(jnp.float32)
+  d_out_scaled = d_out / row_sum  # dO/l: then P·x = E·(x/l) row by row, so P is never formed.
+  d_probs_scaled = jnp.einsum("bhqd,bhkd->bhqk", d_out_scaled, v, preferred_element_type=jnp.float32)
+  row_dot = jnp.sum(d_out_scaled * out, axis=-1, keepdims=True)  # rowsum(dO ∘ O)/l
+  d_logits = unnormalised * (d_probs_scaled - row_dot)  # P ∘ (dP − rowsum(dO ∘ O))
+  d_v = jnp.einsum("bhqk,bhqd->bhkd", unnormalised, d_out_scaled, preferred_element_type=jnp.float32)
+  d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k, preferred_element_type=jnp.float32) * scale
+  d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits, q, preferred_element_type=jnp.float32) * scale
+  d_bias = None if bias is None else _sum_to_shape(d_logits, bias.shape).astype(bias.dtype)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_bias
+
+
+def _sum_to_shape(x, shape):
+  """Sums x over the axes that broadcasting expanded from `shape` (same rank, or fewer leading axes)."""
+  x = x.sum(axis=tuple(range(x.ndim - len(shape))))
+  return x.sum(axis=tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1), keepdims=True)
+
+
+_head_major_attention.defvjp(lambda q, k, v, bias: _attention_forward(q, k, v, bias), _attention_backward)
 
 
 class Attention(nnx.Module):
@@ -121,7 +182,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x, bias=None):
     batch, tokens, width = x.shape
-    qkv = self.qkv(x)
+    qkv = per_token(self.qkv, x)
     if self.q_bias is not None:
       qkv_bias = jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.q_bias[...]), self.v_bias[...]])
       qkv = qkv + qkv_bias.astype(qkv.dtype)
@@ -130,7 +191,7 @@ class Attention(nnx.Module):
       own_bias = relative_position_bias(self.rel_pos_bias[...], self.rel_pos_grid)
       bias = own_bias if bias is None else bias + own_bias
     out = attention(q, k, v, bias, self.attention_impl)
-    return self.proj(out.reshape(batch, tokens, width))
+    return per_token(self.proj, out.reshape(batch, tokens, width))
 
 
 class Mlp(nnx.Module):
@@ -173,10 +234,15 @@ class Block(nnx.Module):
     attn_rng = mlp_rng = None
     if dropout_rng is not None:
       attn_rng, mlp_rng = jax.random.split(dropout_rng)
-    x = x + drop_path(self._scale(self.attn(self.norm1(x), attn_bias), self.attn_layer_scale),
-                      self.drop_path_rate, attn_rng)
-    x = x + drop_path(self._scale(self.mlp(self.norm2(x)), self.mlp_layer_scale), self.drop_path_rate, mlp_rng)
-    return x
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])  # Token-wise work on [B·T, width], as in `per_token`.
+    branch = self.attn(self.norm1(x).reshape(shape), attn_bias).reshape(x.shape)
+    x = x + self._drop_path(self._scale(branch, self.attn_layer_scale), shape, attn_rng)
+    x = x + self._drop_path(self._scale(self.mlp(self.norm2(x)), self.mlp_layer_scale), shape, mlp_rng)
+    return x.reshape(shape)
+
+  def _drop_path(self, x, shape, rng):
+    return drop_path(x.reshape(shape), self.drop_path_rate, rng).reshape(x.shape)
 
   @staticmethod
   def _scale(x, gamma):

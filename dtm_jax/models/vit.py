@@ -159,11 +159,11 @@ class PretrainViT(_ViTTrunk):
 
   def encode(self, images, mask=None, dropout_rng=None):
     """All tokens [B, 1+N, width] after the final LayerNorm (CLS first)."""
-    return self.norm(self._trunk(images, mask, dropout_rng))
+    return layers.per_token(self.norm, self._trunk(images, mask, dropout_rng))
 
   def __call__(self, images, mask, dropout_rng=None):
     """Predictions [B, N, out_dim] for every patch token (CLS dropped)."""
-    return self.lm_head(self.encode(images, mask, dropout_rng)[:, 1:])
+    return layers.per_token(self.lm_head, self.encode(images, mask, dropout_rng)[:, 1:])
 
 
 class ViTClassifier(_ViTTrunk):
