@@ -159,7 +159,11 @@ class Throughput:
 
 
 class Progress:
-  """Console progress: step, steps/s and ETA, at most every `every_secs` seconds."""
+  """Console progress: step, steps/s and ETA, at most every `every_secs` seconds.
+
+  Steps are dispatched asynchronously, so the loop can be ahead of the device; pass `done`, an output of the step,
+  and the line waits for it first (only when it prints), so the rate counts finished steps.
+  """
 
   def __init__(self, total_steps: int, every_secs: float = 30.0):
     self._total = total_steps
@@ -167,14 +171,16 @@ class Progress:
     self._t0 = self._last = time.time()
     self._step0 = None
 
-  def __call__(self, step: int, force: bool = False):
+  def __call__(self, step: int, force: bool = False, done=None):
     now = time.time()
     if self._step0 is None:
-      self._step0, self._t0 = step, now
+      jax.block_until_ready(done)
+      self._step0, self._t0 = step, time.time()
       return
     if not force and now - self._last < self._every:
       return
-    self._last = now
+    jax.block_until_ready(done)
+    now = self._last = time.time()
     rate = (step - self._step0) / max(now - self._t0, 1e-9)
     eta = (self._total - step) / rate if rate > 0 else float("inf")
     logging.info("progress: step %d/%d (%.1f%%), %.2f steps/s, ETA %s", step, self._total,

@@ -424,7 +424,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       if profile.num_steps and step == profile.start_step + profile.num_steps and jax.process_index() == 0:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
-      progress(step)
+      progress(step, done=step_metrics["loss"])
 
       is_last = step == total_steps
       if step % config.log_every == 0 or is_last:

@@ -1,5 +1,6 @@
 """dtm_jax.kernels: the CPU kernels build here, agree with the XLA versions, work sharded and vmapped, and morphing
-falls back with a clear message when they can't be built."""
+falls back with a clear message when they can't be built; the attention kernel matches JAX's attention and its
+gradient, and the student uses it exactly where it should."""
 import os
 import subprocess
 import sys
@@ -10,7 +11,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from flax import nnx
+
 from dtm_jax import kernels, losses, morphing
+from dtm_jax.models import layers, vit
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -18,7 +22,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 def test_kernels_build_and_morphing_uses_them_on_cpu():
   kernels.require()  # raises KernelUnavailableError with the compiler's message if the build fails
   assert morphing._resolve_implementation("auto") == "cpu_kernel"
-  assert any(path.name.startswith("libdtm_morphing_") for path in kernels.cache_dir().iterdir())
+  assert any(path.name.startswith("libdtm_kernels_") for path in kernels.cache_dir().iterdir())
 
 
 def _random_groups(rng, num_schedules, batch, num_tokens):
@@ -124,3 +128,55 @@ assert morphing._resolve_implementation("auto") == "pairwise"
                           check=False)
   assert result.returncode == 0, result.stderr
   assert "set DTM_JAX_KERNEL_CACHE to one that is" in result.stdout
+
+
+@pytest.mark.parametrize("batch, tokens, heads, head_dim", [(2, 19, 2, 12), (1, 50, 3, 64), (3, 5, 1, 3)])
+def test_attention_kernel_matches_dot_product_attention_with_gradients(batch, tokens, heads, head_dim):
+  """Token counts and head sizes off the kernel's 6-row, 16-column and 8-lane blocks exercise every edge path."""
+  rng = np.random.default_rng(4)
+  qkv = jnp.asarray(2 * rng.normal(size=(batch, tokens, 3, heads, head_dim)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(heads, tokens, tokens)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(batch, tokens, heads, head_dim)), jnp.float32)
+
+  def reference(qkv, bias):
+    return jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias=bias[None],
+                                        implementation="xla")
+
+  def value_and_grads(fn):
+    out, vjp = jax.vjp(fn, qkv, bias)
+    return (out, *vjp(cotangent))
+
+  kernel_run = jax.jit(lambda: value_and_grads(kernels.attention))
+  for got, want in zip(kernel_run(), jax.jit(lambda: value_and_grads(reference))()):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  for first, again in zip(kernel_run(), kernel_run()):  # bitwise reproducible, whatever thread did which head
+    np.testing.assert_array_equal(first, again)
+
+  poisoned = bias.at[0, 1, 2].set(jnp.nan)  # a NaN score poisons its query's row, as in XLA: never hidden
+  out = np.asarray(kernels.attention(qkv, poisoned))
+  np.testing.assert_array_equal(np.isnan(out), np.isnan(np.asarray(reference(qkv, poisoned))))
+  assert np.isnan(out[:, 1, 0]).all() and not np.isnan(np.delete(out, 1, axis=1)).any()
+
+
+def test_student_runs_the_attention_kernel_only_where_it_should(monkeypatch):
+  # With 8 CPU devices (the test setting) the partitioner would gather the batch for a custom call: XLA's version.
+  assert not layers.use_cpu_attention_kernel(jnp.float32, None)
+  config = vit.get_config("test", image_size=32, patch_size=8, out_dim=16)
+  student = vit.PretrainViT(config, rngs=nnx.Rngs(0))
+  images = jnp.asarray(np.random.default_rng(5).normal(size=(2, 32, 32, 3)), jnp.float32)
+  mask = jnp.asarray(np.random.default_rng(6).random((2, 16)) < 0.4)
+
+  def loss(model):
+    return jnp.sum(model(images, mask, dropout_rng=jax.random.key(0)) ** 2)
+
+  results, programs = {}, {}
+  for use_kernel in (False, True):
+    monkeypatch.setattr(layers, "use_cpu_attention_kernel", lambda dtype, bias, use=use_kernel: use)
+    graph, state = nnx.split(student)
+    run = jax.jit(lambda s: jax.value_and_grad(lambda s: loss(nnx.merge(graph, s)))(s))
+    programs[use_kernel] = run.lower(state).as_text()
+    results[use_kernel] = run(state)
+  assert kernels.ATTENTION_FORWARD_TARGET in programs[True] and kernels.ATTENTION_BACKWARD_TARGET in programs[True]
+  assert kernels.ATTENTION_FORWARD_TARGET not in programs[False]
+  for got, want in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

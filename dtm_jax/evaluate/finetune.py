@@ -170,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       batch = sharding.to_global({"image": host_batch["image"], "label": host_batch["label"]}, mesh)
       state, scalars = train_step(state, batch, rng)
       step += 1
-      progress(step)
+      progress(step, done=scalars)
       if step % config.log_every == 0:
         writer.write_scalars(step, jax.device_get(scalars))
       if step % eval_every == 0 or step == total_steps:

@@ -1,7 +1,9 @@
 """Native CPU kernels: compiled on first use with the host's C++ compiler, registered as XLA FFI custom calls.
 
 morphing_cpu.cc holds the rounds of dynamic token morphing and the group sums of the DTM loss, two jobs that
-XLA:CPU does with many small gathers and scatters (see dtm_jax.morphing). The shared library is built once per
+XLA:CPU does with many small gathers and scatters (see dtm_jax.morphing); attention_cpu.cc holds multi-head softmax
+attention, forward and backward, one (image, head) per thread (see dtm_jax.models.layers.attention). The shared
+library is built once per
 source, compiler and jax version into a cache folder ($DTM_JAX_KERNEL_CACHE, else $XDG_CACHE_HOME/dtm_jax/kernels
 or ~/.cache/dtm_jax/kernels) and reused by later processes; building takes a few seconds. Without a working
 compiler (`c++`, or $CXX) morphing falls back to its XLA implementation and logs why.
@@ -23,7 +25,11 @@ from dtm_jax import sharding
 
 MORPH_TARGET = "dtm_morph_gram"
 GROUP_SUMS_TARGET = "dtm_group_sums"
-_SOURCE = pathlib.Path(__file__).with_name("morphing_cpu.cc")
+ATTENTION_FORWARD_TARGET = "dtm_attention_fwd"
+ATTENTION_BACKWARD_TARGET = "dtm_attention_bwd"
+_HERE = pathlib.Path(__file__).parent
+_SOURCES = (_HERE / "morphing_cpu.cc", _HERE / "attention_cpu.cc")
+_HEADERS = (_HERE / "parallel_for.h",)
 _FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-w")
 
 
@@ -42,26 +48,27 @@ def _compiler() -> str:
   compiler = os.environ.get("CXX", "c++")
   if shutil.which(compiler) is None:
     raise KernelUnavailableError(
-        f"No C++ compiler {compiler!r} on PATH to build dtm_jax's CPU morphing kernels; install one (e.g. "
-        "`apt-get install g++`) or set CXX. Morphing works without them, several times slower on CPUs.")
+        f"No C++ compiler {compiler!r} on PATH to build dtm_jax's CPU kernels; install one (e.g. "
+        "`apt-get install g++`) or set CXX. Morphing and attention work without them (XLA versions), several times "
+        "slower on CPUs.")
   return compiler
 
 
 def _build(compiler: str) -> pathlib.Path:
-  """Compiles morphing_cpu.cc into the cache (once per source, compiler and jax version); returns the library."""
-  key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), compiler.encode(), jax.__version__.encode(),
-                                   " ".join(_FLAGS).encode()])).hexdigest()[:16]
-  library = cache_dir() / f"libdtm_morphing_{key}.so"
+  """Compiles the sources into the cache (once per source, compiler and jax version); returns the library."""
+  key = hashlib.sha256(b"\0".join([*(f.read_bytes() for f in _SOURCES + _HEADERS), compiler.encode(),
+                                   jax.__version__.encode(), " ".join(_FLAGS).encode()])).hexdigest()[:16]
+  library = cache_dir() / f"libdtm_kernels_{key}.so"
   if library.exists():
     return library
   library.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=library.parent) as build_dir:
     built = pathlib.Path(build_dir) / library.name
-    command = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(built)]
-    logging.info("Building dtm_jax's CPU morphing kernels: %s", " ".join(command))
+    command = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", str(built)]
+    logging.info("Building dtm_jax's CPU kernels: %s", " ".join(command))
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-      raise KernelUnavailableError(f"Building dtm_jax's CPU morphing kernels failed ({' '.join(command)}):\n"
+      raise KernelUnavailableError(f"Building dtm_jax's CPU kernels failed ({' '.join(command)}):\n"
                                    f"{result.stderr}")
     os.replace(built, library)  # atomic: concurrent builders each install a complete file
   return library
@@ -73,10 +80,14 @@ def _load() -> None:
     library = ctypes.cdll.LoadLibrary(str(_build(_compiler())))
   except OSError as error:  # an unwritable cache folder, a compiler that vanished, a library that won't load
     raise KernelUnavailableError(
-        f"Building or loading dtm_jax's CPU morphing kernels failed: {error}. If the cache folder {cache_dir()} is "
+        f"Building or loading dtm_jax's CPU kernels failed: {error}. If the cache folder {cache_dir()} is "
         "not writable, set DTM_JAX_KERNEL_CACHE to one that is.") from error
   jax.ffi.register_ffi_target(MORPH_TARGET, jax.ffi.pycapsule(library.DtmMorphGram), platform="cpu")
   jax.ffi.register_ffi_target(GROUP_SUMS_TARGET, jax.ffi.pycapsule(library.DtmGroupSums), platform="cpu")
+  jax.ffi.register_ffi_target(ATTENTION_FORWARD_TARGET, jax.ffi.pycapsule(library.DtmAttentionForward),
+                              platform="cpu")
+  jax.ffi.register_ffi_target(ATTENTION_BACKWARD_TARGET, jax.ffi.pycapsule(library.DtmAttentionBackward),
+                              platform="cpu")
 
 
 def require() -> None:
@@ -126,3 +137,35 @@ def _group_sums_backward(groups, sums_gradient):
 
 
 group_sums.defvjp(_group_sums_forward, _group_sums_backward)
+
+
+@jax.custom_vjp
+def attention(qkv, bias):
+  """softmax(q·kᵀ/√d + bias)·v per head: qkv f32 [B, T, 3, H, d] (q, k, v in token-major layout), bias f32 [H, T, T]
+  (shared by the batch) → f32 [B, T, H, d]. Differentiable in qkv and bias."""
+  return _attention_forward(qkv, bias)[0]
+
+
+def _attention_forward(qkv, bias):
+  require()
+  batch, tokens, _, heads, head_dim = qkv.shape
+  call = jax.ffi.ffi_call(ATTENTION_FORWARD_TARGET,
+                          (jax.ShapeDtypeStruct((batch, tokens, heads, head_dim), jnp.float32),
+                           jax.ShapeDtypeStruct((batch, heads, tokens, tokens), jnp.float32)),
+                          vmap_method="sequential")
+  out, probabilities = call(qkv, bias)
+  out, probabilities = (sharding.varying_like(x, qkv) for x in (out, probabilities))
+  return out, (qkv, probabilities, out)
+
+
+def _attention_backward(residuals, d_out):
+  qkv, probabilities, out = residuals
+  call = jax.ffi.ffi_call(ATTENTION_BACKWARD_TARGET,
+                          (jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
+                           jax.ShapeDtypeStruct(probabilities.shape, jnp.float32)),
+                          vmap_method="sequential")
+  d_qkv, d_scores = call(qkv, probabilities, out, d_out.astype(jnp.float32))
+  return sharding.varying_like(d_qkv, qkv), jnp.sum(d_scores, axis=0)
+
+
+attention.defvjp(_attention_forward, _attention_backward)

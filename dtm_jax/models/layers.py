@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dtm_jax import kernels
+
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 ACTIVATIONS = ("gelu", "quick_gelu")
 QKV_BIASES = ("qkv", "qv")
@@ -107,6 +109,15 @@ def attention(q, k, v, bias=None, implementation=None):
   return jnp.swapaxes(_head_major_attention(q, k, v, bias), 1, 2)
 
 
+def use_cpu_attention_kernel(dtype, bias):
+  """Whether `Attention` runs the native CPU kernel (dtm_jax.kernels.attention, ~2× faster than XLA:CPU forward and
+  backward): float32 on a single CPU device, with a bias shared by the batch (or none). With several devices the
+  SPMD partitioner would gather the batch onto every device for a custom call, so XLA's version runs there.
+  """
+  return (jax.default_backend() == "cpu" and jax.device_count() == 1 and dtype == jnp.float32 and
+          (bias is None or bias.shape[0] == 1) and kernels.available())
+
+
 @jax.custom_vjp
 def _head_major_attention(q, k, v, bias):
   """Attention over q, k, v [B, heads, T, d] that never normalises the [T, T] probabilities.
@@ -155,7 +166,8 @@ _head_major_attention.defvjp(lambda q, k, v, bias: _attention_forward(q, k, v, b
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention through `jax.nn.dot_product_attention`, so GPUs can use fused kernels.
+  """Multi-head self-attention through `jax.nn.dot_product_attention`, so GPUs can use fused kernels (on one CPU
+  device, in float32, through dtm_jax.kernels.attention: see `use_cpu_attention_kernel`).
 
   `qkv_bias="qv"` is BEiT's layout (q and v biases, none on k); `"qkv"` is CLIP's packed in-projection bias.
   `rel_pos_grid` adds a per-block BEiT relative-position table for that patch grid.
@@ -182,16 +194,26 @@ class Attention(nnx.Module):
 
   def __call__(self, x, bias=None):
     batch, tokens, width = x.shape
-    qkv = per_token(self.qkv, x)
-    if self.q_bias is not None:
-      qkv_bias = jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.q_bias[...]), self.v_bias[...]])
-      qkv = qkv + qkv_bias.astype(qkv.dtype)
-    q, k, v = jnp.split(qkv.reshape(batch, tokens, 3 * self.num_heads, -1), 3, axis=2)
+    qkv = per_token(self._project_qkv, x).reshape(batch, tokens, 3, self.num_heads, -1)
     if self.rel_pos_bias is not None:
       own_bias = relative_position_bias(self.rel_pos_bias[...], self.rel_pos_grid)
       bias = own_bias if bias is None else bias + own_bias
-    out = attention(q, k, v, bias, self.attention_impl)
+    if self.attention_impl is None and use_cpu_attention_kernel(qkv.dtype, bias):
+      shared_bias = (jnp.zeros((self.num_heads, tokens, tokens), jnp.float32) if bias is None
+                     else bias.reshape(self.num_heads, tokens, tokens))
+      out = kernels.attention(qkv, shared_bias)
+    else:
+      out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias, self.attention_impl)
     return per_token(self.proj, out.reshape(batch, tokens, width))
+
+  def _project_qkv(self, x):
+    """[tokens, 3·width]; BEiT's q/v biases are added here, before the head split, so their gradient is a sum over
+    one axis (see `per_token`)."""
+    qkv = self.qkv(x)
+    if self.q_bias is None:
+      return qkv
+    qkv_bias = jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.q_bias[...]), self.v_bias[...]])
+    return qkv + qkv_bias.astype(qkv.dtype)
 
 
 class Mlp(nnx.Module):
