@@ -37,7 +37,7 @@ struct Strided {
 };
 
 // Copies B (depth × cols, strided) into panels of kPanel columns, panel p at packed + p·depth·kPanel, row k of a
-// panel contiguous, zeros past the last column: the micro-kernel then reads B with two aligned-free vector loads.
+// panel contiguous, zeros past the last column: the micro-kernel then reads B with two unaligned vector loads.
 void PackB(Strided b, int depth, int cols, float* packed) {
   for (int p = 0; p * kPanel < cols; ++p) {
     for (int k = 0; k < depth; ++k) {
@@ -216,21 +216,17 @@ struct Geometry {
   int64_t token_stride() const { return 3 * heads * head_dim; }  // between tokens of one q, k or v head
   int64_t scores() const { return tokens * tokens; }
   // Offset of head h of part (0 = q, 1 = k, 2 = v) of image b, token 0, in qkv.
-  int64_t part(int64_t b, int part, int64_t h) const { return (b * tokens * 3 + part) * heads * head_dim + h * head_dim; }
+  int64_t part(int64_t b, int part, int64_t h) const {
+    return (b * tokens * 3 + part) * heads * head_dim + h * head_dim;
+  }
   // Offset of head h of image b, token 0, in an output [B, T, H, d].
   int64_t merged(int64_t b, int64_t h) const { return b * tokens * heads * head_dim + h * head_dim; }
-  std::vector<float> packing_scratch() const {
-    const int64_t widest = std::max(tokens, head_dim), deepest = std::max(tokens, head_dim);
-    return std::vector<float>(((widest + kPanel - 1) / kPanel) * kPanel * deepest);
+  int64_t heads_total() const { return batch * heads; }  // (image, head) problems
+  std::vector<float> packing_scratch() const {  // room for any B operand here: depth and columns ≤ max(T, d)
+    const int64_t largest = std::max(tokens, head_dim);
+    return std::vector<float>(((largest + kPanel - 1) / kPanel) * kPanel * largest);
   }
 };
-
-ffi::Error CheckShapes(const Geometry& g, ffi::Span<const int64_t> bias_dims) {
-  if (bias_dims.size() != 3 || bias_dims[0] != g.heads || bias_dims[1] != g.tokens || bias_dims[2] != g.tokens) {
-    return ffi::Error::InvalidArgument("dtm_attention expects a bias [heads, tokens, tokens].");
-  }
-  return ffi::Error::Success();
-}
 
 Geometry GeometryOf(ffi::Span<const int64_t> qkv_dims) {
   return {qkv_dims[0], qkv_dims[1], qkv_dims[3], qkv_dims[4]};
@@ -244,15 +240,19 @@ ffi::Error AttentionForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
     return ffi::Error::InvalidArgument("dtm_attention_fwd expects qkv [batch, tokens, 3, heads, head_dim].");
   }
   const Geometry g = GeometryOf(dims);
-  if (ffi::Error error = CheckShapes(g, bias.dimensions()); error.failure()) return error;
-  if (g.batch * g.heads * g.tokens == 0) return ffi::Error::Success();
+  const auto bias_dims = bias.dimensions();
+  if (bias_dims.size() != 3 || bias_dims[0] != g.heads || bias_dims[1] != g.tokens || bias_dims[2] != g.tokens) {
+    return ffi::Error::InvalidArgument("dtm_attention_fwd expects a bias [heads, tokens, tokens].");
+  }
+  if (g.heads_total() * g.tokens == 0) return ffi::Error::Success();
   const float* x = qkv.typed_data();
   const float* bias_data = bias.typed_data();
   float* out_data = out->typed_data();
   float* prob_data = probabilities->typed_data();
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.head_dim));
   const int t = static_cast<int>(g.tokens), d = static_cast<int>(g.head_dim);
-  ParallelFor(pool, g.batch * g.heads, [&g] { return g.packing_scratch(); }, [&](int64_t item, std::vector<float>& packed) {
+  auto make_scratch = [&g] { return g.packing_scratch(); };
+  ParallelFor(pool, g.heads_total(), make_scratch, [&](int64_t item, std::vector<float>& packed) {
     const int64_t b = item / g.heads, h = item % g.heads;
     float* p = prob_data + item * g.scores();
     // Scores scale·q·kᵀ (B operand kᵀ: depth = head dim, columns = tokens).
@@ -278,7 +278,13 @@ ffi::Error AttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv
     return ffi::Error::InvalidArgument("dtm_attention_bwd expects qkv [batch, tokens, 3, heads, head_dim].");
   }
   const Geometry g = GeometryOf(dims);
-  if (g.batch * g.heads * g.tokens == 0) return ffi::Error::Success();
+  const int64_t merged_size = g.heads_total() * g.tokens * g.head_dim;
+  if (probabilities.element_count() != g.heads_total() * g.scores() || out.element_count() != merged_size ||
+      d_out.element_count() != merged_size || d_scores->element_count() != probabilities.element_count()) {
+    return ffi::Error::InvalidArgument("dtm_attention_bwd expects probabilities and d_scores [batch, heads, tokens, "
+                                       "tokens], out and d_out [batch, tokens, heads, head_dim].");
+  }
+  if (g.heads_total() * g.tokens == 0) return ffi::Error::Success();
   const float* x = qkv.typed_data();
   const float* prob_data = probabilities.typed_data();
   const float* out_data = out.typed_data();
@@ -288,8 +294,8 @@ ffi::Error AttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.head_dim));
   const int t = static_cast<int>(g.tokens), d = static_cast<int>(g.head_dim);
   const int64_t merged_stride = g.heads * g.head_dim;
-  ParallelFor(pool, g.batch * g.heads, [&g] { return g.packing_scratch(); }, [&](int64_t item,
-                                                                                std::vector<float>& packed) {
+  auto make_scratch = [&g] { return g.packing_scratch(); };
+  ParallelFor(pool, g.heads_total(), make_scratch, [&](int64_t item, std::vector<float>& packed) {
     const int64_t b = item / g.heads, h = item % g.heads;
     const float* p = prob_data + item * g.scores();
     const float* o = out_data + g.merged(b, h);
