@@ -94,9 +94,12 @@ try:
   morphing.morph(tokens, 6, 2, implementation="cpu_kernel")
 except kernels.KernelUnavailableError as error:
   print("RAISED", error)
+import jax
+from dtm_jax.models import layers
+assert jax.device_count() == 1 and not layers.use_cpu_attention_kernel(jnp.float32, None)  # XLA's attention
 """
   env = dict(os.environ, CXX="no-such-compiler", DTM_JAX_KERNEL_CACHE=str(tmp_path), JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT)
+             PYTHONPATH=ROOT, XLA_FLAGS="")
   result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
                           check=False)
   assert result.returncode == 0, result.stderr

@@ -2,11 +2,11 @@
 
 morphing_cpu.cc holds the rounds of dynamic token morphing and the group sums of the DTM loss, two jobs that
 XLA:CPU does with many small gathers and scatters (see dtm_jax.morphing); attention_cpu.cc holds multi-head softmax
-attention, forward and backward, one (image, head) per thread (see dtm_jax.models.layers.attention). The shared
-library is built once per
-source, compiler and jax version into a cache folder ($DTM_JAX_KERNEL_CACHE, else $XDG_CACHE_HOME/dtm_jax/kernels
-or ~/.cache/dtm_jax/kernels) and reused by later processes; building takes a few seconds. Without a working
-compiler (`c++`, or $CXX) morphing falls back to its XLA implementation and logs why.
+attention, forward and backward, one (image, head) per thread (see dtm_jax.models.layers.Attention). The shared
+library is built once per source, compiler and jax version into a cache folder ($DTM_JAX_KERNEL_CACHE, else
+$XDG_CACHE_HOME/dtm_jax/kernels or ~/.cache/dtm_jax/kernels) and reused by later processes; building takes a few
+seconds. Without a working compiler (`c++`, or $CXX) morphing and attention fall back to their XLA versions and the
+reason is logged once.
 """
 import ctypes
 import functools
