@@ -1,6 +1,8 @@
 """Entry point: `python main.py --config=configs/<file>.py[:arg] --workdir=DIR [--mode=pretrain] [--config.x=y]`.
 
-Modes: pretrain (DTM pretraining, resumes from DIR), linear_probe, finetune, knn (evaluate a pretrained student).
+Modes: pretrain (DTM pretraining, resumes from DIR), linear_probe, finetune, knn (evaluate a pretrained student),
+compile (compile the config's programs for a TPU slice on any machine: `--mode=compile --topology=v5p-128`, see
+dtm_jax/aot.py; needs `pip install "jax[tpu]==<jax version>"`, no TPU).
 Multi-host: `jax.distributed.initialize()` runs when the job has several processes (TPU pods and SLURM/Kubernetes
 GPU jobs are detected by JAX; or pass --coordinator_address, --num_processes and --process_id).
 """
@@ -14,35 +16,56 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "linear_probe", "finetune", "knn"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "linear_probe", "finetune", "knn", "compile"],
+                          "What to run.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "--mode=compile: TPU slice, e.g. v4-32, v5e-256, v5p-128, v6e-64 "
+                                "or v5p:4x4x4.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "--mode=compile: number of slices (multi-slice over DCN).")
+_FIT = flags.DEFINE_bool("fit", False, "--mode=compile: search remat, grad_accum_steps and FSDP for the cheapest "
+                         "setting that fits, and print it as --config overrides.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", None, "Persistent compilation cache (default: $JAX_COMPILATION_CACHE_DIR or "
+    "~/.cache/dtm_jax/jax_compilation_cache; '' turns it off). See dtm_jax/compilation_cache.py.")
+_HBM_LIMIT = flags.DEFINE_float("hbm_limit", 0.9, "--mode=compile: fraction of a chip's HBM a program may use.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process jobs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process job.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Environment variables through which cluster launchers announce a multi-process job that JAX can auto-detect.
-_MULTIPROCESS_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS",
-                     "OMPI_COMM_WORLD_SIZE")
-
-
 def _initialize_distributed():
-  import jax  # pylint: disable=g-import-not-at-top
-  if _COORDINATOR.value:
-    # Only affects CPU devices (the localhost multi-process tests); GPU/TPU collectives are unchanged.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif any(v in os.environ for v in _MULTIPROCESS_ENV) or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    jax.distributed.initialize()
+  """Joins the job the launcher started (TPU VMs, SLURM, Open MPI, Kubernetes, torchrun-style; dtm_jax/launch.py);
+  a launch whose processes cannot or did not join one job is refused (launch.LaunchError, one line)."""
+  from dtm_jax import launch  # pylint: disable=g-import-not-at-top
+  launch.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+
+def _compile(config, workdir):
+  """--mode=compile: a CPU-only process that compiles for a TPU slice (nothing initialised, nothing read)."""
+  if not _TOPOLOGY.value:
+    raise app.UsageError("--mode=compile needs --topology, e.g. --topology=v5p-128 or --topology=v5e:2x2.")
+  os.environ["JAX_PLATFORMS"] = "cpu"  # this process runs nothing; the TPU runtime only describes the slice
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  from dtm_jax import aot  # pylint: disable=g-import-not-at-top
+  try:
+    aot.run(config, workdir, topology_name=_TOPOLOGY.value, num_slices=_NUM_SLICES.value, search=_FIT.value,
+            hbm_limit=_HBM_LIMIT.value)
+  except (aot.DoesNotFitError, ValueError, RuntimeError) as error:
+    print(f"compile failed: {error}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def main(argv):
   del argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if _MODE.value == "compile":
+    _compile(_CONFIG.value, _WORKDIR.value)
+    return
   from dtm_jax import cpu_host  # pylint: disable=g-import-not-at-top
   cpu_host.configure()  # before JAX starts its backend and threads
   _initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
-  from dtm_jax import metrics  # pylint: disable=g-import-not-at-top
+  from dtm_jax import compilation_cache, metrics  # pylint: disable=g-import-not-at-top
+  compilation_cache.enable(_COMPILATION_CACHE.value)
   metrics.quiet_library_logs()
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   logging.info("Host %s: process %d of %d; %d local / %d global devices (%s); jax %s.", socket.gethostname(),
@@ -77,4 +100,7 @@ def _run_followup(spec, workdir):
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  app.run(main)
+  from dtm_jax import config_checks, errors  # pylint: disable=g-import-not-at-top  # neither imports JAX
+  # Config override errors, RunErrors (bad config, workdir in use, failed save) and Ctrl-C: one clear line and an
+  # exit status instead of a traceback.
+  app.run(errors.cli(main), flags_parser=config_checks.parse_flags)

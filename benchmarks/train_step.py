@@ -31,10 +31,10 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
-from dtm_jax import metrics, optim, sharding, targets, train
-from dtm_jax.models import clip, functional, vit
+from configs import common
+from dtm_jax import metrics, sharding, train
+from dtm_jax.models import clip, vit
 
 TABLES = {
     "gpu": [dict(student="small", teacher="B/16", batch=256, dtype="bfloat16", image_size=224),
@@ -45,81 +45,49 @@ TABLES = {
 TINY_CLIP = dict(width=192, depth=12, num_heads=3, mlp_dim=768, proj_dim=512)
 
 
-def _target_config(teacher: str, dtype: str, attention: str | None) -> ml_collections.ConfigDict:
+def _config(*, student: str, teacher: str, batch: int, dtype: str, image_size: int, dtm: bool,
+            attention: str | None, accum: int, patch_size: int, fsdp: int) -> ml_collections.ConfigDict:
+  """The paper recipe (configs/common.py) at these sizes, random-init teacher, synthetic data."""
+  c = common.pretrain_config()
+  c.model.update(variant=student, image_size=image_size, patch_size=patch_size, dtype=dtype, attention_impl=attention)
   overrides = dict(TINY_CLIP) if teacher == "tiny" else {}
   if attention:
     overrides["attention_impl"] = attention
-  return ml_collections.ConfigDict(dict(kind="clip", init="random", variant="B/16" if teacher == "tiny" else teacher,
-                                        overrides=overrides, dtype=dtype, seed=0))
-
-
-def _run_config(dtm_enabled: bool, accum: int) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      seed=0, grad_accum_steps=accum,
-      dtm=dict(enabled=dtm_enabled, num_schedules=2, max_merge=-1, max_iters=14, per_image=False, protect_first=True,
-               loss="smooth_l1", beta=2.0, normalize_target=False, weighting="token")))
-
-
-def _optim_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(base_lr=1.5e-3, lr_scaling="sqrt", lr_reference_batch=2048, min_lr=1e-5,
-                                        warmup_steps=100, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05,
-                                        no_decay_names=("cls_token", "pos_embed"), grad_clip=3.0, layer_decay=1.0))
+  c.target.update(kind="clip", init="random", variant="B/16" if teacher == "tiny" else teacher, overrides=overrides,
+                  dtype=dtype)
+  c.input.source = "synthetic"
+  c.dtm.enabled = dtm
+  c.batch_size, c.grad_accum_steps = batch, accum
+  c.mesh.fsdp = fsdp
+  c.total_steps, c.warmup_steps = 10_000, 100
+  return c
 
 
 def build(*, student: str, teacher: str, batch: int, dtype: str, image_size: int, dtm: bool,
           attention: str | None = None, accum: int = 1, patch_size: int = 16, fsdp: int = 1) -> dict:
-  """Builds and warms up the step (compilation + 3 steps). Returns the step runner and what `figures` needs."""
-  target = targets.build_target(_target_config(teacher, dtype, attention), image_size=image_size,
-                                patch_size=patch_size)
-  model_cfg = vit.get_config(student, image_size=image_size, patch_size=patch_size, dtype=jnp.dtype(dtype),
-                             drop_path_rate=0.1, out_dim=target.out_dim, attention_impl=attention)
-  tokens = model_cfg.num_patches
-  config = _run_config(dtm, accum)
+  """Builds (train.build_program: the pretraining step as main.py runs it) and warms up the step (compilation + 3
+  steps). Returns the step runner and what `figures` needs."""
+  config = _config(student=student, teacher=teacher, batch=batch, dtype=dtype, image_size=image_size, dtm=dtm,
+                   attention=attention, accum=accum, patch_size=patch_size, fsdp=fsdp)
   mesh = sharding.make_mesh(-1, fsdp)
-  student_fm, abstract_params = functional.abstract_split(lambda: vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
-  tx, schedule = optim.make_optimizer(_optim_config(), abstract_params, total_steps=10_000, global_batch_size=batch)
-  param_sh = sharding.param_shardings(abstract_params, mesh)
-  opt_sh = sharding.param_shardings(jax.eval_shape(tx.init, abstract_params), mesh)
-  rep = sharding.replicated(mesh)
-  state_sh = {"step": rep, "params": param_sh, "opt_state": opt_sh, "nonfinite": rep}
-
-  def init_state():
-    _, params = functional.split_module(vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "nonfinite": jnp.full((2,), -1, jnp.int32)}
-
-  state = jax.jit(init_state, out_shardings=state_sh)()
-  target_sh = sharding.param_shardings(target.params, mesh)
-  target_params = jax.device_put(target.params, target_sh)
-  loss_and_grads = train.make_loss_and_grads(student=student_fm, target=target, config=config, tokens=tokens,
-                                             mesh=mesh)
-  step_fn = train.make_train_step(loss_and_grads=loss_and_grads, tx=tx, lr_schedule=schedule)
   traces = []
-
-  def traced(*args):
-    traces.append(1)
-    return step_fn(*args)
-
-  batch_sh = sharding.batch_sharding(mesh)
-  step = jax.jit(traced, in_shardings=(state_sh, target_sh, batch_sh), out_shardings=(state_sh, rep),
-                 donate_argnums=(0,))
+  program = train.build_program(config, mesh, on_trace=lambda: traces.append(1))
+  state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
+  target_params = jax.device_put(program.target.params, program.target_shardings)
+  tokens = program.model_config.num_patches
   rng = np.random.default_rng(0)
   masks = rng.random((batch, tokens)).argsort(axis=1) < int(round(tokens * 75 / 196))
   data = jax.device_put({"image": jnp.asarray(rng.standard_normal((batch, image_size, image_size, 3)), jnp.float32),
-                         "mask": jnp.asarray(masks)}, batch_sh)
-
+                         "mask": jnp.asarray(masks)}, program.batch_sharding)
   carry = {"state": state}
 
   def run_step():
-    carry["state"], out = step(carry["state"], target_params, data)
+    carry["state"], out = program.step(carry["state"], target_params, data)
     jax.block_until_ready(out)
 
   for _ in range(3):  # compile + warm-up
     run_step()
-  flops = batch * (3 * targets.transformer_flops(model_cfg, model_cfg.out_dim) + target.forward_flops +
-                   (metrics.morphing_flops(tokens=tokens, dim=target.out_dim, num_schedules=2, max_iters=14)
-                    if dtm else 0.0))
-  return {"run_step": run_step, "traces": traces, "flops": flops, "config": dict(
+  return {"run_step": run_step, "traces": traces, "flops": batch * program.flops_per_image, "config": dict(
       student=student, teacher=teacher, batch=batch, dtype=dtype, image_size=image_size, dtm=dtm,
       attention=attention or "default")}
 

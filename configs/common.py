@@ -10,11 +10,14 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # Student: BEiT-style ViT (DTM_SPEC §4). dtype is the compute dtype; parameters are float32.
+  # Student: BEiT-style ViT (DTM_SPEC §4). dtype is the compute dtype (matmul and attention inputs); parameters, the
+  # residual stream and LayerNorm statistics are float32. attention_impl None picks per platform: cuDNN's fused
+  # kernel on GPUs (bf16), XLA on TPUs, the native kernel on CPUs; or "xla" / "cudnn" / "cpu".
+  # remat: what the backward pass recomputes — "none", "dots" (keeps the matmul outputs) or "full".
   c.model = dict(
       variant="base", image_size=224, patch_size=16, drop_path_rate=0.1,  # drop path 0.1: unpublished.
       layer_scale_init=0.1, out_dim=512, abs_pos_emb=False, block_rel_pos_bias=True, shared_rel_pos_bias=True,
-      dtype="bfloat16", attention_impl=config_dict.placeholder(str))
+      dtype="bfloat16", attention_impl=config_dict.placeholder(str), remat="none")
 
   # Target: frozen CLIP ViT-B/16 converted with `python -m dtm_jax.models.convert` (see README).
   c.target = dict(
@@ -55,14 +58,14 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.stop_after_step = config_dict.placeholder(int)  # checkpoint and exit after this step (time-limited jobs)
   c.profile = dict(start_step=10, num_steps=0)  # num_steps > 0 writes a jax.profiler trace to workdir/profile
   # kNN (DINO protocol) every `every` steps (0: never) on slices of the train split (bank) and eval split (queries).
-  c.eval = dict(every=0, k=20, temperature=0.07, batch_size=1000, train_split="train", eval_split="validation",
+  c.eval = dict(every=0, k=20, temperature=0.07, batch_size=1024, train_split="train", eval_split="validation",
                 num_train_examples=50_000, num_eval_examples=10_000)
   return c
 
 
 def input_config(**overrides) -> ml_collections.ConfigDict:
-  """The input block (input_pipeline's defaults: ImageNet from TFDS) with overrides."""
-  import input_pipeline  # pylint: disable=g-import-not-at-top
-  cfg = input_pipeline.default_config()
+  """The input block (input_pipeline's defaults: ImageNet from TFDS) with overrides; loads without TensorFlow."""
+  from input_pipeline import config as input_config_lib  # pylint: disable=g-import-not-at-top
+  cfg = input_config_lib.default_config()
   cfg.update(overrides)
   return cfg

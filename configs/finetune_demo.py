@@ -21,7 +21,10 @@ def get_config(arg: str = ""):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.pretrained = dict(workdir="workdirs/demo", step=config_dict.placeholder(int))  # step: None = latest.
-  c.model = dict(drop_path_rate=0.1)  # Overrides of the pretrained student's ViTConfig.
+  # The student --mode=compile assumes (it reads no checkpoint; runs take the architecture from the checkpoint).
+  c.pretrained.architecture = demo.get_config().model.to_dict()
+  # Overrides of the pretrained student's ViTConfig; remat: "none", "dots" or "full" (see configs/common.py).
+  c.model = dict(drop_path_rate=0.1, remat="none")
   c.input = demo.get_config().input  # The pretraining source and normalisation.
   c.input.eval_split = "test"
   # A 2-epoch run underfits (train-split top-1 77.5% vs 76.8% on test), so only a mild crop and flip are kept:

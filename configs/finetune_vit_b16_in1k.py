@@ -20,7 +20,10 @@ def get_config(arg: str = ""):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.pretrained = dict(workdir="", step=config_dict.placeholder(int))  # step: None = latest.
-  c.model = dict(drop_path_rate=0.1, dtype="bfloat16")  # Overrides of the pretrained student's ViTConfig.
+  # The student --mode=compile assumes (it reads no checkpoint; runs take the architecture from the checkpoint).
+  c.pretrained.architecture = common.pretrain_config().model.to_dict()
+  # Overrides of the pretrained student's ViTConfig; remat: "none", "dots" or "full" (see configs/common.py).
+  c.model = dict(drop_path_rate=0.1, dtype="bfloat16", remat="none")
   c.input = common.input_config()
   c.num_classes = 1000
   c.num_train_examples = 1_281_167

@@ -17,9 +17,15 @@ def get_config(arg: str = ""):
   del arg
   c = ml_collections.ConfigDict()
   c.pretrained = dict(workdir="workdirs/demo", step=config_dict.placeholder(int))  # step: None = latest.
+  # The student --mode=compile assumes (it reads no checkpoint; runs take the architecture from the checkpoint).
+  c.pretrained.architecture = demo.get_config().model.to_dict()
   c.model = {}  # Overrides of the pretrained student's ViTConfig.
   c.input = demo.get_config().input  # Bank from input.train_split, queries from input.eval_split.
   c.input.eval_split = "test"
+  # The train split's size (the bank when knn.num_train_examples = 0) and its classes: --mode=compile sizes the
+  # bank from them (runs count the data).
+  c.num_train_examples = 60_000
+  c.num_classes = 10
   c.features = dict(pooling="mean", num_blocks=1)
   # k neighbours, temperature T of the exp(similarity / T) votes, and the slices (0 = the whole split): a bank of
   # 20k training images keeps the run that `make demo` ends with under a minute.

@@ -18,6 +18,8 @@ def get_config(arg: str = ""):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.pretrained = dict(workdir="workdirs/demo", step=config_dict.placeholder(int))  # step: None = latest.
+  # The student --mode=compile assumes (it reads no checkpoint; runs take the architecture from the checkpoint).
+  c.pretrained.architecture = demo.get_config().model.to_dict()
   c.model = {}  # Overrides of the pretrained student's ViTConfig (e.g. dtype="bfloat16").
   c.input = demo.get_config().input  # The pretraining source and normalisation, evaluated without augmentation.
   c.input.eval_split = "test"

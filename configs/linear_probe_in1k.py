@@ -20,6 +20,8 @@ def get_config(arg: str = ""):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.pretrained = dict(workdir="", step=config_dict.placeholder(int))  # step: None = latest.
+  # The student --mode=compile assumes (it reads no checkpoint; runs take the architecture from the checkpoint).
+  c.pretrained.architecture = common.pretrain_config().model.to_dict()
   c.model = dict(dtype="bfloat16")  # Overrides of the pretrained student's ViTConfig.
   c.input = common.input_config(randaug_num_layers=0, random_erase_prob=0.0)  # MAE: RandomResizedCrop + flip only.
   c.num_classes = 1000

@@ -15,6 +15,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import shutil
 from typing import Any, Protocol
 
 import jax
@@ -23,8 +25,16 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from dtm_jax import errors
+
 PyTree = Any
 ITEMS = ("params", "train", "data_iterator", "metadata")
+_NO_SPACE = ("No space left on device", "os_error_code='28'", "ENOSPC")
+
+
+class CheckpointSaveError(errors.RunError):
+  """A checkpoint could not be written (full disk, quota, permissions): the message names the path, the step and the
+  newest complete checkpoint, which is left intact."""
 
 
 class SavableIterator(Protocol):
@@ -47,9 +57,16 @@ class DataIteratorHandler(ocp.CheckpointHandler):
   def restore(self, directory: epath.Path, args: "DataIteratorRestore"):
     path = _iterator_path(epath.Path(directory))
     if not path.exists() and not list(path.parent.glob(path.name + "*")):
+      states = sorted(p.name for p in path.parent.glob("process_*_of_*")) if path.parent.exists() else []
+      counts = sorted({name.rsplit("_of_", 1)[-1].split(".")[0] for name in states})
+      if states and str(jax.process_count()) not in counts:
+        raise FileNotFoundError(
+            f"No input-iterator state {path} in this checkpoint: it was written by {' or '.join(counts)} processes, "
+            f"not {jax.process_count()} (the data stream cannot be resumed exactly). Resume with the same process "
+            "count.")
       raise FileNotFoundError(
-          f"No input-iterator state {path} in this checkpoint: it was written with a different number of processes "
-          "(the data stream cannot be resumed exactly). Resume with the same process count.")
+          f"The input-iterator state {path} of this checkpoint is missing (deleted, or its write was cut short); "
+          "this step cannot resume the data stream exactly.")
     args.iterator.restore(str(path))
     return args.iterator
 
@@ -110,6 +127,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=True, cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self._in_flight: int | None = None  # the step whose (asynchronous) save was started last
+    self._closed = False
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -123,40 +142,62 @@ class Checkpointer:
                  metadata=ocp.args.JsonSave(metadata))
     if data_iterator is not None:
       items["data_iterator"] = DataIteratorSave(data_iterator)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(step, e) from None
+    self._in_flight = step
 
-  def read_metadata(self, step: int) -> dict:
-    return self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+  def read_metadata(self, step: int, required: tuple[str, ...] = ()) -> dict:
+    """The metadata item of `step`; ValueError if it is not a JSON object with the `required` keys."""
+    metadata = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+    _check_metadata(step, metadata, required)
+    return metadata
 
-  def restore(self, step: int, *, params: PyTree, train: PyTree,
-              data_iterator: SavableIterator | None) -> tuple[PyTree, PyTree, dict]:
-    """Restore one step onto abstract targets (ShapeDtypeStructs with shardings)."""
+  def latest_readable_metadata(self, required: tuple[str, ...] = ()) -> tuple[int, dict] | None:
+    """(step, metadata) of the newest step whose metadata reads back with the `required` keys; broken ones are
+    skipped with a warning (restore_latest_good then moves them aside). None if no step has readable metadata."""
+    for step in reversed(self.all_steps()):
+      try:
+        return step, self.read_metadata(step, required)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("The metadata of the checkpoint at step %d in %s cannot be read (%s: %s); trying the "
+                        "previous step.", step, self.directory, type(e).__name__, e)
+    return None
+
+  def restore(self, step: int, *, params: PyTree, train: PyTree, data_iterator: SavableIterator | None,
+              required_metadata: tuple[str, ...] = ()) -> tuple[PyTree, PyTree, dict]:
+    """Restore one step onto abstract targets (ShapeDtypeStructs with shardings); every item must read back, the
+    metadata as a JSON object with the `required_metadata` keys."""
     items = dict(params=ocp.args.StandardRestore(params), train=ocp.args.StandardRestore(train),
                  metadata=ocp.args.JsonRestore())
     if data_iterator is not None:
       items["data_iterator"] = DataIteratorRestore(data_iterator)
     out = self._manager.restore(step, args=ocp.args.Composite(**items))
+    _check_metadata(step, out["metadata"], required_metadata)
     return out["params"], out["train"], out["metadata"]
 
-  def restore_latest_good(self, **targets) -> tuple[int, PyTree, PyTree, dict] | None:
-    """Restore the newest step that reads back completely; warn about and skip broken ones. None if no step."""
+  def restore_latest_good(self, required_metadata: tuple[str, ...] = (),
+                          **targets) -> tuple[int, PyTree, PyTree, dict] | None:
+    """Restore the newest step whose items (metadata included) all read back; warn about and skip broken ones.
+    None if no step."""
     steps = self.all_steps()
-    errors = []
+    failures = []
     for step in reversed(steps):
       try:
-        params, train, metadata = self.restore(step, **targets)
+        params, train, metadata = self.restore(step, required_metadata=required_metadata, **targets)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("Checkpoint at step %d in %s cannot be restored (%s: %s); trying the previous one.",
                         step, self.directory, type(e).__name__, e)
-        errors.append((step, e))
+        failures.append((step, e))
         continue
-      if errors:
-        self._move_aside([s for s, _ in errors])
+      if failures:
+        self._move_aside([s for s, _ in failures])
       return step, params, train, metadata
-    if errors:
+    if failures:
       raise RuntimeError(f"No checkpoint in {self.directory} can be restored (steps {steps}); the newest failed "
-                         f"with {type(errors[0][1]).__name__}: {errors[0][1]}. Move the workdir aside to start "
-                         "afresh.") from errors[0][1]
+                         f"with {type(failures[0][1]).__name__}: {failures[0][1]}. Move the workdir aside to start "
+                         "afresh.") from failures[0][1]
     return None
 
   def _move_aside(self, steps: list[int]) -> None:
@@ -177,11 +218,83 @@ class Checkpointer:
     self._manager.reload()
 
   def wait(self):
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(self._in_flight, e) from None
 
   def close(self):
-    self._manager.wait_until_finished()
+    """Waits for the save in progress and closes; a failed save raises CheckpointSaveError (after closing)."""
+    if self._closed:
+      return
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(self._in_flight, e) from None
+    self._closed = True
     self._manager.close()
+
+  # --- Save failures: one clear error instead of Orbax's tracebacks.
+  def _save_failed(self, step: int | None, error: Exception) -> CheckpointSaveError:
+    """Closes the manager (so no background write outlives the error) and explains the failure."""
+    text = str(error)
+    found = re.search(r"/(\d+)\.orbax-checkpoint-tmp", text) or re.search(
+        re.escape(str(self.directory)) + r"/(\d+)/", text)
+    failed = int(found.group(1)) if found else (self._in_flight if self._in_flight is not None else step)
+    self._close_quietly()
+    complete = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and int(p.name) != failed) \
+        if self.directory.exists() else []
+    no_space = any(marker in text for marker in _NO_SPACE) or (isinstance(error, OSError) and error.errno == 28)
+    if no_space or "quota" in text.lower() or "RESOURCE_EXHAUSTED" in text:
+      what = ("No space left on device" if no_space else
+              "Quota exceeded" if "quota" in text.lower() else "RESOURCE_EXHAUSTED (storage full, quota or rate limit)")
+      cause = what + (" (RESOURCE_EXHAUSTED)" if no_space and "RESOURCE_EXHAUSTED" in text else "") + \
+          _free_space(self.directory)
+      fix = f"free space in {self.directory} (or lower keep_checkpoints)"
+    else:
+      first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+      cause = f"{type(error).__name__}: {first[:400]}"
+      fix = "fix the cause"
+    last = (f"The last complete checkpoint is step {complete[-1]}, intact; {fix}, then rerun the same command to "
+            "resume from it." if complete else f"There is no complete checkpoint yet; {fix}, then rerun.")
+    errors.report("checkpoint_save")  # Orbax's leftover tasks then die quietly (metrics.quiet_library_logs)
+    return CheckpointSaveError(f"Saving the checkpoint of step {failed} to {self.directory} failed: {cause}. {last}")
+
+  def _close_quietly(self) -> None:
+    if self._closed:
+      return
+    self._closed = True
+    manager = self._manager
+    try:
+      manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass  # the error being reported
+    for part in ("_checkpointer", "_non_blocking_metadata_store", "_blocking_metadata_store", "_checkpoint_deleter"):
+      try:
+        getattr(manager, part).close()
+      except Exception:  # pylint: disable=broad-except
+        pass
+
+
+def _check_metadata(step: int, metadata: Any, required: tuple[str, ...]) -> None:
+  if not isinstance(metadata, dict):
+    raise ValueError(f"The metadata of step {step} is not a JSON object ({type(metadata).__name__}).")
+  missing = [k for k in required if k not in metadata]
+  if missing:
+    raise ValueError(f"The metadata of step {step} lacks {', '.join(missing)}.")
+
+
+def _free_space(directory: epath.Path) -> str:
+  if "://" in str(directory):
+    return ""
+  path = str(directory)
+  while path and not os.path.exists(path):
+    path = os.path.dirname(path)
+  try:
+    usage = shutil.disk_usage(path)
+  except OSError:
+    return ""
+  return f"; {usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB on the filesystem of {directory}"
 
 
 def find_step_directory(path: str | epath.Path, step: int | None = None) -> tuple[epath.Path, int]:

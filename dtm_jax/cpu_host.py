@@ -16,26 +16,41 @@ hosts alone (their large buffers live on the device, and one malloc arena could 
   does not know, so others are left alone).
 """
 import ctypes
+import glob
 import importlib.metadata
 import os
+import pathlib
 
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 _KEEP_BELOW_BYTES = 1 << 30
-_ACCELERATOR_PACKAGES = ("jax-cuda", "jax-rocm", "libtpu")
+_GPU_PACKAGES = ("jax-cuda", "jax-rocm")
+_GOOGLE_PCI_VENDOR = "0x1ae0"
 _YNN_FUSIONS_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 _YNN_FLAG_JAXLIB_VERSIONS = ("0.10.",)
 
 
 def cpu_only() -> bool:
-  """JAX runs on the CPU only when JAX_PLATFORMS says so, or when no GPU/TPU plugin is installed."""
+  """JAX runs on the CPU only when JAX_PLATFORMS says so, or when no GPU plugin is installed and no TPU is attached.
+
+  The TPU runtime (libtpu) alone does not make a TPU host: `--mode=compile` and the tests install it on machines
+  without TPUs, to compile for TPU slices.
+  """
   platforms = os.environ.get("JAX_PLATFORMS", "")
   if platforms:
     return {p.strip() for p in platforms.split(",")} == {"cpu"}
-  installed = (dist.metadata["Name"] or "" for dist in importlib.metadata.distributions())
-  return not any(name.lower().startswith(_ACCELERATOR_PACKAGES) for name in installed)
+  installed = [(dist.metadata["Name"] or "").lower() for dist in importlib.metadata.distributions()]
+  if any(name.startswith(_GPU_PACKAGES) for name in installed):
+    return False
+  return not (any(name.startswith("libtpu") for name in installed) and tpu_attached())
+
+
+def tpu_attached() -> bool:
+  """Whether a Google TPU chip is on this machine's PCI bus (what JAX itself looks for on Cloud TPU VMs)."""
+  return any(pathlib.Path(path).read_text().strip() == _GOOGLE_PCI_VENDOR
+             for path in glob.glob("/sys/bus/pci/devices/*/vendor"))
 
 
 def keep_freed_memory() -> bool:
@@ -63,9 +78,14 @@ def turn_off_ynnpack_fusions() -> bool:
 
 
 def configure() -> bool:
-  """Applies both settings when JAX can only run on the CPU here; returns whether it did. Call it first."""
+  """Applies both settings when JAX can only run on the CPU here; returns whether it did. Call it first.
+
+  It also pins JAX_PLATFORMS=cpu there, so that an installed TPU runtime does not make JAX look for a TPU first
+  (~10 s of errors at start-up).
+  """
   if not cpu_only():
     return False
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   keep_freed_memory()
   turn_off_ynnpack_fusions()
   return True

@@ -49,6 +49,16 @@ def standardize(x, eps=1e-6):
   return (x - mean) * lax.rsqrt(var + eps)
 
 
+def token_wise_loss(student, target, kind="smooth_l1", beta=2.0, normalize_target=False):
+  """The loss without morphing (every token its own group): the mean per-token loss, which equals `dtm_loss` with
+  singleton groups under either weighting. Scalar float32."""
+  student = student.astype(jnp.float32)
+  target = lax.stop_gradient(target).astype(jnp.float32)
+  if normalize_target:
+    target = standardize(target)
+  return jnp.mean(token_loss(student, target, kind, beta))
+
+
 def dtm_loss(student, target, groups_per_schedule, kind="smooth_l1", beta=2.0, normalize_target=False,
              weighting="token"):
   """The DTM loss: morphed student vs morphed target, averaged over the L schedules.

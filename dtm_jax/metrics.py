@@ -18,6 +18,8 @@ from etils import epath
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from dtm_jax import errors
+
 # Dense bf16 peak FLOP/s per device, by `device.device_kind` prefix. Unknown kinds give no MFU.
 PEAK_BF16_FLOPS = {
     "NVIDIA H200": 989e12,
@@ -72,29 +74,52 @@ class _DropLibraryInfo(logging_std.Filter):
     self._markers = tuple(f"/{name}/" for name in libraries)
 
   def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno > logging_std.INFO or not any(m in record.pathname for m in self._markers)
+    if not any(m in record.pathname for m in self._markers):
+      # asyncio's "Task/Future exception was never retrieved" at exit: the failed writes of a save that was
+      # reported (checkpoint.CheckpointSaveError), one per file.
+      return not (record.name == "asyncio" and errors.was_reported("checkpoint_save") and
+                  "never retrieved" in str(record.msg))
+    if record.levelno <= logging_std.INFO or errors.was_reported("checkpoint_save"):
+      return False  # chatter, or more about a failed save the run has explained
+    if record.exc_info or len(record.getMessage()) > _LIBRARY_LINE:
+      # Orbax logs each failed background write with its traceback (a full disk gave dozens); the run reports the
+      # failure itself (checkpoint.CheckpointSaveError), so one short line each is kept.
+      message = record.getMessage()
+      record.msg = message[:_LIBRARY_LINE] + (" …" if len(message) > _LIBRARY_LINE else "")
+      record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
+    return True
+
+
+_LIBRARY_LINE = 400
 
 
 def quiet_library_logs(libraries: tuple[str, ...] = ("orbax",)) -> None:
-  """Keep the run's own INFO lines readable: library INFO chatter is dropped, warnings and errors stay."""
+  """Keep the run's own INFO lines readable: library INFO chatter is dropped, warnings and errors stay (one line
+  each, without tracebacks)."""
   logging.get_absl_handler().addFilter(_DropLibraryInfo(libraries))
 
 
 class MetricsWriter:
-  """Scalars to TensorBoard events, metrics.jsonl and the log. Only process 0 writes files."""
+  """Scalars to TensorBoard events, metrics.jsonl and the log. Only process 0 writes files.
 
-  def __init__(self, workdir: str | epath.Path, *, enabled: bool | None = None):
+  resume_step: the step a resumed run continues from; lines of later steps in metrics.jsonl (written before a kill,
+  and about to be computed again) are dropped, as is a line cut short by the kill, so each step keeps one line.
+  """
+
+  def __init__(self, workdir: str | epath.Path, *, enabled: bool | None = None, resume_step: int | None = None):
     self._enabled = jax.process_index() == 0 if enabled is None else enabled
     self._events = None
     self._jsonl = None
     if self._enabled:
       workdir = epath.Path(workdir)
+      if resume_step is not None:
+        truncate_jsonl(workdir / "metrics.jsonl", resume_step)
       tb_dir = workdir / "tensorboard"
       tb_dir.mkdir(parents=True, exist_ok=True)
       name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-      self._events = RecordWriter((tb_dir / name).open("wb"))
+      self._events = RecordWriter(_open(tb_dir / name, "wb"))
       self._events.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
-      self._jsonl = (workdir / "metrics.jsonl").open("a")
+      self._jsonl = _open_for_append(workdir / "metrics.jsonl")
 
   def write_scalars(self, step: int, scalars: Mapping[str, float], *, log: bool = True):
     scalars = {k: float(v) for k, v in scalars.items()}
@@ -120,8 +145,66 @@ class MetricsWriter:
       self._enabled = False
 
 
+class _EnteredFile:
+  """The file of a context manager that epath's open() returned, kept open (with its context manager) until close()."""
+
+  def __init__(self, manager):
+    self._manager = manager
+    self._file = manager.__enter__()  # pylint: disable=unnecessary-dunder-call
+
+  def write(self, data):
+    return self._file.write(data)
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._manager.__exit__(None, None, None)
+
+
+def _open(path: epath.Path, mode: str):
+  """An open file of `path`. epath's tf.io.gfile backend (gs:// paths when TensorFlow is installed) returns a context
+  manager from open() rather than a file (writes to it fail); it is entered here and kept open until close()."""
+  handle = path.open(mode)
+  return handle if hasattr(handle, "write") else _EnteredFile(handle)
+
+
+def _open_for_append(path: epath.Path):
+  """Appends to a local file. Object stores (gs://) cannot append (gcsfs silently overwrites): the object is
+  rewritten with its old content first."""
+  if "://" not in str(path):
+    return _open(path, "a")
+  old = path.read_text() if path.exists() else ""
+  handle = _open(path, "w")
+  handle.write(old)
+  return handle
+
+
 def _fmt(v: float) -> str:
   return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+def truncate_jsonl(path: str | epath.Path, last_step: int) -> None:
+  """Keeps the rows of metrics.jsonl up to `last_step` (and drops unparseable, i.e. cut, lines); atomic rewrite."""
+  path = epath.Path(path)
+  if not path.exists():
+    return
+  lines = path.read_text().splitlines()
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] <= last_step:
+      kept.append(line)
+  if len(kept) == len(lines):
+    return
+  logging.info("metrics.jsonl: dropped %d lines past step %d (they are computed again).", len(lines) - len(kept),
+               last_step)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text("".join(line + "\n" for line in kept))
+  tmp.replace(path)
 
 
 def read_jsonl(path: str | epath.Path) -> list[dict]:

@@ -21,7 +21,13 @@ away. Neither changes a result, only the work done.
 On CPUs the rounds and the loss's group sums run instead as native kernels (dtm_jax.kernels: XLA FFI custom calls
 built on first use), the same algorithm and float32 arithmetic image by image in cache-resident memory: XLA:CPU
 executes the rounds' small gathers and scatters one after another at tens of µs each, ~2× the cost of the Gram
-matmul. Without a C++ compiler the XLA rounds run everywhere.
+matmul. Without a C++ compiler the XLA rounds run on CPUs too.
+
+On GPUs and TPUs scatters are slow (TPUs apply their updates nearly one at a time) or non-deterministic (GPU
+atomics), so there the rounds hold the slot Gram matrix by slot *position* and do a round's merges and reordering at
+once as G' = Pᵀ·G·P for the 0/1 matrix P that sends every slot to its new position (two batched matmuls over the
+shrinking slot prefix), and the loss's group sums are one-hot matmuls: the programs contain no scatter, and no
+gather either.
 
 Exactness: the cosine of two slots is computed from the slot-mean inner products (sums divided by sizes with a true
 division), so slots whose members are equal tokens have exactly the same similarities as one such token whenever the
@@ -37,9 +43,10 @@ from jax import lax
 import jax.numpy as jnp
 
 from dtm_jax import kernels
+from dtm_jax import platform
 from dtm_jax import sharding
 
-IMPLEMENTATIONS = ("auto", "cpu_kernel", "pairwise", "scatter")
+IMPLEMENTATIONS = ("auto", "cpu_kernel", "pairwise", "scatter", "matmul")
 # Images per matmul of the token Gram matrices on CPUs (see token_gram).
 _CPU_GRAM_BLOCK = 8
 # Smallest squared norm used when normalising: an all-zero feature gets cosine similarity 0 with everything.
@@ -104,8 +111,10 @@ def morph(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True, imp
       exact inputs). "cpu_kernel": a native kernel that morphs each image in cache-resident memory, images spread
       over XLA's CPU threads (dtm_jax.kernels; built on first use, CPU only). The XLA versions update the slot Gram
       matrix of a round's merges either "pairwise", one source's row and column at a time (O(r·N) per round), or
-      by "scatter", the whole round in one scatter-add (O(N²) but one parallel op, best on GPUs/TPUs). "auto":
-      cpu_kernel on CPUs (pairwise if it cannot be built), scatter elsewhere.
+      by "scatter", the whole round in one scatter-add (O(N²) but one parallel op). "matmul" holds the slot Gram
+      matrix by slot position and does a round's merges and reordering as two batched matmuls with a 0/1 matrix,
+      with no scatter anywhere (TPUs run scatters nearly serially, GPUs with non-deterministic atomics). "auto":
+      cpu_kernel on CPUs (pairwise if it cannot be built), matmul elsewhere.
 
   Returns:
     int32 [B, N] group ids in [0, number of groups): tokens with equal ids form one group; the id is the final slot
@@ -130,6 +139,9 @@ def morph_schedules(tokens, num_merge, num_iters, *, max_iters=14, protect_first
   if implementation == "cpu_kernel":
     return kernels.morph_gram(gram, jnp.stack([merge for merge, _ in schedules]),
                               jnp.stack([iters for _, iters in schedules]), protected, max_iters=max_iters)
+  if implementation == "matmul":
+    return jnp.stack([_morph_gram_matmul(gram, merge, iters, protected, max_iters=max_iters)
+                      for merge, iters in schedules])
   return jnp.stack([_morph_gram(gram, merge, iters, protected, max_iters=max_iters, gram_update=implementation)
                     for merge, iters in schedules])
 
@@ -144,7 +156,7 @@ def token_gram(tokens):
   shards).
   """
   x = lax.stop_gradient(tokens).astype(jnp.float32)
-  if jax.default_backend() != "cpu":
+  if not platform.current().is_cpu:
     return jnp.einsum("bnd,bmd->bnm", x, x, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
   batch, num_tokens, dim = x.shape
   if any(axis is not None for axis in jax.typeof(x).sharding.spec):
@@ -165,8 +177,8 @@ def _resolve_implementation(name):
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={name!r} is not one of {IMPLEMENTATIONS}.")
   if name == "auto":
-    if jax.default_backend() != "cpu":
-      return "scatter"
+    if not platform.current().is_cpu:
+      return "matmul"
     return "cpu_kernel" if kernels.available() else "pairwise"
   if name == "cpu_kernel":
     kernels.require()
@@ -183,22 +195,103 @@ def _morph_gram(gram, num_merge, num_iters, protected, *, max_iters, gram_update
                  count=jnp.full((batch,), num_tokens, jnp.int32), rounds=jnp.zeros((batch,), jnp.int32))
   slots = jax.tree.map(lambda x: sharding.varying_like(x, gram), slots)  # one loop-state type under shard_map
 
-  capacities = _slot_capacities(num_tokens)
+  merge_round = lambda s, active, capacity: _merge_round(s, active, per_round, protected, capacity, gram_update)
+  slots = _run_rounds(slots, merge_round, per_round, num_iters, protected, max_iters=max_iters)
+  return _group_ids(slots, max_iters)
+
+
+@functools.partial(jax.jit, static_argnames=("max_iters",))
+def _morph_gram_matmul(gram, num_merge, num_iters, protected, *, max_iters):
+  """`_morph_gram` without scatters (implementation "matmul"): the slot state is held by slot *position*.
+
+  A round moves every slot at position i to position dest(i) of the new order (a source to its partner's), so the
+  new slot Gram matrix and sizes are Pᵀ·G·P and Pᵀ·sizes for the 0/1 matrix P[i, dest(i)] = 1 (see
+  _merge_round_matmul), and every token's group is its slot's position, carried along by the same map.
+  """
+  batch, num_tokens, _ = gram.shape
+  per_round = merges_per_round(num_merge, num_iters, num_tokens)
+  slots = _SlotsByPosition(
+      gram=gram, sizes=jnp.ones((batch, num_tokens), jnp.float32),
+      labels=jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens)),
+      count=jnp.full((batch,), num_tokens, jnp.int32), rounds=jnp.zeros((batch,), jnp.int32))
+  slots = jax.tree.map(lambda x: sharding.varying_like(x, gram), slots)  # one loop-state type under shard_map
+
+  merge_round = lambda s, active, capacity: _merge_round_matmul(s, active, per_round, protected, capacity)
+  return _run_rounds(slots, merge_round, per_round, num_iters, protected, max_iters=max_iters).labels
+
+
+def _run_rounds(slots, merge_round, per_round, num_iters, protected, *, max_iters):
+  """Runs `merge_round(slots, active, capacity)` until no image has a round left (an image whose schedule is done
+  sits the remaining rounds out), through the static slot capacities of _slot_capacities. `slots` is a _Slots or a
+  _SlotsByPosition (both have `count` and `rounds`)."""
+  capacities = _slot_capacities(slots.sizes.shape[1])
   for capacity, next_capacity in zip(capacities, capacities[1:] + [0]):
 
     def needs_round(s, next_capacity=next_capacity):
       merges = jnp.minimum(per_round, (s.count - protected) // 2)
       return (s.rounds < num_iters) & (s.rounds < max_iters) & (merges > 0) & (s.count > next_capacity)
 
-    def merge_round(s, capacity=capacity):
-      return _merge_round(s, needs_round(s), per_round, protected, capacity, gram_update)
+    def one_round(s, capacity=capacity):
+      return merge_round(s, needs_round(s), capacity)
 
-    slots = lax.while_loop(lambda s: jnp.any(needs_round(s)), merge_round, slots)
-  return _group_ids(slots, max_iters)
+    slots = lax.while_loop(lambda s: jnp.any(needs_round(s)), one_round, slots)
+  return slots
+
+
+class _SlotsByPosition(NamedTuple):
+  """Morphing state of a batch of images for the "matmul" rounds: everything indexed by current slot position.
+
+  Positions from `count` on hold no slot: their Gram rows and columns and sizes are zero.
+  """
+  gram: jax.Array     # f32 [B, N, N]: inner products of the slots' feature sums, by position
+  sizes: jax.Array    # f32 [B, N]: number of member tokens, by position
+  labels: jax.Array   # int32 [B, N]: the position of every token's slot
+  count: jax.Array    # int32 [B]: number of slots
+  rounds: jax.Array   # int32 [B]: rounds done
+
+
+def _merge_round_matmul(slots, active, per_round, protected, capacity):
+  """One bipartite merging round of every `active` image (the others are kept) with matmuls and comparisons only.
+
+  Active images have at most `capacity` slots, so only the leading capacity×capacity block is matched and
+  rewritten. With P[i, p] = [dest(i) = p] (0/1, one 1 per row), the new Gram matrix Pᵀ·G·P is two batched matmuls
+  at HIGHEST precision: each entry is a float32 sum of the old entries of the slots that meet there plus exact
+  zeros, the same sums the scatter version forms (so exact inputs stay exact, and ties stay ties).
+  """
+  merges = jnp.where(active, jnp.minimum(per_round, (slots.count - protected) // 2), 0)
+  gram, sizes = slots.gram[:, :capacity, :capacity], slots.sizes[:, :capacity]
+  position = jnp.arange(capacity, dtype=jnp.int32)
+  destination = jax.vmap(_destinations, in_axes=(0, 0, 0, 0, None))(gram, sizes, slots.count, merges, protected)
+  destination = jnp.where(active[:, None], destination, position)
+  moves = (destination[:, :, None] == position).astype(jnp.float32)  # P: [B, old position, new position]
+  highest = dict(precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  merged = jnp.einsum("bpi,biq->bpq", jnp.einsum("bip,bij->bpj", moves, gram, **highest), moves, **highest)
+  new_sizes = jnp.einsum("bip,bi->bp", moves, sizes, **highest)  # sums of at most N ones: exact
+  # Each token's new position: its slot's destination, looked up by comparison (no gather, no scatter).
+  labels = jnp.sum(jnp.where(slots.labels[:, :, None] == position, destination[:, None, :], 0), axis=2,
+                   dtype=jnp.int32)
+  return _SlotsByPosition(
+      gram=lax.dynamic_update_slice(slots.gram, jnp.where(active[:, None, None], merged, gram), (0, 0, 0)),
+      sizes=lax.dynamic_update_slice(slots.sizes, jnp.where(active[:, None], new_sizes, sizes), (0, 0)),
+      labels=jnp.where(active[:, None], labels, slots.labels),
+      count=slots.count - merges, rounds=slots.rounds + active)
+
+
+def _destinations(gram, sizes, count, merges, protected):
+  """Steps 2–7 for one image held by position: the new position of the slot at every position (a source's is its
+  partner's); positions past `count` hold no slot and stay put."""
+  capacity = gram.shape[0]
+  similarity = _cosine_similarity_by_position(gram, jnp.maximum(sizes, 1.0))
+  _, is_source, partner, unmerged_position, num_unmerged = _choose_sources(similarity, count, merges, protected)
+  a_destination = jnp.where(is_source, num_unmerged + partner, unmerged_position)
+  destination = _interleave(a_destination, num_unmerged + jnp.arange(similarity.shape[1]))
+  position = jnp.arange(capacity)
+  return jnp.where(position < count, destination, position).astype(jnp.int32)
 
 
 def per_group_means(x, groups):
-  """The mean of every group, indexed by group id: O(N·C) segment sums, accumulated in float32.
+  """The mean of every group, indexed by group id: O(N·C) segment sums, accumulated in float32 (on accelerators
+  O(N²·C) one-hot matmuls instead, which need no scatter in the program or its gradient).
 
   Args:
     x: [B, N, C] token features.
@@ -209,16 +302,28 @@ def per_group_means(x, groups):
     zeros.
   """
   ids = _valid_ids(groups)
-  sizes = _segment_sum(jnp.ones(ids.shape, jnp.float32), ids)
-  return _group_sums(x.astype(jnp.float32), ids) / jnp.maximum(sizes, 1.0)[..., None], sizes
+  if not _uses_one_hot():
+    sizes = _segment_sum(jnp.ones(ids.shape, jnp.float32), ids)
+    return _group_sums(x.astype(jnp.float32), ids) / jnp.maximum(sizes, 1.0)[..., None], sizes
+  sizes = jnp.sum(_one_hot(ids), axis=-2, dtype=jnp.float32)
+  means = _group_sums(x.astype(jnp.float32), ids) / jnp.maximum(sizes, 1.0)[..., None]
+  # The rows of unused ids are zeros either way, but the select also drops their cotangents: a matmul's transpose,
+  # unlike a scatter's (a gather of the used rows), would spread a NaN there (a cosine loss at a zero mean) to all.
+  return jnp.where(sizes[..., None] > 0, means, 0.0), sizes
 
 
 def _group_sums(x, ids):
-  """Sums of x [B, N, C] per id for ids [..., B, N] in [0, N): the CPU kernel where it runs, else one scatter-add."""
+  """Sums of x [B, N, C] per id for ids [..., B, N] in [0, N): the CPU kernel where it runs, a one-hot matmul where
+  morphing runs as matmuls (accelerators), else one scatter-add."""
   batch, num_tokens, channels = x.shape
   partitions = ids.reshape(-1, batch, num_tokens)
-  if _resolve_implementation("auto") == "cpu_kernel":
+  implementation = _resolve_implementation("auto")
+  if implementation == "cpu_kernel":
     sums = kernels.group_sums(x, partitions)
+  elif implementation == "matmul":
+    # Each sum is a float32 sum of its members and exact zeros; the gradient is the transposed matmul.
+    sums = jnp.einsum("lbng,bnc->lbgc", _one_hot(partitions).astype(jnp.float32), x,
+                      precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
   else:
     sums = _segment_sum(jnp.broadcast_to(x, partitions.shape + (channels,)), partitions)
   return sums.reshape(ids.shape + (channels,))
@@ -227,13 +332,31 @@ def _group_sums(x, ids):
 def group_mean(x, groups):
   """Replaces every token of x [B, N, C] by the mean of its group (groups int32 [B, N]); returns x's dtype."""
   means, _ = per_group_means(x, groups)
-  return jnp.take_along_axis(means, _valid_ids(groups)[..., None], axis=-2).astype(x.dtype)
+  ids = _valid_ids(groups)
+  if _uses_one_hot():  # a gather's gradient is a scatter
+    return jnp.einsum("...ng,...gc->...nc", _one_hot(ids).astype(jnp.float32), means,
+                      precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32).astype(x.dtype)
+  return jnp.take_along_axis(means, ids[..., None], axis=-2).astype(x.dtype)
 
 
 def num_groups(groups):
   """Realised number of groups per image (for logging): groups int32 [B, N] → int32 [B]."""
-  present = _segment_sum(jnp.ones(groups.shape, jnp.int32), _valid_ids(groups)) > 0
+  ids = _valid_ids(groups)
+  if _uses_one_hot():
+    present = jnp.any(_one_hot(ids), axis=-2)
+  else:
+    present = _segment_sum(jnp.ones(groups.shape, jnp.int32), ids) > 0
   return jnp.sum(present, axis=1, dtype=jnp.int32)
+
+
+def _uses_one_hot():
+  """Whether group sums, sizes and counts are one-hot contractions (where morphing runs as matmuls: no scatters)."""
+  return _resolve_implementation("auto") == "matmul"
+
+
+def _one_hot(ids):
+  """bool [..., N, N]: [n, g] is whether token n is in group g, for ids [..., N] in [0, N)."""
+  return ids[..., :, None] == jnp.arange(ids.shape[-1], dtype=ids.dtype)
 
 
 def _valid_ids(ids):
@@ -308,8 +431,26 @@ def _match(gram, sizes, order, count, merges, protected):
   capacity = order.shape[0]
   a_ids, b_ids = order[0::2], order[1::2]
 
-  # Steps 2–4: alternate split, cosine similarity of the slot means, best B partner of every A slot.
+  # Steps 2–4: alternate split, cosine similarity of the slot means.
   similarity = _cosine_similarity_of_means(gram, jnp.maximum(sizes, 1.0), a_ids, b_ids)
+  num_a, num_b = similarity.shape
+  a_position, b_position = jnp.arange(num_a), jnp.arange(num_b)
+  rank, is_source, partner, unmerged_position, num_unmerged = _choose_sources(similarity, count, merges, protected)
+
+  # Step 7: new order [unmerged A, B]; sources leave the order. Positions past `count` hold no slot and stay put.
+  destination = _interleave(jnp.where(is_source, capacity, unmerged_position), num_unmerged + b_position)
+  position = jnp.arange(capacity)
+  destination = jnp.where(position < count, destination, position)
+  new_order = order.at[destination].set(order, mode="drop")
+
+  by_rank = jnp.zeros_like(rank).at[rank].set(a_position)  # A positions in descending-score order
+  return new_order, a_ids[by_rank], b_ids[partner[by_rank]]
+
+
+def _choose_sources(similarity, count, merges, protected):
+  """Steps 4–5 and the unmerged slots' order of step 7, from the A×B similarities [ceil(C/2), floor(C/2)] of one
+  image's (first C) slots: (rank of every A slot by best score, is_source, partner B position, new position of an
+  unmerged A slot, number of unmerged A slots)."""
   num_a, num_b = similarity.shape
   a_position, b_position = jnp.arange(num_a), jnp.arange(num_b)
   similarity = jnp.where(b_position[None, :] < count // 2, similarity, -jnp.inf)
@@ -323,16 +464,10 @@ def _match(gram, sizes, order, count, merges, protected):
   rank = _stable_descending_rank(best)
   is_source = rank < merges
 
-  # Step 7: new order [unmerged A, B]; sources leave the order. Positions past `count` hold no slot and stay put.
+  # Step 7: unmerged A slots come first in the new order, by position (protected) or by score.
   num_unmerged = (count + 1) // 2 - merges
   unmerged_position = jnp.where(protected > 0, jnp.cumsum(~is_source) - 1, rank - merges)
-  destination = _interleave(jnp.where(is_source, capacity, unmerged_position), num_unmerged + b_position)
-  position = jnp.arange(capacity)
-  destination = jnp.where(position < count, destination, position)
-  new_order = order.at[destination].set(order, mode="drop")
-
-  by_rank = jnp.zeros_like(rank).at[rank].set(a_position)  # A positions in descending-score order
-  return new_order, a_ids[by_rank], b_ids[partner[by_rank]]
+  return rank, is_source, partner, unmerged_position, num_unmerged
 
 
 def _merge_gram_pairwise(gram, sources, partners, merges):
@@ -406,6 +541,17 @@ def _cosine_similarity_of_means(gram, sizes, a_ids, b_ids):
   a_sizes, b_sizes = sizes[a_ids], sizes[b_ids]
   dots = gram[a_ids[:, None], b_ids[None, :]] / lax.optimization_barrier(a_sizes[:, None] * b_sizes[None, :])
   return dots * inverse_norms[a_ids][:, None] * inverse_norms[b_ids][None, :]
+
+
+def _cosine_similarity_by_position(gram, sizes):
+  """`_cosine_similarity_of_means` of the A (even) and B (odd) slots of a Gram matrix held by slot position, with
+  the same float operations; the diagonal is taken by a mask, not a gather."""
+  diagonal = jnp.sum(jnp.where(jnp.eye(gram.shape[0], dtype=bool), gram, 0.0), axis=1)
+  squared_norms = diagonal / lax.optimization_barrier(sizes * sizes)
+  inverse_norms = lax.rsqrt(jnp.maximum(squared_norms, _MIN_SQUARED_NORM))
+  a_sizes, b_sizes = sizes[0::2], sizes[1::2]
+  dots = gram[0::2, 1::2] / lax.optimization_barrier(a_sizes[:, None] * b_sizes[None, :])
+  return dots * inverse_norms[0::2][:, None] * inverse_norms[1::2][None, :]
 
 
 def _stable_descending_rank(scores):

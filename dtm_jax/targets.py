@@ -28,6 +28,7 @@ from flax import nnx
 
 from dtm_jax import checkpoint as checkpoint_lib
 from dtm_jax import metrics
+from dtm_jax import sharding as sharding_lib
 from dtm_jax.models import clip, functional, vit
 
 PyTree = Any
@@ -101,7 +102,11 @@ def random_clip_config(cfg: ml_collections.ConfigDict, image_size: int) -> clip.
   return clip.get_config(cfg.variant, **{"image_size": image_size, "dtype": _dtype(cfg.dtype), **overrides})
 
 
-def _clip_target(cfg: ml_collections.ConfigDict, image_size: int) -> Target:
+def _clip_target(cfg: ml_collections.ConfigDict, image_size: int, abstract: bool) -> Target:
+  if abstract:  # the tower of `cfg.variant`, shapes only: a converted checkpoint of that variant has these shapes
+    clip_cfg = random_clip_config(cfg, image_size)
+    module = nnx.eval_shape(lambda: clip.CLIPVision(clip_cfg, rngs=nnx.Rngs(0)))
+    return _module_target("clip", module, f"CLIP tower {cfg.variant} (shapes only)")
   if cfg.get("init", "checkpoint") == "random":
     clip_cfg = random_clip_config(cfg, image_size)
     module = clip.CLIPVision(clip_cfg, rngs=nnx.Rngs(cfg.get("seed", 0)))
@@ -113,17 +118,37 @@ def _clip_target(cfg: ml_collections.ConfigDict, image_size: int) -> Target:
   return _module_target("clip", module, f"CLIP tower from {path}")
 
 
-def _checkpoint_target(cfg: ml_collections.ConfigDict, image_size: int) -> Target:
-  directory, step = checkpoint_lib.find_step_directory(cfg.checkpoint, cfg.get("step"))
-  metadata = json.loads((directory / str(step) / "metadata" / "metadata").read_text())
-  model_cfg = checkpoint_lib.model_config_from_metadata(metadata, vit.ViTConfig, dtype=_dtype(cfg.dtype),
-                                                        drop_path_rate=0.0)
-  if model_cfg.image_size != image_size:
-    raise ValueError(f"The teacher checkpoint {cfg.checkpoint} was trained at image size {model_cfg.image_size}, "
-                     f"but this run uses {image_size}; use the same image size.")
-  module = nnx.eval_shape(lambda: vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
-  fm, abstract = functional.split_module(module)
-  params, _, _ = checkpoint_lib.restore_params(directory, step, target=abstract)
+def _restore_targets(abstract_params: PyTree, mesh, min_fsdp_size: int) -> PyTree:
+  """ShapeDtypeStructs with the shardings a teacher is restored onto: the run's FSDP shardings on `mesh` (the ones
+  build_program gives the target), or one local device without a mesh. Never the saved shardings, which name the
+  devices of the run that wrote the checkpoint."""
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract_params)
+  else:
+    shardings = sharding_lib.param_shardings(abstract_params, mesh, min_fsdp_size)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)
+
+
+def _checkpoint_target(cfg: ml_collections.ConfigDict, image_size: int, student_config: vit.ViTConfig | None,
+                       abstract: bool, mesh=None, min_fsdp_size: int = 2 ** 18) -> Target:
+  if abstract:  # shapes only, nothing read: a teacher of the student's architecture
+    if student_config is None:
+      raise ValueError("The 'checkpoint' target built without reading it needs the student config.")
+    model_cfg = dataclasses.replace(student_config, dtype=_dtype(cfg.dtype), drop_path_rate=0.0, remat="none")
+    directory, step = cfg.checkpoint, "(shapes of the student's architecture)"
+    fm, params = functional.abstract_split(lambda: vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
+  else:
+    directory, step = checkpoint_lib.find_step_directory(cfg.checkpoint, cfg.get("step"))
+    metadata = json.loads((directory / str(step) / "metadata" / "metadata").read_text())
+    model_cfg = checkpoint_lib.model_config_from_metadata(metadata, vit.ViTConfig, dtype=_dtype(cfg.dtype),
+                                                          drop_path_rate=0.0)
+    if model_cfg.image_size != image_size:
+      raise ValueError(f"The teacher checkpoint {cfg.checkpoint} was trained at image size "
+                       f"{model_cfg.image_size}, but this run uses {image_size}; use the same image size.")
+    fm, abstract_params = functional.abstract_split(lambda: vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
+    params, _, _ = checkpoint_lib.restore_params(directory, step,
+                                                 target=_restore_targets(abstract_params, mesh, min_fsdp_size))
   if cfg.get("features", "head") == "encoder":
     apply = lambda p, images: fm.apply(p, images, method="encode")[:, 1:]
     return Target("checkpoint", model_cfg.width, params, apply, f"encoder tokens of {directory}/{step}",
@@ -141,7 +166,7 @@ def _ema_target(cfg: ml_collections.ConfigDict, student_config: vit.ViTConfig) -
   depth = student_config.depth
   if not 1 <= num_blocks <= depth:
     raise ValueError(f"config.target.ema_num_blocks={num_blocks} must be between 1 and the student depth {depth}.")
-  teacher_config = dataclasses.replace(student_config, drop_path_rate=0.0)
+  teacher_config = dataclasses.replace(student_config, drop_path_rate=0.0, remat="none")
   fm, _ = functional.abstract_split(lambda: vit.PretrainViT(teacher_config, rngs=nnx.Rngs(0)))
 
   def apply(params, images):
@@ -172,8 +197,16 @@ def ema_update(ema_params: PyTree, params: PyTree, momentum: jax.Array) -> PyTre
 
 
 def build_target(cfg: ml_collections.ConfigDict, *, image_size: int, patch_size: int, in_channels: int = 3,
-                 student_config: vit.ViTConfig | None = None) -> Target:
-  """The target described by `config.target` for a student of this image and patch size."""
+                 student_config: vit.ViTConfig | None = None, abstract: bool = False, mesh=None,
+                 min_fsdp_size: int = 2 ** 18) -> Target:
+  """The target described by `config.target` for a student of this image and patch size.
+
+  abstract: parameters are ShapeDtypeStructs and nothing is read (`--mode=compile`): a `clip` target is the tower of
+  `cfg.variant` (+ `cfg.overrides`), a `checkpoint` target a teacher of the student's architecture.
+  mesh, min_fsdp_size: a `checkpoint` teacher is restored straight onto the run's mesh with the FSDP shardings
+  `sharding.param_shardings(params, mesh, min_fsdp_size)` gives (pass the run's mesh and config.mesh.min_fsdp_size);
+  without a mesh, onto one local device of each process.
+  """
   if cfg.kind == "ema":
     if student_config is None:
       raise ValueError("The 'ema' target needs the student config.")
@@ -181,18 +214,19 @@ def build_target(cfg: ml_collections.ConfigDict, *, image_size: int, patch_size:
   if cfg.kind == "pixels":
     return _pixels_target(cfg, patch_size, in_channels)
   if cfg.kind == "clip":
-    return _clip_target(cfg, image_size)
+    return _clip_target(cfg, image_size, abstract)
   if cfg.kind == "checkpoint":
-    return _checkpoint_target(cfg, image_size)
+    return _checkpoint_target(cfg, image_size, student_config, abstract, mesh, min_fsdp_size)
   raise ValueError(f"Unknown target kind {cfg.kind!r}; choose one of {KINDS}.")
 
 
-def validate_target_config(cfg: ml_collections.ConfigDict) -> None:
-  """Cheap checks before anything is built or compiled."""
+def validate_target_config(cfg: ml_collections.ConfigDict, *, check_paths: bool = True) -> None:
+  """Cheap checks before anything is built or compiled; check_paths: the teacher checkpoint must be named and exist
+  (False for `--mode=compile`, which reads nothing)."""
   if cfg.kind not in KINDS:
     raise ValueError(f"Unknown target kind {cfg.kind!r} (config.target.kind); choose one of {KINDS}.")
   needs_path = (cfg.kind == "clip" and cfg.get("init", "checkpoint") != "random") or cfg.kind == "checkpoint"
-  if needs_path:
+  if needs_path and check_paths:
     if not cfg.get("checkpoint"):
       raise ValueError(f"config.target.checkpoint is empty; the {cfg.kind!r} target needs a directory (convert a "
                        "CLIP checkpoint with `python -m dtm_jax.models.convert`, see README).")

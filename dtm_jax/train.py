@@ -11,10 +11,9 @@ a broken state is ever written.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import signal
-import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dtm_jax import checkpoint as checkpoint_lib
+from dtm_jax import config_checks, errors, workdir_lock
+from dtm_jax import preemption as preemption_lib
+from dtm_jax import images as images_lib
 from dtm_jax import losses, metrics, morphing, optim, sharding, targets
 from dtm_jax.models import functional, vit
 
@@ -66,37 +68,15 @@ def total_and_warmup_steps(config: ml_collections.ConfigDict) -> tuple[int, int]
   return steps("total"), steps("warmup")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Every check that needs no compilation, with what to change; raises ValueError listing all problems."""
-  problems = []
-  m = config.model
-  if m.variant not in vit.VARIANTS:
-    problems.append(f"config.model.variant={m.variant!r} is unknown; choose one of {sorted(vit.VARIANTS)}.")
-  if m.image_size % m.patch_size:
-    problems.append(f"config.model.image_size={m.image_size} is not divisible by patch_size={m.patch_size}.")
-  n = num_patches(config)
-  if not 0 < config.input.num_masking_patches <= n:
-    problems.append(f"config.input.num_masking_patches={config.input.num_masking_patches} must be in [1, {n}] "
-                    f"(the {m.image_size}/{m.patch_size} grid has {n} patches).")
-  max_merge = config.dtm.max_merge
-  if max_merge > n:
-    problems.append(f"config.dtm.max_merge={max_merge} exceeds the {n} tokens; use at most {n} (or -1 for N).")
-  if config.dtm.max_iters < 1:
-    problems.append(f"config.dtm.max_iters={config.dtm.max_iters} must be at least 1.")
-  fixed = config.dtm.get("fixed_schedule")
-  if fixed and not (len(fixed) == 2 and 0 <= fixed[0] <= n and 1 <= fixed[1] <= config.dtm.max_iters):
-    problems.append(f"config.dtm.fixed_schedule={fixed} must be (num_merge in [0, {n}], num_iters in "
-                    f"[1, max_iters={config.dtm.max_iters}]).")
-  devices, accum = jax.device_count(), config.grad_accum_steps
-  if accum < 1 or config.batch_size % (devices * accum):
-    problems.append(f"config.batch_size={config.batch_size} must be divisible by devices ({devices}) × "
-                    f"grad_accum_steps ({accum}) = {devices * accum}.")
-  try:
-    targets.validate_target_config(config.target)
-  except (ValueError, FileNotFoundError) as e:
-    problems.append(str(e))
-  if problems:
-    raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
+                    check_paths: bool = True) -> None:
+  """Every check that needs no compilation (every field's type and range, batch sizes against the devices, the
+  model, target and masking), with what to change; raises errors.ConfigError (a ValueError) listing all problems.
+
+  num_devices: the devices the run will use (default: this job's; `--mode=compile` passes the slice's).
+  check_paths: whether files the run would read (the teacher checkpoint) must exist.
+  """
+  config_checks.validate("pretrain", config, num_devices=num_devices, check_paths=check_paths)
 
 
 def flatten_config(d: dict, prefix: str = "") -> dict:
@@ -132,10 +112,13 @@ def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets
   dtm = config.dtm
   accum = config.grad_accum_steps
   max_merge = tokens if dtm.max_merge < 0 else dtm.max_merge
-  if not dtm.enabled:
-    max_merge = 0  # token-wise distillation: every schedule merges nothing
 
   def morphed_loss(pred, target_tokens, num_merge, num_iters):
+    if not dtm.enabled:  # token-wise distillation: every token its own group, no morphing in the program
+      del num_merge, num_iters
+      loss = losses.token_wise_loss(pred, target_tokens, kind=dtm.loss, beta=dtm.beta,
+                                    normalize_target=dtm.normalize_target)
+      return loss, jnp.asarray(tokens, jnp.float32)
     groups = morphing.morph_schedules(target_tokens, num_merge, num_iters, max_iters=dtm.max_iters,
                                       protect_first=dtm.protect_first)
     loss = losses.dtm_loss(pred, target_tokens, groups, kind=dtm.loss, beta=dtm.beta,
@@ -155,7 +138,8 @@ def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets
   def loss_and_grads(params, target_params, batch, step):
     rng = jax.random.fold_in(jax.random.key(config.seed), step)
     schedule_rng, dropout_rng = jax.random.split(rng)
-    images, mask = batch["image"], batch["mask"]
+    images = images_lib.to_model_input(batch["image"], config.input.mean, config.input.std)
+    mask = batch["mask"]
     if dtm.get("fixed_schedule"):  # the paper's ablation: the same (num_merge, num_iters) every step
       shape = (dtm.num_schedules, images.shape[0])
       num_merge = jnp.full(shape, dtm.fixed_schedule[0], jnp.int32)
@@ -246,34 +230,104 @@ def make_train_step(*, loss_and_grads, tx: optax.GradientTransformation, lr_sche
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The program: student, target, optimizer, shardings and the jitted step, built for a mesh.
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PretrainProgram:
+  """The pretraining step as it runs on `mesh`, built without data; `abstract_target=True` also without weights.
+
+  `train()` runs `step`; `--mode=compile` (dtm_jax.aot) compiles the same `step` for `abstract_inputs()`.
+  """
+  model_config: vit.ViTConfig
+  student: functional.FunctionalModule
+  target: targets.Target
+  init_state: Callable[[], PyTree]  # fresh state, to run under jit with out_shardings=state_shardings
+  state_shardings: PyTree
+  abstract_state: PyTree  # ShapeDtypeStructs carrying their shardings
+  target_shardings: PyTree
+  batch_sharding: NamedSharding
+  step: Callable  # jitted (state, target_params, batch) -> (state, metrics); donates the state
+  flops_per_image: float  # analytic: student forward + backward, target forward, morphing
+  batch_size: int
+  image_dtype: Any  # of the images the input sends: uint8 (normalised in the step), float32 for synthetic data
+
+  def abstract_inputs(self) -> tuple[PyTree, PyTree, dict]:
+    """(state, target params, batch) as ShapeDtypeStructs with the step's shardings."""
+    size = self.model_config.image_size
+    batch = {"image": jax.ShapeDtypeStruct((self.batch_size, size, size, self.model_config.in_channels),
+                                           self.image_dtype, sharding=self.batch_sharding),
+             "mask": jax.ShapeDtypeStruct((self.batch_size, self.model_config.num_patches), jnp.bool_,
+                                          sharding=self.batch_sharding)}
+    target_params = _with_shardings(jax.eval_shape(lambda p: p, self.target.params), self.target_shardings)
+    return self.abstract_state, target_params, batch
+
+
+def build_program(config: ml_collections.ConfigDict, mesh, *, abstract_target: bool = False,
+                  on_trace: Callable[[], None] | None = None) -> PretrainProgram:
+  """Builds the pretraining step for `mesh` (its shardings, donation, accumulation, morphing and target).
+
+  abstract_target: the target's parameters are shapes only (nothing is read; `--mode=compile`). on_trace: called
+  each time the step is traced (train() counts recompilations with it).
+  """
+  total_steps, warmup_steps = total_and_warmup_steps(config)
+  tokens = num_patches(config)
+  model_cfg = student_config(config)
+  student_fm, abstract_params = functional.abstract_split(lambda: vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
+  target = targets.build_target(config.target, image_size=model_cfg.image_size, patch_size=model_cfg.patch_size,
+                                in_channels=model_cfg.in_channels, student_config=model_cfg,
+                                abstract=abstract_target, mesh=mesh, min_fsdp_size=config.mesh.min_fsdp_size)
+  if target.out_dim != model_cfg.out_dim:
+    raise ValueError(f"The target gives {target.out_dim}-dim tokens but the student head has "
+                     f"config.model.out_dim={model_cfg.out_dim}; set config.model.out_dim={target.out_dim}.")
+  tx, lr_schedule = optim.make_optimizer(config.optim, abstract_params, total_steps=total_steps,
+                                         global_batch_size=config.batch_size, warmup_steps=warmup_steps)
+
+  # State, born sharded.
+  min_fsdp = config.mesh.min_fsdp_size
+  param_sh = sharding.param_shardings(abstract_params, mesh, min_fsdp)
+  opt_sh = sharding.param_shardings(jax.eval_shape(tx.init, abstract_params), mesh, min_fsdp)
+  rep = sharding.replicated(mesh)
+  state_sh = {"step": rep, "params": param_sh, "opt_state": opt_sh, "nonfinite": rep}
+  if target.is_ema:
+    state_sh["ema_params"] = param_sh
+
+  def init_state():
+    _, params = functional.split_module(vit.PretrainViT(model_cfg, rngs=nnx.Rngs(config.seed)))
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "nonfinite": jnp.full((2,), -1, jnp.int32)}
+    if target.is_ema:
+      state["ema_params"] = params
+    return state
+
+  abstract_state = _with_shardings(jax.eval_shape(init_state), state_sh)
+  target_sh = sharding.param_shardings(target.params, mesh, min_fsdp)
+
+  # The jitted step.
+  loss_and_grads = make_loss_and_grads(student=student_fm, target=target, config=config, tokens=tokens, mesh=mesh)
+  momentum = (lambda step: targets.ema_momentum(config.target, step, total_steps)) if target.is_ema else None
+  step_fn = make_train_step(loss_and_grads=loss_and_grads, tx=tx, lr_schedule=lr_schedule, ema_momentum=momentum)
+
+  def traced_step(*args):
+    if on_trace is not None:
+      on_trace()
+    return step_fn(*args)
+
+  batch_sh = sharding.batch_sharding(mesh)
+  step = jax.jit(traced_step, in_shardings=(state_sh, target_sh, batch_sh), out_shardings=(state_sh, rep),
+                 donate_argnums=(0,))
+  flops_per_image = (3 * targets.transformer_flops(model_cfg, model_cfg.out_dim) + target.forward_flops +
+                     morphing_flops(config, tokens, target.out_dim))
+  return PretrainProgram(model_config=model_cfg, student=student_fm, target=target, init_state=init_state,
+                         state_shardings=state_sh, abstract_state=abstract_state, target_shardings=target_sh,
+                         batch_sharding=batch_sh, step=step, flops_per_image=flops_per_image,
+                         batch_size=config.batch_size,
+                         image_dtype=jnp.float32 if config.input.source == "synthetic" else jnp.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Preemption.
 # ----------------------------------------------------------------------------------------------------------------
-class PreemptionFlag:
-  """Set by SIGTERM (what schedulers send before preempting); the loop then checkpoints and exits cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def install(self):
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: will save a checkpoint after the current step and exit.")
-    self.requested = True
-
-  def uninstall(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def any_process(self) -> bool:
-    """True if any process was asked to stop (all processes must save the same step)."""
-    if jax.process_count() == 1:
-      return self.requested
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+PreemptionFlag = preemption_lib.PreemptionFlag  # SIGTERM and Ctrl-C: save the step reached, then stop
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,8 +338,11 @@ def _with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
 
 
 def _put_global(tree: PyTree, shardings: PyTree) -> PyTree:
-  """Identical host values on every process → global arrays with the given shardings (multi-host safe)."""
+  """Identical host values on every process → global arrays with the given shardings (multi-host safe). Arrays that
+  already have their sharding (a `checkpoint` teacher restored onto the run's mesh) are kept as they are."""
   def put(x, s):
+    if isinstance(x, jax.Array) and x.sharding == s:
+      return x
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
   return jax.tree.map(put, tree, shardings)
@@ -302,9 +359,19 @@ def _check_finite(nonfinite: np.ndarray) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Pretrains per `config` in `workdir`, resuming from its latest good checkpoint. Returns the last metrics."""
+  """Pretrains per `config` in `workdir`, resuming from its latest good checkpoint. Returns the last metrics.
+
+  The config is checked before anything is created; the workdir is locked for the whole run (one writer). Ctrl-C
+  saves the step reached and raises errors.Interrupted.
+  """
   validate_config(config)
   workdir = epath.Path(workdir)
+  with workdir_lock.hold(workdir, mode="pretrain"):
+    return _train_locked(config, workdir)
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, float]:
+  """train() while holding the workdir's lock."""
   workdir.mkdir(parents=True, exist_ok=True)
   total_steps, warmup_steps = total_and_warmup_steps(config)
   tokens = num_patches(config)
@@ -314,43 +381,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   logging.info("Mesh %s over %d devices (%d processes); device kind %s.", dict(mesh.shape), jax.device_count(),
                jax.process_count(), jax.devices()[0].device_kind)
 
-  # ----- Student, target, optimizer.
-  model_cfg = student_config(config)
-  student_fm, abstract_params = functional.abstract_split(lambda: vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
-  target = targets.build_target(config.target, image_size=model_cfg.image_size, patch_size=model_cfg.patch_size,
-                                in_channels=model_cfg.in_channels, student_config=model_cfg)
-  if target.out_dim != model_cfg.out_dim:
-    raise ValueError(f"The target gives {target.out_dim}-dim tokens but the student head has "
-                     f"config.model.out_dim={model_cfg.out_dim}; set config.model.out_dim={target.out_dim}.")
+  # ----- Student, target, optimizer, state shardings and the jitted step: the program `--mode=compile` builds.
+  traces = []  # one entry per trace of the step: more than one means recompilation (a bug; reported at the end)
+  program = build_program(config, mesh, on_trace=lambda: traces.append(1))
+  model_cfg, target, state_sh, init_state = (program.model_config, program.target, program.state_shardings,
+                                             program.init_state)
   logging.info("Target: %s.", target.description)
-  num_params = sum(x.size for x in jax.tree.leaves(abstract_params))
+  num_params = sum(x.size for x in jax.tree.leaves(program.abstract_state["params"]))
   logging.info("Student %s: %.2fM parameters, %d tokens of dim %d.", config.model.variant, num_params / 1e6, tokens,
                model_cfg.width)
-  tx, lr_schedule = optim.make_optimizer(config.optim, abstract_params, total_steps=total_steps,
-                                         global_batch_size=config.batch_size, warmup_steps=warmup_steps)
-
-  # ----- State, born sharded.
-  min_fsdp = config.mesh.min_fsdp_size
-  param_sh = sharding.param_shardings(abstract_params, mesh, min_fsdp)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_sh = sharding.param_shardings(abstract_opt, mesh, min_fsdp)
-  rep = sharding.replicated(mesh)
-  state_sh = {"step": rep, "params": param_sh, "opt_state": opt_sh, "nonfinite": rep}
-
-  if target.is_ema:
-    state_sh["ema_params"] = param_sh
-
-  def init_state():
-    _, params = functional.split_module(vit.PretrainViT(model_cfg, rngs=nnx.Rngs(config.seed)))
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-             "nonfinite": jnp.full((2,), -1, jnp.int32)}
-    if target.is_ema:
-      state["ema_params"] = params
-    return state
-
-  abstract_state = jax.eval_shape(init_state)
-  target_sh = sharding.param_shardings(target.params, mesh, min_fsdp)
-  target_params = _put_global(target.params, target_sh)
+  target_params = _put_global(target.params, program.target_shardings)
 
   # ----- Input.
   data = build_pretrain_data(config, model_cfg)
@@ -362,18 +402,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   metadata = {"config": config_dict, "config_hash": checkpoint_lib.config_hash(config_dict),
               "model_config": checkpoint_lib.model_config_to_json(model_cfg), "process_count": jax.process_count(),
               "jax_version": jax.__version__, "target": target.description}
-  abstract_with_sh = _with_shardings(abstract_state, state_sh)
+  abstract_with_sh = program.abstract_state
   restored = None
   if checkpointer.latest_step() is not None:
-    latest_metadata = checkpointer.read_metadata(checkpointer.latest_step())
-    diffs = config_differences(latest_metadata.get("config", {}), config_dict)
+    # The metadata goes through the same fallback as every other item: a damaged newest step leaves the older ones.
+    readable = checkpointer.latest_readable_metadata(required=("config",))
+    diffs = config_differences(readable[1]["config"], config_dict) if readable else []
     if diffs and not config.allow_config_change:
       raise ValueError(
           f"{workdir} holds a checkpoint of a run with a different config (differing keys: {', '.join(diffs)}). "
           "Use a new --workdir, or pass --config.allow_config_change=True to resume with the new values.")
     restored = checkpointer.restore_latest_good(
         params=abstract_with_sh["params"],
-        train={k: v for k, v in abstract_with_sh.items() if k != "params"}, data_iterator=data)
+        train={k: v for k, v in abstract_with_sh.items() if k != "params"}, data_iterator=data,
+        required_metadata=("config",))
   if restored is None:
     state = jax.jit(init_state, out_shardings=state_sh)()
     logging.info("Starting from scratch at step 0 of %d.", total_steps)
@@ -384,49 +426,42 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   start_step = int(state["step"])
   checkpoint_lib.assert_processes_agree(start_step, metadata["config_hash"])
 
-  # ----- The jitted step.
-  loss_and_grads = make_loss_and_grads(student=student_fm, target=target, config=config, tokens=tokens,
-                                      mesh=mesh)
-  momentum = (lambda step: targets.ema_momentum(config.target, step, total_steps)) if target.is_ema else None
-  step_fn = make_train_step(loss_and_grads=loss_and_grads, tx=tx, lr_schedule=lr_schedule, ema_momentum=momentum)
-  batch_sh = sharding.batch_sharding(mesh)
-  traces = []  # one entry per trace of the step: more than one means recompilation (a bug; reported at the end)
-
-  def traced_step(*args):
-    traces.append(1)
-    return step_fn(*args)
-
-  train_step = jax.jit(traced_step, in_shardings=(state_sh, target_sh, batch_sh), out_shardings=(state_sh, rep),
-                       donate_argnums=(0,))
+  train_step = program.step
 
   # ----- Loop.
-  writer = metrics.MetricsWriter(workdir)
+  writer = metrics.MetricsWriter(workdir, resume_step=start_step)  # drops lines of steps past the checkpoint
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str))
-  flops_per_image = 3 * targets.transformer_flops(model_cfg, model_cfg.out_dim) + target.forward_flops + \
-      morphing_flops(config, tokens, target.out_dim)
-  throughput = metrics.Throughput(flops_per_step=flops_per_image * config.batch_size,
+  throughput = metrics.Throughput(flops_per_step=program.flops_per_image * config.batch_size,
                                   images_per_step=config.batch_size)
   progress = metrics.Progress(total_steps, every_secs=config.progress_every_secs)
   preemption = PreemptionFlag().install()
-  evaluator = make_periodic_evaluator(config, student_fm, mesh)
+  evaluator = make_periodic_evaluator(config, program.student, mesh)
   last_metrics: dict[str, float] = {}
   step = start_step
   profile = config.profile
+  next_batch = lambda: sharding.to_global(_pretrain_batch(next(data)), mesh)
+  batch = None  # the next step's batch, when it is already on its way to the devices
+  stopping = False  # preemption seen while a batch was already drawn: take its step, then save and exit
   try:
     throughput.start(step)
     while step < total_steps:
       if profile.num_steps and step == profile.start_step and jax.process_index() == 0:
         jax.profiler.start_trace(str(workdir / "profile"))
-      batch = sharding.to_global(_pretrain_batch(next(data)), mesh)
-      state, step_metrics = train_step(state, target_params, batch)
+      state, step_metrics = train_step(state, target_params, batch if batch is not None else next_batch())
       step += 1
+      is_last = step == total_steps
+      saving = (step % config.checkpoint_every == 0 or is_last or step == config.get("stop_after_step") or
+                stopping)
+      # Double buffering: the step was only dispatched, so the next batch is read and sent to the devices while
+      # they run it, before the waits below (metrics, evaluation, checkpoint). Not past a step that saves: a saved
+      # input position must be exactly the steps taken.
+      batch = None if saving else next_batch()
       if profile.num_steps and step == profile.start_step + profile.num_steps and jax.process_index() == 0:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
       progress(step, done=step_metrics["loss"])
 
-      is_last = step == total_steps
       if step % config.log_every == 0 or is_last:
         fetched = jax.device_get({**step_metrics, "nonfinite": state["nonfinite"]})
         _check_finite(fetched.pop("nonfinite"))
@@ -438,22 +473,32 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         writer.write_scalars(step, eval_metrics)
         last_metrics.update(eval_metrics)
         throughput.start(step)
-      preempted = preemption.any_process() if (jax.process_count() == 1 or step % 10 == 0) else False
-      preempted |= step == config.get("stop_after_step")
-      if step % config.checkpoint_every == 0 or is_last or preempted:
+      preempted = stopping or step == config.get("stop_after_step")
+      if not preempted and (jax.process_count() == 1 or step % 10 == 0) and preemption.any_process():
+        preempted = True
+        if batch is not None:  # the next batch is drawn: its step runs first (one step later, nothing skipped)
+          stopping, preempted = True, False
+      if saving or preempted:
         _check_finite(jax.device_get(state["nonfinite"]))
         checkpointer.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
                           data_iterator=data, metadata={**metadata, "step": step})
       if preempted:
         logging.warning("Preempted: checkpoint of step %d written; exiting.", step)
         break
+      if batch is None and not is_last:
+        batch = next_batch()
     progress(step, force=True)
   finally:
     preemption.uninstall()
-    checkpointer.close()
-    writer.close()
+    try:
+      checkpointer.close()  # waits for the last save; a failed one raises CheckpointSaveError
+    finally:
+      writer.close()
   if len(traces) > 1:
     logging.warning("The train step was compiled %d times; expected once.", len(traces))
+  if preemption.interrupted and step < total_steps:
+    raise errors.Interrupted(f"Interrupted (Ctrl-C) at step {step}; its checkpoint is in {checkpointer.directory}. "
+                             "Rerun the same command to resume from it.")
   return {**last_metrics, "step": step, "preempted": float(step < total_steps), "step_compilations": len(traces)}
 
 
@@ -484,7 +529,10 @@ def morphing_flops(config: ml_collections.ConfigDict, tokens: int, dim: int) -> 
 
 
 def make_periodic_evaluator(config: ml_collections.ConfigDict, student: functional.FunctionalModule, mesh):
-  """kNN on held-out slices during pretraining (config.eval.every > 0), or None. Features: mean-pooled patches."""
+  """kNN on held-out slices during pretraining (config.eval.every > 0), or None. Features: mean-pooled patches.
+
+  Its programs (encoder, bank, vote step) are jitted here once: later evaluations reuse their compilations.
+  """
   if not config.eval.every:
     return None
   from dtm_jax.evaluate import knn  # pylint: disable=g-import-not-at-top
@@ -492,5 +540,5 @@ def make_periodic_evaluator(config: ml_collections.ConfigDict, student: function
   def encode(params, images):
     return student.apply(params, images, method="encode")[:, 1:].mean(axis=1)
 
-  return lambda params: knn.knn_evaluate(encode, params, config.eval, config.input, mesh,
-                                         image_size=config.model.image_size)
+  return knn.make_knn_evaluate(encode, config.eval, mesh, input_config=config.input,
+                               image_size=config.model.image_size)

@@ -5,15 +5,17 @@
 Modules: `config` (the `input` ConfigDict), `sources` (TFDS, image folders, Fashion-MNIST),
 `transforms` and `randaugment` (per-image TF ops), `masking` (BEiT block masks, numpy),
 `pipeline` (per-host tf.data assembly), `iterators` (numpy batches, save/restore).
+
+TensorFlow is imported only when a pipeline is built (the `build_*` names are loaded on first use): configs, which
+need `default_config`, load on hosts without TensorFlow (GPU machines, `--mode=compile`).
 """
-import tensorflow as tf
-
-# JAX owns the accelerators: keep TensorFlow's runtime from claiming any GPU memory.
-if tf.config.list_physical_devices("GPU"):
-  tf.config.set_visible_devices([], "GPU")
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from input_pipeline.config import default_config
-from input_pipeline.pipeline import build_eval
-from input_pipeline.pipeline import build_finetune_train
-from input_pipeline.pipeline import build_pretrain
+
+_PIPELINE_NAMES = ("build_eval", "build_finetune_train", "build_pretrain")
+
+
+def __getattr__(name):
+  if name in _PIPELINE_NAMES:
+    from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+    return getattr(pipeline, name)
+  raise AttributeError(f"module 'input_pipeline' has no attribute {name!r}")

@@ -9,9 +9,13 @@ after `restore`. See `input_pipeline.pipeline` for what the state holds and how 
 import os
 
 import tensorflow as tf
+from absl import logging
 
-# Per-element count of corrupt files skipped so far, carried by folder-source batches.
+# Per-element count of the distinct corrupt files skipped so far, carried by folder-source batches, and the
+# first-epoch positions of the first NAMED_SKIPS of them (-1: none), which the log names once.
 SKIPPED_KEY = "_num_skipped"
+SKIPPED_POSITIONS_KEY = "_skipped_positions"
+NAMED_SKIPS = 5
 _STATE_PREFIX = "data_iterator"
 
 
@@ -21,10 +25,12 @@ class DataIterator:
   Arrays are read-only views of TensorFlow's buffers (no copy); copy before writing.
   """
 
-  def __init__(self, dataset):
+  def __init__(self, dataset, name_skipped=None):
     self._iterator = dataset.as_numpy_iterator()
     self._num_corrupt = tf.Variable(0, dtype=tf.int64, trainable=False)
     self._checkpoint = tf.train.Checkpoint(iterator=self._iterator, num_corrupt=self._num_corrupt)
+    self._name_skipped = name_skipped  # first-epoch position -> file name
+    self._named = set()
 
   def __iter__(self):
     return self
@@ -32,12 +38,26 @@ class DataIterator:
   def __next__(self):
     batch = dict(next(self._iterator))
     skipped = batch.pop(SKIPPED_KEY, None)
+    positions = batch.pop(SKIPPED_POSITIONS_KEY, None)
     if skipped is not None:
       self._num_corrupt.assign(int(skipped.max()))
+    if positions is not None:
+      self._log_skipped(positions[-1])
     return batch
 
+  def _log_skipped(self, positions):
+    new = [int(p) for p in positions if p >= 0 and int(p) not in self._named]
+    if not new:
+      return
+    self._named.update(new)
+    names = [self._name_skipped(p) if self._name_skipped else f"position {p}" for p in new]
+    more = (f" (only the first {NAMED_SKIPS} are named; `corrupt_images` counts them all)"
+            if len(self._named) >= NAMED_SKIPS else "")
+    logging.warning("Skipped unreadable image file(s), counted once each in corrupt_images: %s%s",
+                    ", ".join(names), more)
+
   def num_corrupt(self):
-    """Corrupt or unreadable images skipped so far (folder sources; 0 for the others)."""
+    """Distinct corrupt or unreadable images skipped so far on this host (folder sources; 0 for the others)."""
     return int(self._num_corrupt.numpy())
 
   def save(self, directory):

@@ -28,6 +28,11 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+# JAX owns the accelerators: keep TensorFlow's runtime from claiming any GPU memory.
+if tf.config.list_physical_devices("GPU"):
+  tf.config.set_visible_devices([], "GPU")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from input_pipeline import iterators
 from input_pipeline import masking
 from input_pipeline import randaugment
@@ -39,8 +44,8 @@ def build_pretrain(input_cfg, *, image_size, patch_size, global_batch_size, seed
                    process_index=None, process_count=None):
   """Endless masked pretraining batches of this host: {"image", "mask"} (+ "label").
 
-  image: float32 [b, image_size, image_size, 3], normalised; mask: bool [b, N], True = masked,
-  exactly `input_cfg.num_masking_patches` per row; b = global_batch_size / process_count.
+  image: uint8 [b, image_size, image_size, 3] (normalised on the device: dtm_jax.images); mask: bool [b, N],
+  True = masked, exactly `input_cfg.num_masking_patches` per row; b = global_batch_size / process_count.
   """
   process_index, process_count = _process(process_index, process_count)
   local_batch = _local_batch_size(global_batch_size, process_count)
@@ -50,8 +55,7 @@ def build_pretrain(input_cfg, *, image_size, patch_size, global_batch_size, seed
                      min_aspect=input_cfg.min_mask_aspect)
   masking.check_mask_params(**mask_params)
 
-  pixels = _pretrain_pixels(bool(input_cfg.flip), float(input_cfg.color_jitter),
-                            *_normalization(input_cfg))
+  pixels = _pretrain_pixels(bool(input_cfg.flip), float(input_cfg.color_jitter))
 
   def view(image, rng):
     crop_rng, pixel_rng = transforms.split_rng(rng, 2)
@@ -61,7 +65,7 @@ def build_pretrain(input_cfg, *, image_size, patch_size, global_batch_size, seed
     return pixels(image, pixel_rng)
 
   source = sources.get_source(input_cfg)
-  batches = _training_batches(input_cfg, source, view, local_batch=local_batch, seed=seed,
+  batches, name = _training_batches(input_cfg, source, view, local_batch=local_batch, seed=seed,
                               process_index=process_index, process_count=process_count)
 
   def draw_masks(batch_number):
@@ -75,7 +79,7 @@ def build_pretrain(input_cfg, *, image_size, patch_size, global_batch_size, seed
     return {**batch, "mask": masks}
 
   batches = batches.enumerate().map(add_masks, num_parallel_calls=input_cfg.num_parallel_calls)
-  return _finish_training(input_cfg, source, batches)
+  return _finish_training(input_cfg, source, batches, name)
 
 
 def build_finetune_train(input_cfg, *, image_size, global_batch_size, seed, augment=True,
@@ -84,6 +88,8 @@ def build_finetune_train(input_cfg, *, image_size, global_batch_size, seed, augm
 
   augment=True: RandomResizedCrop, flip, RandAugment and random erasing (BEiT v2's recipe).
   augment=False: the evaluation crop (for linear probes), still shuffled and endless.
+  image: uint8 (normalised on the device: dtm_jax.images), or float32 normalised when random erasing is on (it fills
+  with normalised noise, which no 8-bit image holds).
   """
   process_index, process_count = _process(process_index, process_count)
   local_batch = _local_batch_size(global_batch_size, process_count)
@@ -109,9 +115,9 @@ def build_finetune_train(input_cfg, *, image_size, global_batch_size, seed, augm
 
   source = sources.get_source(input_cfg)
   _require_labels(source, input_cfg, "fine-tuning")
-  batches = _training_batches(input_cfg, source, view, local_batch=local_batch, seed=seed,
+  batches, name = _training_batches(input_cfg, source, view, local_batch=local_batch, seed=seed,
                               process_index=process_index, process_count=process_count)
-  return _finish_training(input_cfg, source, batches)
+  return _finish_training(input_cfg, source, batches, name)
 
 
 def build_eval(input_cfg, *, split=None, image_size, global_batch_size, process_index=None,
@@ -182,8 +188,8 @@ def _normalization(input_cfg):
 
 
 @functools.lru_cache(maxsize=None)
-def _pretrain_pixels(flip, color_jitter, mean, std):
-  """Random flip, colour jitter, normalisation."""
+def _pretrain_pixels(flip, color_jitter):
+  """Random flip, colour jitter, rounded to uint8 as PIL-based pipelines (the released code's) do."""
   def pixels(image, rng):
     flip_rng, jitter_rng = transforms.split_rng(rng, 2)
     image = image / 255.0
@@ -191,18 +197,18 @@ def _pretrain_pixels(flip, color_jitter, mean, std):
       image = transforms.random_flip(image, flip_rng)
     if color_jitter:
       image = transforms.color_jitter(image, jitter_rng, color_jitter)
-    return transforms.normalize(image, mean, std)
+    return transforms.to_uint8(image * 255.0)
   return _fused(pixels)
 
 
 @functools.lru_cache(maxsize=None)
 def _finetune_pixels(random_erase_prob, mean, std):
-  """Normalisation, then random erasing (it fills with normalised noise)."""
+  """uint8; with random erasing, normalisation then erasing (it fills with normalised noise)."""
   def pixels(image, rng):
+    if not random_erase_prob:
+      return transforms.to_uint8(image)
     image = transforms.normalize(image / 255.0, mean, std)
-    if random_erase_prob:
-      image = transforms.random_erase(image, rng, random_erase_prob)
-    return image
+    return transforms.random_erase(image, rng, random_erase_prob)
   return _fused(pixels)
 
 
@@ -232,26 +238,35 @@ def _training_batches(input_cfg, source, view, *, local_batch, seed, process_ind
   data = examples.keys.enumerate().map(prepare, num_parallel_calls=input_cfg.num_parallel_calls,
                                        deterministic=True)
   if source.skips_corrupt:
-    # Unreadable files vanish here; the gaps they leave in the positions count them.
-    data = data.ignore_errors().scan(
-        (tf.constant(-1, tf.int64), tf.constant(0, tf.int64)), _count_skipped)
+    # Unreadable files vanish here; the gaps they leave in the first epoch's positions count them (every epoch
+    # visits the same files, so later epochs would only count them again) and say which they were.
+    epoch_size = examples.epoch_size if examples.epoch_size is not None else np.iinfo(np.int64).max
+    first = tf.fill([iterators.NAMED_SKIPS], tf.constant(-1, tf.int64))
+    data = data.ignore_errors().scan((tf.constant(-1, tf.int64), tf.constant(0, tf.int64), first),
+                                     functools.partial(_count_skipped, tf.constant(epoch_size, tf.int64)))
   else:
     data = data.map(lambda position, out: out)
-  return data.batch(local_batch, drop_remainder=True)
+  return data.batch(local_batch, drop_remainder=True), examples.name
 
 
-def _count_skipped(state, element):
-  last_position, skipped = state
+def _count_skipped(epoch_size, state, element):
+  """Counts the distinct unreadable files (gaps in the first epoch's positions); keeps the first few positions."""
+  last_position, skipped, first = state
   position, out = element
-  skipped += position - last_position - 1
-  return (position, skipped), {**out, iterators.SKIPPED_KEY: skipped}
+  start = last_position + 1
+  gap = tf.range(start, tf.maximum(tf.minimum(position, epoch_size), start), dtype=tf.int64)
+  skipped += tf.size(gap, out_type=tf.int64)
+  known = tf.boolean_mask(first, first >= 0)
+  first = tf.reshape(tf.concat([known, gap, tf.fill([iterators.NAMED_SKIPS], tf.constant(-1, tf.int64))], 0)
+                     [:iterators.NAMED_SKIPS], [iterators.NAMED_SKIPS])
+  return (position, skipped, first), {**out, iterators.SKIPPED_KEY: skipped, iterators.SKIPPED_POSITIONS_KEY: first}
 
 
-def _finish_training(input_cfg, source, batches):
+def _finish_training(input_cfg, source, batches, name=None):
   batches = batches.prefetch(input_cfg.prefetch)
   # ignore_errors has no symbolic checkpoint; everything else does (see module docstring).
   options = _options(input_cfg, symbolic=not source.skips_corrupt)
-  return iterators.DataIterator(batches.with_options(options))
+  return iterators.DataIterator(batches.with_options(options), name_skipped=name)
 
 
 def _options(input_cfg, *, symbolic):

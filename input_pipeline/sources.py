@@ -28,9 +28,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 @dataclasses.dataclass(frozen=True)
 class Examples:
-  """A per-host stream of example keys and the TF function that loads one."""
+  """A per-host stream of example keys and the TF function that loads one.
+
+  Training streams of indexed sources also give `epoch_size` (the host's examples, each visited once per epoch) and
+  `name(position)`: the file or example at a position of the first epoch, so skipped files can be named.
+  """
   keys: tf.data.Dataset
   load: Callable[[Any], dict]
+  epoch_size: int | None = None
+  name: Callable[[int], str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +179,20 @@ class _IndexedSource:
       return tf.data.Dataset.from_tensor_slices(order)
 
     keys = tf.data.Dataset.range(np.iinfo(np.int64).max).flat_map(epoch)
-    return Examples(keys, load)
+    first_epoch = []
+
+    def name(position):
+      if not first_epoch:  # epoch(0)'s permutation, computed once when a file must be named
+        first_epoch.append(tf.random.experimental.stateless_shuffle(
+            host_indices, seed=tf.stack([tf.constant(seed, tf.int64), tf.constant(0, tf.int64)])).numpy())
+      return self._describe(split, int(first_epoch[0][position]))
+
+    return Examples(keys, load, epoch_size=int(host_indices.shape[0]), name=name)
+
+  def _describe(self, split, index):
+    """What example `index` of `split` is, for messages (a file path for folders)."""
+    del split
+    return f"example {index}"
 
   def evaluation(self, split, *, process_index, process_count):
     num_examples, load = self._table(split)
@@ -239,6 +258,9 @@ class FolderSource(_IndexedSource):
       raise ValueError(f"No {'/'.join(IMAGE_EXTENSIONS)} files in the class folders of "
                        f"{split_dir}.")
     return paths, labels
+
+  def _describe(self, split, index):
+    return self.files(split)[0][index]
 
   def _table(self, split):
     paths, labels = self.files(split)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from etils import epath
 
 
 def _smooth_images(rng: np.random.Generator, count: int, image_size: int, cells: int = 4) -> np.ndarray:
@@ -53,12 +54,11 @@ class SyntheticPretrain:
     return {"image": images[self._rows], "mask": mask[self._rows]}
 
   def save(self, path: str) -> None:
-    with open(path, "w") as f:
-      json.dump({"step": self._step, "seed": self._seed}, f)
+    # epath: the checkpoint (and this file in it) may be in a bucket (gs://…).
+    epath.Path(path).write_text(json.dumps({"step": self._step, "seed": self._seed}))
 
   def restore(self, path: str) -> None:
-    with open(path) as f:
-      state = json.load(f)
+    state = json.loads(epath.Path(path).read_text())
     if state["seed"] != self._seed:
       raise ValueError(f"Iterator state {path} was saved with seed {state['seed']}, not {self._seed}.")
     self._step = state["step"]

@@ -160,6 +160,11 @@ def _blend(degenerate, image, factor):
   return degenerate + factor * (image - degenerate)
 
 
+def to_uint8(image255):
+  """Float pixels in [0, 255] (resized, jittered) → uint8, rounded to nearest; what travels to the devices."""
+  return tf.cast(tf.round(tf.clip_by_value(image255, 0.0, 255.0)), tf.uint8)
+
+
 def normalize(image01, mean, std):
   return (image01 - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 

@@ -50,6 +50,27 @@ def test_only_cpu_only_jax_is_tuned(monkeypatch):
   assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
 
 
+def test_the_tpu_runtime_alone_is_not_a_tpu_host(monkeypatch):
+  """libtpu is installed for --mode=compile on machines without TPUs: those stay CPU hosts (and JAX is pinned to the
+  CPU there, so it does not look for a TPU at start-up); a machine with a TPU chip on its PCI bus is a TPU host."""
+  class Dist:
+    def __init__(self, name):
+      self.metadata = {"Name": name}
+
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # restored after the test
+  monkeypatch.delenv("JAX_PLATFORMS")
+  monkeypatch.setattr(cpu_host.importlib.metadata, "distributions", lambda: [Dist("jax"), Dist("libtpu")])
+  monkeypatch.setattr(cpu_host, "tpu_attached", lambda: False)
+  assert cpu_host.cpu_only()
+  assert cpu_host.configure() and os.environ["JAX_PLATFORMS"] == "cpu"
+  monkeypatch.delenv("JAX_PLATFORMS")
+  monkeypatch.setattr(cpu_host, "tpu_attached", lambda: True)
+  assert not cpu_host.cpu_only()
+  monkeypatch.setattr(cpu_host.importlib.metadata, "distributions", lambda: [Dist("jax"), Dist("jax-cuda12-plugin")])
+  monkeypatch.setattr(cpu_host, "tpu_attached", lambda: False)
+  assert not cpu_host.cpu_only()
+
+
 def test_a_flag_the_user_set_wins(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT")
   assert not cpu_host.turn_off_ynnpack_fusions()

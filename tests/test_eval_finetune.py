@@ -2,7 +2,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -138,3 +137,25 @@ def test_finetune_from_a_restored_checkpoint_learns_and_resumes(tmp_path):
   assert result["best_top1"] == max(r["top1"] for r in evals)
   losses = [r["train_loss"] for r in rows if "train_loss" in r]
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_finetune_step_mixes_images_without_moving_them_between_devices():
+  """Mixup/CutMix pair images within each device's shard: the compiled step has no collective-permute (mirroring
+  the whole batch made one of the batch), only the gradient reductions."""
+  mesh = sharding.make_mesh(data=8, fsdp=1)
+  config = finetune_demo.get_config()
+  config.update(num_classes=eval_testing.NUM_CLASSES, num_train_examples=BATCH * STEPS_PER_EPOCH, batch_size=BATCH,
+                epochs=1, warmup_epochs=0, ema_decay=0.0)
+  config.mix.prob = 1.0  # BEiT's recipe (the demo turns mixing off)
+  assert mixup_enabled(config)
+  clf_config = vit.finetune_config(eval_testing.tiny_student_config(depth=1))
+  program = finetune.build_program(config, clf_config, mesh)
+  compiled = program.step.lower(*program.abstract_inputs()).compile().as_text()
+  assert "collective-permute" not in compiled
+  assert "all-to-all" not in compiled
+
+
+def mixup_enabled(config):
+  from dtm_jax.evaluate import mixup  # pylint: disable=g-import-not-at-top
+  mix = mixup.MixConfig(**config.mix)
+  return mix.enabled and mix.mixup_alpha > 0 and mix.cutmix_alpha > 0

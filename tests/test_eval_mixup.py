@@ -75,3 +75,48 @@ def test_prob_zero_only_smooths_labels():
 def test_bad_config_is_rejected():
   with pytest.raises(ValueError, match="switch_prob"):
     mixup.MixConfig(switch_prob=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pairs within each device's shard of the batch: no images cross devices.
+# ---------------------------------------------------------------------------------------------------------------------
+def shard_mirror(x, num_shards):
+  return x.reshape((num_shards, -1) + x.shape[1:])[:, ::-1].reshape(x.shape)
+
+
+def test_mirror_within_shards_is_the_plain_mirror_for_one_shard():
+  x = np.arange(12)
+  np.testing.assert_array_equal(np.asarray(mixup.mirror(jnp.asarray(x), 1)), x[::-1])
+  np.testing.assert_array_equal(np.asarray(mixup.mirror(jnp.asarray(x), 3)), [3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8])
+  with pytest.raises(ValueError, match="divisible"):
+    mixup.mirror(jnp.asarray(x), 5)
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_sharded_batch_mixes_within_each_device_shard(kind):
+  from dtm_jax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(data=4, fsdp=2)
+  rows = sharding.batch_sharding(mesh)
+  rng = np.random.default_rng(1)
+  images = rng.normal(size=(32, 8, 8, 3)).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, 32).astype(np.int32)
+  config = mixup.MixConfig(mixup_alpha=0.8 if kind == "mixup" else 0.0, cutmix_alpha=1.0 if kind == "cutmix" else 0.0,
+                           label_smoothing=SMOOTHING)
+  mix = jax.jit(lambda key, x, y: mixup.mix_batch(key, x, y, num_classes=NUM_CLASSES, config=config,
+                                                 num_shards=mesh.size),
+                in_shardings=(sharding.replicated(mesh), rows, rows), out_shardings=(rows, rows, None))
+  args = (jax.random.key(3), jax.device_put(images, rows), jax.device_put(labels, rows))
+  compiled = mix.lower(*args).compile().as_text()
+  for collective in ("collective-permute", "all-gather", "all-to-all"):
+    assert collective not in compiled, collective
+  mixed, targets, lam = (np.asarray(x) for x in mix(*args))
+  partner = shard_mirror(images, mesh.size)
+  assert 0.0 < lam < 1.0
+  if kind == "mixup":
+    np.testing.assert_allclose(mixed, lam * images + (1 - lam) * partner, rtol=1e-5, atol=1e-5)
+  else:
+    assert np.all((mixed == images) | (mixed == partner)) and np.any(mixed != images)
+  np.testing.assert_allclose(np.sum(targets, axis=-1), 1.0, rtol=1e-6)
+  smooth = np.eye(NUM_CLASSES) * (1 - SMOOTHING) + SMOOTHING / NUM_CLASSES
+  np.testing.assert_allclose(targets, lam * smooth[labels] + (1 - lam) * smooth[shard_mirror(labels, mesh.size)],
+                             rtol=1e-5, atol=1e-7)

@@ -4,6 +4,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import input_pipeline
+from dtm_jax import images
 
 _TRAIN, _VALIDATION = 12, 7
 
@@ -58,11 +59,12 @@ def test_mocked_imagenet_feeds_pretraining_and_evaluation():
     ev = input_pipeline.build_eval(cfg, image_size=32, global_batch_size=4, process_index=0,
                                    process_count=1)
     batches = list(ev)
-  assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
+  assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8  # normalised on the device
   np.testing.assert_array_equal(batch["mask"].sum(axis=1), 6)
   assert ((0 <= batch["label"]) & (batch["label"] < 1000)).all()
   low = (0 - np.array(cfg.mean)) / np.array(cfg.std)
-  assert (batch["image"] >= low - 1e-5).all() and batch["image"].std() > 0.1
+  normalised = np.asarray(images.to_model_input(batch["image"], cfg.mean, cfg.std))
+  assert (normalised >= low - 1e-5).all() and normalised.std() > 0.1
   assert ev.num_examples == 10 and len(batches) == ev.num_batches == 3
   valid = np.concatenate([b["valid"] for b in batches])
   np.testing.assert_array_equal(valid, np.arange(12) < 10)
@@ -80,7 +82,8 @@ def test_hosts_read_disjoint_even_splits(data_dir):
 
 def test_images_match_their_labels_and_masks_are_exact(data_dir):
   batch = next(_pretrain(_cfg(data_dir)))
-  levels = batch["image"].reshape(4, -1).mean(axis=1) * 255
+  assert batch["image"].dtype == np.uint8
+  levels = batch["image"].reshape(4, -1).mean(axis=1)
   np.testing.assert_allclose(levels, 10 * batch["label"], atol=3)
   np.testing.assert_array_equal(batch["mask"].sum(axis=1), 6)
 

@@ -1,4 +1,6 @@
-"""dtm_jax.losses: the DTM loss against the loop reference, its analytic gradient, and its argument checks."""
+"""dtm_jax.losses: the DTM loss against the loop reference, its analytic gradient, and its argument checks, with the
+group sums as CPUs take them and as accelerators do (one-hot matmuls)."""
+import functools
 import itertools
 
 import jax
@@ -8,6 +10,7 @@ import pytest
 
 from dtm_jax import losses
 from dtm_jax import morphing
+from dtm_jax import platform
 import morphing_reference as reference
 
 _BATCH, _TOKENS, _CHANNELS = 2, 16, 8
@@ -27,6 +30,15 @@ def _case(seed):
   return student, target, groups
 
 
+@pytest.fixture(params=["cpu", "tpu"])
+def built_for(request):
+  """Runs a test with the programs built as for CPUs (the CPU kernel's group sums) and as for TPUs (one-hot
+  matmuls, no scatters); either runs on this host's CPU."""
+  with platform.building_for(platform=request.param, num_devices=1) as target:
+    yield target
+
+
+@pytest.mark.usefixtures("built_for")
 @pytest.mark.parametrize("kind,weighting,normalize_target",
                          list(itertools.product(losses.LOSS_KINDS, losses.WEIGHTINGS, (False, True))))
 def test_matches_loop_reference(kind, weighting, normalize_target):
@@ -52,6 +64,7 @@ def _per_token_gradient(prediction, target, kind, beta=2.0):
   return -(target / (p_norm * t_norm) - np.dot(prediction, target) * prediction / (p_norm ** 3 * t_norm))
 
 
+@pytest.mark.usefixtures("built_for")
 @pytest.mark.parametrize("kind,weighting", list(itertools.product(losses.LOSS_KINDS, losses.WEIGHTINGS)))
 def test_gradient_is_the_analytic_one(kind, weighting):
   # Group means are a symmetric averaging P, so d loss / d student = Σ_schedules P (w ⊙ per-token gradient at P·s),
@@ -76,6 +89,26 @@ def test_gradient_is_the_analytic_one(kind, weighting):
   gradient = jax.grad(losses.dtm_loss)(jnp.asarray(student), jnp.asarray(target), jnp.asarray(groups), kind=kind,
                                        weighting=weighting)
   np.testing.assert_allclose(gradient, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind,weighting", list(itertools.product(losses.LOSS_KINDS, losses.WEIGHTINGS)))
+def test_one_hot_group_sums_give_the_same_loss_and_gradient(kind, weighting):
+  # Accelerators take group sums, sizes and counts as one-hot matmuls; CPUs with the kernel (or a scatter-add).
+  student, target, groups = (jnp.asarray(a) for a in _case(7))
+  groups = groups.at[1, 0].set(jnp.asarray([0, 3, 3, 5, 0, 5, 5, 5, 0, 0, 3, 15, 15, 0, 3, 0]))  # unused ids too
+  results = {}
+  for target_platform in ("cpu", "tpu"):
+    with platform.building_for(platform=target_platform, num_devices=1):
+      loss_and_grad = jax.jit(jax.value_and_grad(functools.partial(losses.dtm_loss, kind=kind, weighting=weighting)))
+      results[target_platform] = (loss_and_grad(student, target, groups),
+                                  jax.jit(jax.vmap(morphing.num_groups))(groups),
+                                  jax.jit(morphing.group_mean)(student, groups[1]))
+  (cpu_loss, cpu_grad), cpu_counts, cpu_means = results["cpu"]
+  (tpu_loss, tpu_grad), tpu_counts, tpu_means = results["tpu"]
+  np.testing.assert_allclose(tpu_loss, cpu_loss, rtol=1e-6)
+  np.testing.assert_allclose(tpu_grad, cpu_grad, rtol=1e-5, atol=1e-8)
+  np.testing.assert_array_equal(tpu_counts, cpu_counts)
+  np.testing.assert_allclose(tpu_means, cpu_means, rtol=1e-6, atol=1e-7)
 
 
 def test_target_and_groups_are_constants():
@@ -125,3 +158,20 @@ def test_invalid_arguments_say_what_to_do():
     losses.dtm_loss(student, target[:, :-1], groups)
   with pytest.raises(ValueError, match=r"\[schedules, batch, tokens\]"):
     losses.dtm_loss(student, target, groups[0])
+
+
+@pytest.mark.parametrize("kind", losses.LOSS_KINDS)
+@pytest.mark.parametrize("weighting", losses.WEIGHTINGS)
+@pytest.mark.parametrize("normalize_target", [False, True])
+def test_token_wise_loss_is_the_dtm_loss_of_singleton_groups(kind, weighting, normalize_target):
+  """Token-wise distillation (`dtm.enabled=False`) skips morphing: the same loss and gradient as singleton groups."""
+  rng = np.random.default_rng(0)
+  student = jnp.asarray(rng.normal(size=(3, 9, 5)) * 3, jnp.float32)
+  target = jnp.asarray(rng.normal(size=(3, 9, 5)) * 3, jnp.float32)
+  singletons = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (2, 3, 9))
+  expected = jax.value_and_grad(lambda s: losses.dtm_loss(s, target, singletons, kind=kind, weighting=weighting,
+                                                          normalize_target=normalize_target))(student)
+  actual = jax.value_and_grad(lambda s: losses.token_wise_loss(s, target, kind=kind,
+                                                               normalize_target=normalize_target))(student)
+  np.testing.assert_allclose(actual[0], expected[0], rtol=1e-6)
+  np.testing.assert_allclose(actual[1], expected[1], rtol=1e-5, atol=1e-7)

@@ -1,11 +1,18 @@
-"""dtm_jax.morphing: same partitions as the loop reference, one compiled program for every schedule, properties."""
+"""dtm_jax.morphing: same partitions as the loop reference, one compiled program for every schedule, properties,
+and programs built for accelerators free of scatters."""
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dtm_jax import aot
 from dtm_jax import losses
 from dtm_jax import morphing
+from dtm_jax import platform
 import morphing_reference as reference
 
 # Token values on this grid keep the test inputs exactly representable in float32, as in the float64 reference.
@@ -70,7 +77,7 @@ def _well_posed_case(rng, pattern, side, dim, num_merge, num_iters, protect_firs
 
 # Every N and every D twice (each pair is a compilation); cases per protect mode: 2 × (24 + 18 + 9) = 102, 204 in all,
 # for each way of updating the slot Gram matrix.
-@pytest.mark.parametrize("implementation", ["cpu_kernel", "pairwise", "scatter"])
+@pytest.mark.parametrize("implementation", ["cpu_kernel", "pairwise", "scatter", "matmul"])
 @pytest.mark.parametrize("side,dim,num_cases", [(4, 8, 24), (4, 64, 24), (7, 8, 18), (7, 512, 18), (14, 64, 9),
                                                 (14, 512, 9)])
 def test_same_partitions_as_loop_reference(side, dim, num_cases, implementation):
@@ -97,6 +104,17 @@ def test_same_partitions_as_loop_reference(side, dim, num_cases, implementation)
           f"protect_first {protect_first}, implementation {implementation}")
 
 
+@pytest.fixture(params=["cpu", "tpu"])
+def built_for(request):
+  """Runs a test with the programs built as for CPUs and as for TPUs, where "auto" morphs by matmuls and group
+  sums, sizes and counts are one-hot matmuls (the programs still run on this host's CPU)."""
+  with platform.building_for(platform=request.param, num_devices=1) as target:
+    expected = ("matmul",) if request.param == "tpu" else ("cpu_kernel", "pairwise")
+    assert morphing._resolve_implementation("auto") in expected  # pylint: disable=protected-access
+    yield target
+
+
+@pytest.mark.usefixtures("built_for")
 def test_one_compilation_for_any_schedule():
   batch, side, dim = 4, 7, 16
   tokens = jnp.asarray(np.random.default_rng(0).normal(size=(batch, side * side, dim)), jnp.float32)
@@ -117,6 +135,7 @@ def test_one_compilation_for_any_schedule():
   assert len(realised) > 10  # the schedules really changed the result
 
 
+@pytest.mark.usefixtures("built_for")
 def test_one_compilation_of_the_whole_loss_and_its_gradient():
   batch, num_tokens, dim = 4, 49, 16
   rng = np.random.default_rng(1)
@@ -150,6 +169,7 @@ def _random_tokens(num_tokens, seed, dtype=jnp.float32):
   return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, num_tokens, dim)), dtype)
 
 
+@pytest.mark.usefixtures("built_for")
 @pytest.mark.parametrize("side", [7, 8, 14, 24])  # N = 49, 64, 196, 576
 def test_groups_partition_tokens_into_the_scheduled_number(side):
   num_tokens = side * side
@@ -168,6 +188,7 @@ def test_groups_partition_tokens_into_the_scheduled_number(side):
       assert counts[b] == expected
 
 
+@pytest.mark.usefixtures("built_for")
 def test_merge_limits_follow_the_spec():
   tokens = _random_tokens(196, 2)
   everything, one_round, all_rounds = 196, 1, 14
@@ -179,6 +200,7 @@ def test_merge_limits_follow_the_spec():
   assert np.all(np.sum(groups == groups[:, :1], axis=1) == 1)
 
 
+@pytest.mark.usefixtures("built_for")
 def test_no_merge_is_identity():
   tokens = _random_tokens(49, 3)
   batch = tokens.shape[0]
@@ -187,6 +209,7 @@ def test_no_merge_is_identity():
     np.testing.assert_array_equal(groups, np.broadcast_to(np.arange(49), (batch, 49)))
 
 
+@pytest.mark.usefixtures("built_for")
 def test_similarity_is_float32_for_bfloat16_tokens():
   tokens = _random_tokens(49, 4, jnp.bfloat16)
   num_merge, num_iters = np.arange(tokens.shape[0]) * 2, np.arange(tokens.shape[0]) % 14 + 1
@@ -202,6 +225,7 @@ def test_merges_per_round_matches_the_spec_formula():
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.usefixtures("built_for")
 def test_group_mean_matches_reference_and_is_idempotent():
   rng = np.random.default_rng(5)
   tokens = _random_tokens(49, 5)
@@ -217,6 +241,7 @@ def test_group_mean_matches_reference_and_is_idempotent():
   np.testing.assert_allclose(morphing.group_mean(means, groups), means, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.usefixtures("built_for")
 def test_grouping_is_a_constant_for_gradients():
   tokens = _random_tokens(49, 6)
   num_merge, num_iters = 30, 3
@@ -242,3 +267,52 @@ def test_sample_schedules_ranges_and_sharing():
   assert len(set(np.asarray(shared_merge[:, 0]).tolist())) > 1  # schedules differ from one another
   with pytest.raises(ValueError, match="max_iters"):
     morphing.sample_schedules(jax.random.key(0), 2, max_iters=0)
+
+
+def _morphing_and_loss_step(batch, num_tokens, kind="smooth_l1"):
+  """(seed, student, teacher) → value and gradient of a training step's morphing and DTM loss (plus group_mean and
+  the logged group counts), all built for the current platform."""
+
+  def step(seed, student, teacher):
+    def loss_fn(student):
+      num_merge, num_iters = morphing.sample_schedules(jax.random.key(seed), batch, max_merge=num_tokens)
+      groups = morphing.morph_schedules(teacher, num_merge, num_iters)
+      loss = losses.dtm_loss(student, teacher, groups, kind=kind)
+      loss += 1e-3 * jnp.mean(morphing.group_mean(student, groups[0]) ** 2)
+      return loss, jax.vmap(morphing.num_groups)(groups)
+    return jax.value_and_grad(loss_fn, has_aux=True)(student)
+
+  return step
+
+
+@pytest.mark.parametrize("target,lowering_platform", [("tpu", "tpu"), ("gpu", "cuda")])
+def test_accelerator_programs_have_no_scatter(target, lowering_platform):
+  # TPUs run scatters nearly one element at a time and GPUs with (non-deterministic) atomics: the programs built for
+  # them morph and take the loss's group sums by matmuls and comparisons only, for every loss kind.
+  batch, num_tokens, dim = 4, 49, 16
+  tokens = jax.ShapeDtypeStruct((batch, num_tokens, dim), jnp.float32)
+  seed = jax.ShapeDtypeStruct((), jnp.int32)
+  for kind in losses.LOSS_KINDS:
+    with platform.building_for(platform=target, num_devices=1):
+      lowered = jax.jit(_morphing_and_loss_step(batch, num_tokens, kind)).trace(seed, tokens, tokens).lower(
+          lowering_platforms=(lowering_platform,))
+    text = lowered.as_text()
+    assert "stablehlo.while" in text and "stablehlo.dot_general" in text  # the rounds are there, as matmuls
+    assert "stablehlo.scatter" not in text, kind
+
+
+def test_compiled_tpu_program_has_no_scatter():
+  # The TPU compiler's own passes must not bring scatters back either. The optimised HLO names ops as `opcode(`.
+  batch, num_tokens, dim = 4, 49, 16
+  mesh = jax.sharding.Mesh(np.array(aot.topology("v5e:2x2").devices[:1]), ("data",))
+  replicated = NamedSharding(mesh, P())
+  tokens = jax.ShapeDtypeStruct((batch, num_tokens, dim), jnp.float32, sharding=replicated)
+  schedule = jax.ShapeDtypeStruct((1, batch), jnp.int32, sharding=replicated)
+  with platform.building_for(mesh), aot.outside_the_compilation_cache():
+    text = jax.jit(_morphing_and_loss_step(batch, num_tokens)).lower(
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), tokens, tokens).compile().as_text()
+    with_scatter = jax.jit(functools.partial(morphing.morph_schedules, implementation="scatter")).lower(
+        tokens, schedule, schedule).compile().as_text()
+  assert re.search(r"\swhile\(", text) and re.search(r"\sconvolution\(", text)  # the rounds, as matmuls
+  assert not re.search(r"\sscatter\(", text)
+  assert re.search(r"\sscatter\(", with_scatter)  # the check sees scatters where there are some

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from dtm_jax import checkpoint as checkpoint_lib
-from dtm_jax import targets, train
+from dtm_jax import sharding, targets, train
 from dtm_jax.models import functional, vit
 
 IMAGE, PATCH = 16, 4
@@ -140,6 +140,35 @@ def test_checkpoint_target_rejects_another_image_size(tmp_path):
                          patch_size=PATCH)
 
 
+def test_checkpoint_target_restores_fsdp_sharded_onto_the_runs_mesh(tmp_path):
+  """A teacher saved FSDP-sharded on one topology restores onto the run's mesh with the run's shardings (never with
+  the saved ones), whatever the saving mesh was; without a mesh it is restored onto one local device."""
+  from dtm_jax import sharding  # pylint: disable=g-import-not-at-top
+  config = student_config()
+  _, params = functional.split_module(vit.PretrainViT(config, rngs=nnx.Rngs(0)))
+  saved_mesh = sharding.make_mesh(data=1, fsdp=8)
+  saved = jax.device_put(params, sharding.param_shardings(params, saved_mesh, min_fsdp_size=64))
+  assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(saved))
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path, async_save=False)
+  checkpointer.save(7, params=saved, train={"step": jnp.int32(7)}, data_iterator=None,
+                    metadata={"model_config": checkpoint_lib.model_config_to_json(config)})
+  checkpointer.close()
+
+  # The run: another topology (data 2 × fsdp 4, devices in reverse order).
+  run_mesh = sharding.make_mesh(data=2, fsdp=4, devices=jax.devices()[::-1])
+  target = targets.build_target(target_config(kind="checkpoint", checkpoint=str(tmp_path), dtype="float32"),
+                                image_size=IMAGE, patch_size=PATCH, mesh=run_mesh, min_fsdp_size=64)
+  expected = sharding.param_shardings(params, run_mesh, min_fsdp_size=64)
+  for got, want, value in zip(jax.tree.leaves(target.params), jax.tree.leaves(expected), jax.tree.leaves(params)):
+    assert got.sharding == want
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(value))
+  assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(target.params))
+
+  local = targets.build_target(target_config(kind="checkpoint", checkpoint=str(tmp_path), dtype="float32"),
+                               image_size=IMAGE, patch_size=PATCH)
+  assert all(x.sharding.device_set == {jax.local_devices()[0]} for x in jax.tree.leaves(local.params))
+
+
 def test_config_errors_name_the_fix(tmp_path):
   with pytest.raises(ValueError, match="choose one of"):
     targets.validate_target_config(target_config(kind="dino"))
@@ -228,3 +257,18 @@ def test_train_step_feeds_the_ema_to_the_target_and_updates_it_after_the_optimiz
   np.testing.assert_allclose(new_state["params"]["w"], new_params)
   np.testing.assert_allclose(new_state["ema_params"]["w"], 0.8 * np.array([5.0, 5.0]) + 0.2 * new_params,
                              rtol=1e-6)
+
+
+def test_pretraining_from_a_checkpoint_teacher_on_an_fsdp_mesh(tmp_path):
+  """The `checkpoint` teacher is restored onto the run's FSDP shardings and goes into the step as it is."""
+  from train_testing import tiny_config  # pylint: disable=g-import-not-at-top
+  fsdp = {"mesh.data": 1, "mesh.fsdp": 8, "mesh.min_fsdp_size": 16, "total_steps": 2, "checkpoint_every": 2}
+  train.train(tiny_config(**fsdp), str(tmp_path / "teacher"))
+  config = tiny_config(**fsdp, **{"target.kind": "checkpoint", "target.checkpoint": str(tmp_path / "teacher")})
+  mesh = sharding.make_mesh(1, 8)
+  program = train.build_program(config, mesh)
+  sharded = [leaf for leaf in jax.tree.leaves(program.target.params) if leaf.size >= 16 and
+             leaf.sharding.spec != jax.sharding.PartitionSpec()]
+  assert sharded and all(leaf.sharding.mesh.shape == mesh.shape for leaf in sharded)
+  result = train.train(config, str(tmp_path / "student"))
+  assert result["step"] == 2 and np.isfinite(result["loss"])

@@ -42,9 +42,9 @@ def _run_on_mesh(mesh, params, target, loss_and_grads, batch):
                            sharding.to_global(batch, mesh), jnp.int32(0)))
 
 
-@pytest.mark.parametrize("implementation", ["cpu_kernel", "pairwise", "scatter"])
+@pytest.mark.parametrize("implementation", ["cpu_kernel", "pairwise", "scatter", "matmul"])
 def test_first_step_on_sharded_mesh_equals_one_device(implementation, monkeypatch):
-  # Every morphing implementation, as GPUs/TPUs ("scatter") and CPUs without a compiler ("pairwise") run it too.
+  # Every morphing implementation, as GPUs/TPUs ("matmul") and CPUs without a compiler ("pairwise") run it too.
   resolve = morphing._resolve_implementation
   monkeypatch.setattr(morphing, "_resolve_implementation", lambda name: resolve(implementation))
   config = tiny_config()
@@ -177,3 +177,74 @@ def test_two_processes_match_one_process(tmp_path):
     np.testing.assert_allclose(got[step], expected[step], rtol=2e-5)
   checkpoint = multi / "checkpoints" / "8" / "data_iterator"
   assert sorted(p for p in os.listdir(checkpoint) if p.startswith("process_")) == ["process_0_of_2", "process_1_of_2"]
+
+
+class _Recording:
+  """A data iterator that records when batches are drawn (for the loop-order test)."""
+
+  def __init__(self, iterator, events):
+    self._iterator, self._events = iterator, events
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self._events.append("batch")
+    return next(self._iterator)
+
+  def __getattr__(self, name):  # save, restore, num_corrupt
+    return getattr(self._iterator, name)
+
+
+def test_the_next_batch_is_sent_while_the_step_runs_and_never_past_a_checkpoint(tmp_path, monkeypatch):
+  """Double buffering: right after a step is dispatched the next batch is read and put on the devices, before the
+  loop waits for the step's metrics; after a checkpoint step it is read only once the checkpoint is written, so the
+  saved input position is exactly the steps taken (and no batch is drawn past the end)."""
+  import dataclasses
+  from dtm_jax import metrics
+  events = []
+  build_program, build_data = train.build_program, train.build_pretrain_data
+
+  def recording_program(*args, **kwargs):
+    program = build_program(*args, **kwargs)
+
+    def step(*step_args):
+      events.append("step")
+      return program.step(*step_args)
+    return dataclasses.replace(program, step=step)
+
+  write_scalars, save = metrics.MetricsWriter.write_scalars, checkpoint.Checkpointer.save
+  monkeypatch.setattr(train, "build_program", recording_program)
+  monkeypatch.setattr(train, "build_pretrain_data", lambda *args: _Recording(build_data(*args), events))
+  monkeypatch.setattr(metrics.MetricsWriter, "write_scalars",
+                      lambda self, *args: (events.append("metrics"), write_scalars(self, *args))[1])
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", lambda self, *args, **kwargs: (
+      events.append("save"), save(self, *args, **kwargs))[1])
+  train.train(tiny_config(log_every=1, total_steps=6, checkpoint_every=3), str(tmp_path))
+  assert events == ["batch",
+                    "step", "batch", "metrics",  # step 1: the batch of step 2 goes out before the wait for metrics
+                    "step", "batch", "metrics",
+                    "step", "metrics", "save", "batch",  # step 3 saves: the next batch only after the save
+                    "step", "batch", "metrics",
+                    "step", "batch", "metrics",
+                    "step", "metrics", "save"]  # the last step: nothing drawn past the end
+
+
+def test_uint8_images_are_normalised_in_the_step():
+  """Images travel as uint8 and the step normalises them with the input block's mean/std: the same loss as the
+  float32 images the pipeline used to send (normalised on the host)."""
+  config = tiny_config(**{"input.source": "fashion_mnist"})
+  mesh = sharding.make_mesh(-1, 1)
+  program = train.build_program(config, mesh)
+  assert program.abstract_inputs()[2]["image"].dtype == jnp.uint8
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+  normalised = ((pixels / 255.0 - np.array(config.input.mean)) / np.array(config.input.std)).astype(np.float32)
+  mask = jnp.asarray(rng.random((16, 16)) < 0.4)
+  target_params = jax.device_put(program.target.params, program.target_shardings)
+  losses = []
+  for images in (pixels, normalised):
+    state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
+    _, step_metrics = program.step(state, target_params, {"image": jnp.asarray(images), "mask": mask})
+    losses.append(float(step_metrics["loss"]))
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)

@@ -11,7 +11,9 @@ import torch
 import transformers
 from flax import nnx
 
+from dtm_jax import platform
 from dtm_jax.models import convert
+from dtm_jax.models import functional
 from dtm_jax.models import layers
 from dtm_jax.models import vit
 from tests import torch_reference as ref
@@ -296,3 +298,122 @@ def test_gelu_is_exact_gelu_with_its_gradient():
                              rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(layers.gelu(x), torch.nn.functional.gelu(torch.tensor(np.asarray(x))).numpy(),
                              rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["dots", "full"])
+def test_remat_gradients_equal_gradients_without_remat(policy):
+  """Rematerialised blocks recompute what they do not keep: same loss and gradients (with drop path active), and
+  the backward pass of the rematerialised program really recomputes (it holds more dot products)."""
+  config = dataclasses.replace(CONFIG, drop_path_rate=0.2)
+  fm, params = functional.split_module(vit.PretrainViT(config, rngs=nnx.Rngs(0)))
+  remat_fm, _ = functional.split_module(vit.PretrainViT(dataclasses.replace(config, remat=policy),
+                                                        rngs=nnx.Rngs(0)))
+  images, mask = _images(), jnp.asarray(_masked())
+
+  def loss(module, p):
+    return jnp.mean(module.apply(p, images, mask, dropout_rng=jax.random.key(3)) ** 2)
+
+  plain = jax.jit(jax.value_and_grad(functools.partial(loss, fm)))
+  remat = jax.jit(jax.value_and_grad(functools.partial(loss, remat_fm)))
+  (plain_loss, plain_grads), (remat_loss, remat_grads) = plain(params), remat(params)
+  np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), remat_grads, plain_grads)
+  count_dots = lambda f: str(jax.make_jaxpr(f)(params)).count("dot_general")
+  assert count_dots(remat) > count_dots(plain)
+
+
+def test_unknown_remat_policy_is_refused():
+  with pytest.raises(ValueError, match="remat='some'"):
+    vit.get_config("test", remat="some")
+
+
+def _block_outputs(module, images):
+  """The residual stream after every block of a student (via nnx.capture), in order."""
+  _, intermediates = nnx.capture(module.encode, nnx.Intermediate, method_outputs=nnx.Intermediate)(images)
+  blocks = nnx.to_pure_dict(intermediates)["blocks"]
+  return [blocks[i]["__call__"][0] for i in range(len(blocks))]
+
+
+def test_bf16_blocks_keep_tiny_layer_scaled_updates_in_float32():
+  """With bf16 compute and ViT-L's γ = 1e-5, the residual stream stays float32 and each block changes it by what
+  the same block computes in float32 from the same input (to bf16 matmul accuracy). Images are scaled down so the
+  stream (|x| ≲ 0.02, float32 step ~2e-9) resolves the ~1e-7 updates; a bf16 stream (step ~1e-4 there) would
+  round them away."""
+  config = dataclasses.replace(CONFIG, layer_scale_init=1e-5)
+  fm32, params = functional.split_module(vit.PretrainViT(config, rngs=nnx.Rngs(0)))
+  fm16, _ = functional.split_module(vit.PretrainViT(dataclasses.replace(config, dtype=jnp.bfloat16),
+                                                    rngs=nnx.Rngs(0)))
+  images = 0.01 * _images()
+  model16, model32 = fm16.bind(params), fm32.bind(params)
+  outputs = _block_outputs(model16, images)
+  stream = model16.patch_embed(images.astype(jnp.bfloat16)).reshape(2, -1, config.width).astype(jnp.float32)
+  stream = jnp.concatenate([jnp.broadcast_to(params["cls_token"], (2, 1, config.width)), stream], axis=1)
+  bias = layers.relative_position_bias(params["shared_rel_pos_bias"], config.grid_size)
+  for block16, block32, output in zip(model16.blocks, model32.blocks, [*outputs]):
+    assert output.dtype == jnp.float32
+    update, reference = output - stream, block32(stream, bias) - stream
+    assert float(jnp.max(jnp.abs(reference))) < 1e-4  # the updates really are tiny
+    np.testing.assert_allclose(update, reference, rtol=0.05, atol=0.02 * float(jnp.max(jnp.abs(reference))))
+    np.testing.assert_array_equal(output, block16(stream, bias))
+    stream = output
+
+
+def test_bf16_forward_of_vit_b16_stays_close_to_float32():
+  """ViT-B/16 (DTM's defaults) on random images: bf16 compute is within 2% (relative, max-norm) of float32."""
+  config = vit.get_config("base", out_dim=512)
+  fm32, params = functional.split_module(vit.PretrainViT(config, rngs=nnx.Rngs(0)))
+  fm16, _ = functional.split_module(vit.PretrainViT(dataclasses.replace(config, dtype=jnp.bfloat16),
+                                                    rngs=nnx.Rngs(0)))
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(1, 224, 224, 3)), jnp.float32)
+  mask = jnp.asarray(np.random.default_rng(1).random((1, 196)) < 0.4)
+  out32 = jax.jit(fm32.apply)(params, images, mask)
+  out16 = jax.jit(fm16.apply)(params, images, mask).astype(jnp.float32)
+  error = float(jnp.max(jnp.abs(out16 - out32)) / jnp.max(jnp.abs(out32)))
+  assert error < 0.02, error
+
+
+@pytest.mark.parametrize("grid_size", [2, 4, 14])
+def test_relative_position_bias_by_matmul_equals_the_gather_with_gradients(grid_size):
+  """Accelerators look the bias up with one-hot matmuls (no scatter in the gradient): same values and gradients."""
+  table = jnp.asarray(np.random.default_rng(grid_size).normal(size=(layers.num_relative_positions(grid_size), 3)),
+                      jnp.float32)
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(1, 3, grid_size ** 2 + 1, grid_size ** 2 + 1)),
+                          jnp.float32)
+
+  def value_and_grad(build_for):
+    with platform.building_for(platform=build_for, num_devices=1):
+      fn = lambda t: jnp.sum(layers.relative_position_bias(t, grid_size) * cotangent)
+      return jax.jit(jax.value_and_grad(fn))(table), jax.jit(layers.relative_position_bias,
+                                                               static_argnums=1)(table, grid_size)
+
+  (loss_cpu, grad_cpu), bias_cpu = value_and_grad("cpu")
+  (loss_tpu, grad_tpu), bias_tpu = value_and_grad("tpu")
+  np.testing.assert_array_equal(bias_tpu, bias_cpu)
+  np.testing.assert_allclose(loss_tpu, loss_cpu, rtol=1e-6)
+  np.testing.assert_allclose(grad_tpu, grad_cpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [5, 6])
+def test_padded_attention_equals_attention_with_gradients(tokens):
+  """cuDNN's training kernel needs an even token count with a bias: odd T is padded by one token whose key is masked
+  through the bias and whose query is dropped. Same values and gradients (q, k, v and bias) as plain attention."""
+  rng = np.random.default_rng(tokens)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, tokens, 3, 8)), jnp.float32) for _ in range(3))
+  bias = jnp.asarray(rng.normal(size=(1, 3, tokens, tokens)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(2, tokens, 3, 8)), jnp.float32)
+
+  def value_and_grads(fn):
+    return jax.value_and_grad(lambda *args: jnp.sum(fn(*args) * cotangent), argnums=(0, 1, 2, 3))(q, k, v, bias)
+
+  padded = value_and_grads(functools.partial(layers.padded_attention, implementation="xla"))
+  plain = value_and_grads(functools.partial(jax.nn.dot_product_attention, implementation="xla"))
+  np.testing.assert_allclose(padded[0], plain[0], rtol=1e-5)
+  for got, want in zip(padded[1], plain[1]):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_default_attention_follows_the_platform_and_dtype():
+  for build_for, dtype, expected in [("cpu", jnp.float32, "cpu"), ("tpu", jnp.bfloat16, "xla"),
+                                     ("gpu", jnp.bfloat16, "cudnn"), ("gpu", jnp.float32, "xla")]:
+    with platform.building_for(platform=build_for, num_devices=8):
+      assert layers.default_attention_impl(dtype) == expected, (build_for, dtype)

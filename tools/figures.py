@@ -17,6 +17,12 @@ from tools import frozen_features, study_summary, teachers
 VARIANT_COLOURS = {"dtm": "tab:blue", "tokenwise": "tab:orange", "fixed": "tab:green"}
 
 
+def _save(fig, path: epath.Path) -> None:
+  """PNG through epath, so a gs://… output directory works (matplotlib writes only local files)."""
+  with epath.Path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=120)
+
+
 def losses_by_run(study_dir: epath.Path) -> dict[str, dict[int, float]]:
   """{run name: {step: loss}} from every run's metrics.jsonl."""
   out = {}
@@ -66,7 +72,7 @@ def loss_curves(losses: dict[str, dict[int, float]], path: epath.Path, smooth: i
     ax.set_ylabel(f"training loss (smooth-L1),\nmean of {smooth} logs")
   fig.suptitle("Training loss: DTM regresses group means, so its level is not comparable to token-wise", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, path)
   plt.close(fig)
 
 
@@ -93,7 +99,7 @@ def probe_bars(summary: dict, path: epath.Path) -> None:
   handles, labels = axes[0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
   fig.tight_layout(rect=(0, 0.05, 1, 1))
-  fig.savefig(path, dpi=120)
+  _save(fig, path)
   plt.close(fig)
 
 
@@ -142,7 +148,7 @@ def groups_figure(images01: np.ndarray, groups: list[np.ndarray], titles: list[s
     axes[0][j].set_title(f"{title}\n{axes[0][j].get_title()}", fontsize=8)
   fig.suptitle(textwrap.fill(heading, 60), fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, path)
   plt.close(fig)
 
 

@@ -13,11 +13,11 @@ Command (the figures in docs/RESULTS.md):
 from __future__ import annotations
 
 import json
-import os
 
 from absl import app, flags, logging
 from etils import epath
 
+from dtm_jax import checkpoint as checkpoint_lib
 from tools import figures
 
 _STUDY = flags.DEFINE_string("study", None, "The --out directory of tools/study.py.")
@@ -34,7 +34,8 @@ def main(argv):
   if not _STUDY.value:
     raise app.UsageError("Pass --study=<the --out directory of tools/study.py>.")
   logging.set_verbosity(logging.WARNING)
-  study_dir, out = epath.Path(os.path.abspath(_STUDY.value)), epath.Path(_OUT.value)  # Orbax: absolute paths
+  # Orbax: absolute local paths (gs://… stays as it is).
+  study_dir, out = checkpoint_lib.absolute_path(_STUDY.value), epath.Path(_OUT.value)
   summary_path = study_dir / "summary.json"
   if not summary_path.exists():
     raise app.UsageError(f"{summary_path} is missing; run `python -m tools.study --out={study_dir} --report_only`.")

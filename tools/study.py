@@ -22,7 +22,6 @@ Command (the numbers in docs/RESULTS.md; its header gives the measured wall time
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -30,10 +29,10 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from etils import epath
 from flax import nnx
 
 from configs import demo
+from dtm_jax import checkpoint as checkpoint_lib
 from dtm_jax import metrics, sharding, train
 from dtm_jax.evaluate import common
 from dtm_jax.models import functional, vit
@@ -214,7 +213,7 @@ def run_study(out) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  out = epath.Path(os.path.abspath(_OUT.value))  # Orbax writes only to absolute paths.
+  out = checkpoint_lib.absolute_path(_OUT.value)  # Orbax writes only to absolute paths; gs://… stays as it is.
   if not _REPORT_ONLY.value:
     logging.set_verbosity(logging.WARNING)
     run_study(out)

@@ -6,9 +6,9 @@ tools/study.py), so the tables can be rebuilt at any time without rerunning anyt
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
+from etils import epath
 
 KINDS = ("pixels", "ema", "clip", "checkpoint")
 VARIANTS = ("dtm", "tokenwise", "fixed")
@@ -30,7 +30,7 @@ def write_json(path, payload: dict) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)  # atomic, and overwrites (epath's rename refuses an existing file)
+  tmp.replace(path)  # atomic on local disks, and overwrites (epath's rename refuses an existing file)
 
 
 def collect(out) -> list[dict]:
@@ -145,9 +145,6 @@ def write_report(out, results_md: str | None) -> str:
   table = markdown(summary, settings)
   (out / "summary.md").write_text(table)
   if results_md:
-    path = os.path.abspath(results_md)
-    with open(path) as f:
-      text = f.read()
-    with open(path, "w") as f:
-      f.write(replace_block(text, table))
+    path = epath.Path(results_md)
+    path.write_text(replace_block(path.read_text(), table))
   return table

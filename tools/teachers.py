@@ -7,7 +7,6 @@ inside a run's train state, so for `kind="ema"` the parameters are read from tha
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -42,7 +41,7 @@ def _like(template: PyTree, restored: PyTree) -> PyTree:
 
 def ema_params(run_dir: str | epath.Path, abstract_params: PyTree) -> PyTree:
   """The EMA teacher's parameters at the latest checkpoint of an `ema` run."""
-  directory, step = checkpoint_lib.find_step_directory(os.path.abspath(run_dir))  # Orbax reads absolute paths only.
+  directory, step = checkpoint_lib.find_step_directory(run_dir)  # made absolute there when local (Orbax)
   train_state = ocp.StandardCheckpointer().restore(directory / str(step) / "train")
   if "ema_params" not in train_state:
     raise ValueError(f"The checkpoint {directory / str(step)} holds no EMA teacher; its run did not use "

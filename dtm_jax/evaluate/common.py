@@ -6,6 +6,7 @@ summed on device over the valid examples only, so on several hosts every example
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any, Callable, Iterable, Mapping
 
@@ -16,9 +17,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
-from dtm_jax import checkpoint, sharding
+from dtm_jax import checkpoint, metrics, sharding
 from dtm_jax.models import convert, functional, vit
 
 PyTree = Any
@@ -77,6 +78,28 @@ def restore_student(pretrained: ml_collections.ConfigDict, mesh: Mesh, *, min_fs
   params, _, step = checkpoint.restore_params(step_dir, step, target)
   logging.info("Evaluating the student of %s (step %d).", step_dir, step)
   return Student(config=config, model=model, params=params, checkpoint=str(step_dir), step=step)
+
+
+def abstract_student(config: vit.ViTConfig, mesh: Mesh, min_fsdp_size: int = 2 ** 18) -> Student:
+  """A student of `config` whose params are ShapeDtypeStructs with their shardings (`--mode=compile`)."""
+  model, abstract = functional.abstract_split(lambda: vit.PretrainViT(config, rngs=nnx.Rngs(0)))
+  shardings = sharding.param_shardings(abstract, mesh, min_fsdp_size)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return Student(config=config, model=model, params=params, checkpoint="(shapes only)", step=None)
+
+
+def abstract_images(batch_size: int, config: vit.ViTConfig, batch_sharding, dtype=None) -> jax.ShapeDtypeStruct:
+  """A batch of images as the input pipeline sends them: float32 (normalised) unless `dtype` says uint8."""
+  size = config.image_size
+  return jax.ShapeDtypeStruct((batch_size, size, size, config.in_channels), dtype or jnp.float32,
+                              sharding=batch_sharding)
+
+
+def encoder_flops(config: vit.ViTConfig) -> float:
+  """Analytic forward FLOPs per image of the student's encoder (no head)."""
+  return metrics.transformer_forward_flops(width=config.width, depth=config.depth, tokens=config.num_patches + 1,
+                                           mlp_dim=config.mlp_dim, patch_size=config.patch_size,
+                                           in_channels=config.in_channels)
 
 
 def _restore_converted(pretrained, mesh, min_fsdp_size, overrides) -> Student:
@@ -159,19 +182,40 @@ def take_batches(batches: Iterable[dict], global_batch_size: int, max_examples: 
     yield batch
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def concatenate_per_device(mesh: Mesh, pieces: list[PyTree]) -> PyTree:
+  """Batch-sharded pieces (a list of same-structured trees) → one tree of arrays, concatenated device by device.
+
+  Device d's block of each result is the concatenation of its own blocks of the pieces, so no row moves between
+  devices (a plain `jnp.concatenate` along the sharded axis regroups the rows, an all-gather or all-to-all of the
+  whole result). The rows come out shard-major: with n shards of b rows per piece, row d·(len(pieces)·b) + p·b + r is
+  row d·b + r of piece p. Compiled once per mesh and list of shapes.
+  """
+  rows = P(sharding.BATCH_AXES)
+  return jax.shard_map(lambda local: jax.tree.map(lambda *xs: jnp.concatenate(xs), *local), mesh=mesh,
+                       in_specs=rows, out_specs=rows)(pieces)
+
+
+def jit_encoder(encode_fn: EncodeFn, mesh: Mesh):
+  """`encode_fn` jitted with its features split like its images (over the batch axes), ready for the bank."""
+  return jax.jit(encode_fn, out_shardings=sharding.batch_sharding(mesh))
+
+
 def extract_features(encode_fn: EncodeFn, params: PyTree, batches: Iterable[dict], mesh: Mesh) -> FeatureSet:
-  """Features of one pass over eval batches ({"image", "label", "valid"} per host), kept on device."""
-  encode = jax.jit(encode_fn)
-  features, labels, valid = [], [], []
+  """Features of one pass over eval batches ({"image", "label", "valid"} per host), kept on device.
+
+  Every device keeps the features of the examples it encoded (`concatenate_per_device`): the rows of the result
+  are the batches' rows in shard-major order, not in input order; each valid example occurs once, its features,
+  label and valid flag on the same row. `encode_fn` may be already jitted (its compilation is then reused).
+  """
+  encode = encode_fn if isinstance(encode_fn, jax.stages.Wrapped) else jit_encoder(encode_fn, mesh)
+  pieces = []
   for host_batch in batches:
     batch = sharding.to_global(host_batch, mesh)
-    features.append(encode(params, batch["image"]))
-    labels.append(batch["label"])
-    valid.append(batch["valid"])
-  if not features:
+    pieces.append((encode(params, batch["image"]), batch["label"], batch["valid"]))
+  if not pieces:
     raise ValueError("The evaluation data gave no batches; check the split name and the data directory.")
-  concatenate = jax.jit(lambda xs: jnp.concatenate(xs), out_shardings=sharding.batch_sharding(mesh))
-  return FeatureSet(concatenate(features), concatenate(labels), concatenate(valid))
+  return FeatureSet(*concatenate_per_device(mesh, pieces))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,9 @@ from etils import epath
 from flax import nnx
 
 from dtm_jax import checkpoint as checkpoint_lib
+from dtm_jax import config_checks, errors, workdir_lock
+from dtm_jax import preemption as preemption_lib
+from dtm_jax import images as images_lib
 from dtm_jax import metrics, optim, sharding
 from dtm_jax.evaluate import common, mixup
 from dtm_jax.models import functional, vit
@@ -63,13 +66,20 @@ def make_optimizer(config: ml_collections.ConfigDict, params: PyTree, *, total_s
 
 
 def make_train_step(classifier: functional.FunctionalModule, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, num_classes: int, mix: mixup.MixConfig, ema_decay: float):
-  """`step(state, batch, rng) -> (state, metrics)`; state = {"step", "params", "opt_state"[, "ema_params"]}."""
+                    schedule: optax.Schedule, *, num_classes: int, mix: mixup.MixConfig, ema_decay: float,
+                    mix_shards: int = 1, pixel_mean=(0.0,), pixel_std=(1.0,)):
+  """`step(state, batch, rng) -> (state, metrics)`; state = {"step", "params", "opt_state"[, "ema_params"]}.
+
+  uint8 images are normalised on the device with `pixel_mean`/`pixel_std` (dtm_jax.images) before mixing.
+
+  `mix_shards`: the devices the batch is split over; Mixup/CutMix pair images within each device's shard.
+  """
 
   def train_step(state, batch, rng):
     mix_rng, drop_rng = jax.random.split(jax.random.fold_in(rng, state["step"]))
-    images, targets, _ = mixup.mix_batch(mix_rng, batch["image"], batch["label"], num_classes=num_classes,
-                                         config=mix)
+    images = images_lib.to_model_input(batch["image"], pixel_mean, pixel_std)
+    images, targets, _ = mixup.mix_batch(mix_rng, images, batch["label"], num_classes=num_classes,
+                                         config=mix, num_shards=mix_shards)
 
     def loss_fn(params):
       logits = classifier.apply(params, images, dropout_rng=drop_rng).astype(jnp.float32)
@@ -95,6 +105,63 @@ def _steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return steps_per_epoch, config.epochs * steps_per_epoch
 
 
+@dataclasses.dataclass(frozen=True)
+class FinetuneProgram:
+  """The fine-tuning step as it runs on `mesh`, built without data or weights (`--mode=compile` compiles `step`)."""
+  model: functional.FunctionalModule
+  tx: optax.GradientTransformation
+  init_state: Callable[[PyTree], PyTree]  # classifier params -> fresh state (run under jit, out_shardings below)
+  state_shardings: PyTree
+  abstract_state: PyTree  # ShapeDtypeStructs carrying their shardings
+  batch_sharding: Any
+  step: Callable  # jitted (state, batch, rng) -> (state, scalars); donates the state
+  flops_per_image: float  # analytic: forward + backward of the classifier
+  batch_size: int
+  image_size: int
+  image_dtype: Any  # of the images the input sends: uint8, or float32 normalised when random erasing is on
+
+  def abstract_inputs(self) -> tuple[PyTree, dict, jax.ShapeDtypeStruct]:
+    size, rep = self.image_size, self.state_shardings["step"]
+    batch = {"image": jax.ShapeDtypeStruct((self.batch_size, size, size, 3), self.image_dtype,
+                                           sharding=self.batch_sharding),
+             "label": jax.ShapeDtypeStruct((self.batch_size,), jnp.int32, sharding=self.batch_sharding)}
+    return self.abstract_state, batch, jax.ShapeDtypeStruct(jax.random.key(0).shape, jax.random.key(0).dtype,
+                                                            sharding=rep)
+
+
+def build_program(config: ml_collections.ConfigDict, clf_config: vit.ViTConfig, mesh) -> FinetuneProgram:
+  """Optimizer, state shardings and the jitted step of fine-tuning a classifier of `clf_config` on `mesh`."""
+  steps_per_epoch, total_steps = _steps(config)
+  model, abstract_params = functional.abstract_split(_classifier_constructor(clf_config, config))
+  tx, schedule = make_optimizer(config, abstract_params, total_steps=total_steps, depth=clf_config.depth,
+                                warmup_steps=round(config.warmup_epochs * steps_per_epoch))
+  use_ema = config.ema_decay > 0
+
+  def init_state(params):
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            **({"ema_params": params} if use_ema else {})}
+
+  abstract_state = jax.eval_shape(init_state, abstract_params)
+  rep = sharding.replicated(mesh)
+  state_sh = {k: (rep if k == "step" else sharding.param_shardings(v, mesh, config.mesh.min_fsdp_size))
+              for k, v in abstract_state.items()}
+  batch_sh = sharding.batch_sharding(mesh)
+  step = jax.jit(make_train_step(model, tx, schedule, num_classes=config.num_classes, mix=mixup.MixConfig(**config.mix),
+                                 ema_decay=config.ema_decay, mix_shards=mesh.size,  # the batch spans every device
+                                 pixel_mean=tuple(config.input.mean), pixel_std=tuple(config.input.std)),
+                 in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep), donate_argnums=(0,))
+  flops = 3 * metrics.transformer_forward_flops(
+      width=clf_config.width, depth=clf_config.depth, tokens=clf_config.num_patches + 1, mlp_dim=clf_config.mlp_dim,
+      patch_size=clf_config.patch_size, in_channels=clf_config.in_channels, out_dim=config.num_classes, out_tokens=1)
+  return FinetuneProgram(
+      model=model, tx=tx, init_state=init_state, state_shardings=state_sh,
+      abstract_state=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+                                  state_sh),
+      batch_sharding=batch_sh, step=step, flops_per_image=flops, batch_size=config.batch_size,
+      image_size=clf_config.image_size,
+      image_dtype=jnp.float32 if config.input.random_erase_prob else jnp.uint8)  # see input_pipeline
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        student_fn: Callable[[], common.Student], train_data_fn: Callable[[int], Iterator[dict]],
                        eval_data_fn: Callable[[int], Iterable[dict]], mesh) -> dict:
@@ -108,71 +175,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   steps_per_epoch, total_steps = _steps(config)
   eval_every = config.eval_every_epochs * steps_per_epoch
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  rep = sharding.replicated(mesh)
   shardings_of = lambda tree: sharding.param_shardings(tree, mesh, config.mesh.min_fsdp_size)
-  mix = mixup.MixConfig(**config.mix)
   use_ema = config.ema_decay > 0
 
-  # ----- Classifier: from the fine-tuning checkpoint when resuming, else from the pretrained student.
-  latest = checkpointer.latest_step()
+  # ----- Classifier: from the fine-tuning checkpoint when resuming, else from the pretrained student. The metadata
+  # goes through the same fallback as every other item: a damaged newest step leaves the older ones.
+  required = ("model_config", "pretrained", "best_top1")
+  readable = (checkpointer.latest_readable_metadata(required=required) if checkpointer.latest_step() is not None
+              else None)
+  latest = readable[0] if readable else None
   if latest is None:
     classifier, params = classifier_from_student(student_fn(), config, shardings_of)
-    abstract_params = jax.eval_shape(lambda p: p, params)
   else:
-    metadata = checkpointer.read_metadata(latest)
+    metadata = readable[1]
     clf_config = checkpoint_lib.model_config_from_metadata(metadata, vit.ViTConfig)
-    model, abstract_params = functional.abstract_split(_classifier_constructor(clf_config, config))
+    model, _ = functional.abstract_split(_classifier_constructor(clf_config, config))
     classifier = Classifier(clf_config, model, metadata["pretrained"])
     if metadata.get("config_hash") != checkpoint_lib.config_hash(config.to_dict()):
       logging.warning("Resuming %s with a config that differs from the one it started with.", workdir)
   train_data = train_data_fn(classifier.config.image_size)
   eval_data = lambda: eval_data_fn(classifier.config.image_size)
-  tx, schedule = make_optimizer(config, abstract_params, total_steps=total_steps, depth=classifier.config.depth,
-                                warmup_steps=round(config.warmup_epochs * steps_per_epoch))
-  abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
-                    "opt_state": jax.eval_shape(tx.init, abstract_params)}
-  if use_ema:
-    abstract_state["ema_params"] = abstract_params
-  state_sh = {k: (rep if k == "step" else shardings_of(v)) for k, v in abstract_state.items()}
+  program = build_program(config, classifier.config, mesh)
+  abstract_state, state_sh = program.abstract_state, program.state_shardings
 
   best_top1 = 0.0
   if latest is None:
-    state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p),
-                               **({"ema_params": p} if use_ema else {})}, out_shardings=state_sh)(params)
+    state = jax.jit(program.init_state, out_shardings=state_sh)(params)
     logging.info("Fine-tuning from %s for %d steps (%d epochs).", classifier.source, total_steps, config.epochs)
   else:
-    with_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-                           state_sh)
+    with_sh = abstract_state
     step, params, train_items, metadata = checkpointer.restore_latest_good(
         params=with_sh["params"], train={k: v for k, v in with_sh.items() if k != "params"},
-        data_iterator=train_data)
+        data_iterator=train_data, required_metadata=required)
     state = {"params": params, **train_items}
     best_top1 = metadata["best_top1"]
     logging.info("Resumed fine-tuning at step %d of %d from %s.", step, total_steps, checkpointer.directory)
 
   # ----- Loop.
-  train_step = jax.jit(make_train_step(classifier.model, tx, schedule, num_classes=config.num_classes, mix=mix,
-                                       ema_decay=config.ema_decay),
-                       in_shardings=(state_sh, sharding.batch_sharding(mesh), rep), out_shardings=(state_sh, rep),
-                       donate_argnums=(0,))
+  train_step = program.step
   evaluate = common.make_classifier_evaluator(lambda params, images: classifier.model.apply(params, images), mesh)
   rng = jax.random.key(config.seed)
   metadata = {"model_config": checkpoint_lib.model_config_to_json(classifier.config),
               "pretrained": classifier.source, "config": config.to_dict(),
               "config_hash": checkpoint_lib.config_hash(config.to_dict())}
-  writer = metrics.MetricsWriter(workdir)
+  step = int(state["step"])
+  writer = metrics.MetricsWriter(workdir, resume_step=step)  # drops lines past the checkpoint (computed again)
   progress = metrics.Progress(total_steps, every_secs=config.progress_every_secs)
   result: dict[str, float] = {}
-  step = int(state["step"])
+  preemption = preemption_lib.PreemptionFlag().install()  # SIGTERM / Ctrl-C: save the step reached, then stop
+  stopped = False
+  next_batch = lambda: sharding.to_global({k: v for k, v in next(train_data).items() if k in ("image", "label")},
+                                          mesh)
+  batch = None
   try:
     while step < total_steps:
-      host_batch = next(train_data)
-      batch = sharding.to_global({"image": host_batch["image"], "label": host_batch["label"]}, mesh)
-      state, scalars = train_step(state, batch, rng)
+      state, scalars = train_step(state, batch if batch is not None else next_batch(), rng)
       step += 1
       progress(step, done=scalars)
       if step % config.log_every == 0:
         writer.write_scalars(step, jax.device_get(scalars))
+      stopped = preemption.any_process() if (jax.process_count() == 1 or step % 10 == 0) else False
       if step % eval_every == 0 or step == total_steps:
         result = evaluate(state["params"], eval_data())
         if use_ema:
@@ -181,11 +243,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         best_top1 = max(best_top1, result["top1"])
         writer.write_scalars(step, {k: v for k, v in result.items() if k != "num_examples"} | {
             "best_top1": best_top1, "epoch": step / steps_per_epoch})
+      if step % eval_every == 0 or step == total_steps or stopped:  # a mid-epoch step when stopped: resumable
         checkpointer.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
                           data_iterator=train_data, metadata={**metadata, "step": step, "best_top1": best_top1})
+      if stopped:
+        logging.warning("Stopped at step %d of %d: its checkpoint is written; rerunning the same command resumes "
+                        "from it.", step, total_steps)
+        break
+      # Double buffering: the next batch is read and sent while the devices run this step; drawn after this step's
+      # checkpoint, so a saved input position is exactly the steps taken.
+      batch = next_batch() if step < total_steps else None
   finally:
-    checkpointer.close()
-    writer.close()
+    preemption.uninstall()
+    try:
+      checkpointer.close()
+    finally:
+      writer.close()
+  if stopped and step < total_steps:
+    raise errors.Interrupted(
+        f"Fine-tuning stopped ({'Ctrl-C' if preemption.interrupted else 'SIGTERM'}) at step {step} of "
+        f"{total_steps}; its checkpoint is in {checkpointer.directory}. Rerun the same command to resume from it.",
+        exit_code=errors.EXIT_INTERRUPTED if preemption.interrupted else 0)
   if not result:  # Resumed a run that had already finished.
     result = evaluate(state["params"], eval_data())
   return {"mode": "finetune", **classifier.source, "top1": result["top1"], "top5": result["top5"],
@@ -198,10 +276,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`main.py --mode=finetune`: fine-tune, then write results.json (best and last top-1) and TensorBoard."""
   import input_pipeline  # pylint: disable=g-import-not-at-top  # Only here: dtm_jax itself never loads TensorFlow.
 
-  mesh = common.make_mesh(config)
+  config_checks.validate("finetune", config)  # before anything is created or compiled
   if config.pretrained.workdir and epath.Path(config.pretrained.workdir).resolve() == epath.Path(workdir).resolve():
     raise ValueError("--workdir must differ from config.pretrained.workdir: fine-tuning writes its own checkpoints; "
                      "use e.g. --workdir=<pretraining workdir>/finetune.")
+  with workdir_lock.hold(workdir, mode="finetune"):  # one writer per workdir
+    return _run_locked(config, workdir, input_pipeline)
+
+
+def _run_locked(config: ml_collections.ConfigDict, workdir: str, input_pipeline) -> dict:
+  mesh = common.make_mesh(config)
   student_fn = lambda: common.restore_student(config.pretrained, mesh, min_fsdp_size=config.mesh.min_fsdp_size,
                                               model_overrides=config.model)
   train_data_fn = lambda size: input_pipeline.build_finetune_train(

@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, PartitionSpec as P
 
-from dtm_jax import metrics, sharding
+from dtm_jax import config_checks, metrics, sharding
 from dtm_jax.evaluate import common
 
 PyTree = Any
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -37,7 +38,8 @@ def knn_votes(bank: common.FeatureSet, queries: jax.Array, mesh: Mesh, *, num_cl
   local_k = min(k, rows_per_device)
 
   def vote(bank_features, bank_labels, bank_valid, queries):
-    similarity = l2_normalize(queries) @ bank_features.T
+    # HIGHEST: full float32 products (TPUs' default rounds them to bfloat16, which reorders close neighbours).
+    similarity = jnp.matmul(l2_normalize(queries), bank_features.T, precision=HIGHEST)
     similarity = jnp.where(bank_valid[None, :], similarity, -jnp.inf)
     local_sims, local_index = jax.lax.top_k(similarity, local_k)
     local_labels = bank_labels[local_index]
@@ -46,7 +48,7 @@ def knn_votes(bank: common.FeatureSet, queries: jax.Array, mesh: Mesh, *, num_cl
     top_sims, top_index = jax.lax.top_k(sims, k)
     top_labels = jnp.take_along_axis(labels, top_index, axis=1)
     weights = jnp.exp(top_sims / temperature)  # exp(-inf) = 0: padding never votes.
-    return jnp.einsum("qk,qkc->qc", weights, jax.nn.one_hot(top_labels, num_classes))
+    return jnp.einsum("qk,qkc->qc", weights, jax.nn.one_hot(top_labels, num_classes), precision=HIGHEST)
 
   rows = P(sharding.BATCH_AXES)
   # Every device votes from the same gathered candidates, so the output is replicated; JAX cannot prove that.
@@ -55,9 +57,8 @@ def knn_votes(bank: common.FeatureSet, queries: jax.Array, mesh: Mesh, *, num_cl
 
 
 def build_bank(encode_fn: common.EncodeFn, params: PyTree, batches: Iterable[dict], mesh: Mesh) -> common.FeatureSet:
-  """Normalised features of the labelled bank, split over the devices."""
-  bank = common.extract_features(encode_fn, params, batches, mesh)
-  return common.FeatureSet(jax.jit(l2_normalize)(bank.features), bank.labels, bank.valid)
+  """Normalised features of the labelled bank, split over the devices (each keeps the rows it encoded)."""
+  return KnnEvaluator(encode_fn, mesh).build_bank(params, batches)
 
 
 def num_classes_of(bank: common.FeatureSet) -> int:
@@ -65,10 +66,8 @@ def num_classes_of(bank: common.FeatureSet) -> int:
   return int(jnp.max(jnp.where(bank.valid, bank.labels, 0))) + 1
 
 
-def knn_accuracy(encode_fn: common.EncodeFn, params: PyTree, bank: common.FeatureSet, query_batches: Iterable[dict],
-                 mesh: Mesh, *, k: int = 20, temperature: float = 0.07) -> dict[str, float]:
-  """Top-1/top-5 (%) of kNN classification of each query batch ({"image", "label", "valid"} per host)."""
-  num_classes = num_classes_of(bank)
+def make_knn_step(encode_fn: common.EncodeFn, mesh: Mesh, *, num_classes: int, k: int, temperature: float):
+  """Jitted `(params, bank, batch) -> accuracy counts` of one batch of queries ({"image", "label", "valid"})."""
 
   @jax.jit
   def step(params, bank, batch):
@@ -76,39 +75,117 @@ def knn_accuracy(encode_fn: common.EncodeFn, params: PyTree, bank: common.Featur
                       temperature=temperature)
     return common.accuracy_counts(votes, batch["label"], batch["valid"])
 
-  total = None
-  for host_batch in query_batches:
-    total = common.add_counts(total, step(params, bank, sharding.to_global(host_batch, mesh)))
-  if total is None:
-    raise ValueError("The kNN query data gave no batches; check config.input.eval_split and the data directory.")
-  return common.accuracy_from_counts(total)
+  return step
 
 
-def knn_evaluate(encode_fn: common.EncodeFn, params: PyTree, cfg: ml_collections.ConfigDict, mesh: Mesh, *,
-                 input_config: ml_collections.ConfigDict, image_size: int) -> dict[str, float]:
-  """kNN accuracy of a bank from `input_config.train_split` against queries from its `eval_split`.
+def build_programs(config: ml_collections.ConfigDict, student_config, mesh: Mesh) -> list:
+  """kNN's programs on `mesh` from abstract inputs (`--mode=compile`): encoding a batch, and classifying a batch of
+  queries against the bank of `knn.num_train_examples` (0: `num_train_examples`, the whole split) entries."""
+  from dtm_jax import aot  # pylint: disable=g-import-not-at-top
+  cfg = config.knn
+  student = common.abstract_student(student_config, mesh, config.mesh.min_fsdp_size)
+  encode = common.feature_fn(student, pooling=config.features.pooling, num_blocks=config.features.num_blocks)
+  rows = sharding.batch_sharding(mesh)
+  bank_rows = -(-(cfg.num_train_examples or config.num_train_examples) // cfg.batch_size) * cfg.batch_size
+  bank = common.FeatureSet(jax.ShapeDtypeStruct((bank_rows, student_config.width), jnp.float32, sharding=rows),
+                           jax.ShapeDtypeStruct((bank_rows,), jnp.int32, sharding=rows),
+                           jax.ShapeDtypeStruct((bank_rows,), jnp.bool_, sharding=rows))
+  batch = {"image": common.abstract_images(cfg.batch_size, student_config, rows),
+           "label": jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32, sharding=rows),
+           "valid": jax.ShapeDtypeStruct((cfg.batch_size,), jnp.bool_, sharding=rows)}
+  encoder_flops = common.encoder_flops(student_config) * cfg.batch_size
+  step = make_knn_step(encode, mesh, num_classes=config.num_classes, k=cfg.k, temperature=cfg.temperature)
+  return [aot.Program("encode", jax.jit(encode), (student.params, batch["image"]), encoder_flops),
+          aot.Program("knn_step", step, (student.params, bank, batch),
+                      encoder_flops + 2.0 * cfg.batch_size * bank_rows * student_config.width)]
+
+
+def knn_accuracy(encode_fn: common.EncodeFn, params: PyTree, bank: common.FeatureSet, query_batches: Iterable[dict],
+                 mesh: Mesh, *, k: int = 20, temperature: float = 0.07) -> dict[str, float]:
+  """Top-1/top-5 (%) of kNN classification of each query batch ({"image", "label", "valid"} per host).
+
+  Compiles its step on every call: for repeated evaluations use one `KnnEvaluator`.
+  """
+  return KnnEvaluator(encode_fn, mesh, k=k, temperature=temperature).accuracy(params, bank, query_batches)
+
+
+_normalize = jax.jit(l2_normalize)
+
+
+class KnnEvaluator:
+  """kNN with one encoder on one mesh, its programs jitted once and reused by every evaluation.
+
+  The periodic kNN of pretraining (`make_knn_evaluate`) evaluates every `eval.every` steps with the same shapes:
+  after the first evaluation nothing is traced or compiled again (a bank with another number of classes compiles
+  its step once more).
+  """
+
+  def __init__(self, encode_fn: common.EncodeFn, mesh: Mesh, *, k: int = 20, temperature: float = 0.07):
+    self.encode_fn, self.mesh, self.k, self.temperature = encode_fn, mesh, k, temperature
+    self.encode = common.jit_encoder(encode_fn, mesh)
+    self._steps = {}  # num_classes -> jitted step
+
+  def step(self, num_classes: int):
+    """The jitted `(params, bank, batch) -> accuracy counts` for `num_classes` (`make_knn_step`), built once."""
+    if num_classes not in self._steps:
+      self._steps[num_classes] = make_knn_step(self.encode_fn, self.mesh, num_classes=num_classes, k=self.k,
+                                               temperature=self.temperature)
+    return self._steps[num_classes]
+
+  def build_bank(self, params: PyTree, batches: Iterable[dict]) -> common.FeatureSet:
+    """Normalised features of the labelled bank; each device keeps the rows it encoded."""
+    bank = common.extract_features(self.encode, params, batches, self.mesh)
+    return common.FeatureSet(_normalize(bank.features), bank.labels, bank.valid)
+
+  def accuracy(self, params: PyTree, bank: common.FeatureSet, query_batches: Iterable[dict]) -> dict[str, float]:
+    """Top-1/top-5 (%) of each query batch ({"image", "label", "valid"} per host) against `bank`."""
+    step = self.step(num_classes_of(bank))
+    total = None
+    for host_batch in query_batches:
+      total = common.add_counts(total, step(params, bank, sharding.to_global(host_batch, self.mesh)))
+    if total is None:
+      raise ValueError("The kNN query data gave no batches; check config.input.eval_split and the data directory.")
+    return common.accuracy_from_counts(total)
+
+  def __call__(self, params: PyTree, bank_batches: Iterable[dict], query_batches: Iterable[dict]) -> dict[str, float]:
+    """{"knn_top1", "knn_top5"} (%) and the sizes used, {"knn_bank_size", "knn_num_queries"}."""
+    bank = self.build_bank(params, bank_batches)
+    result = self.accuracy(params, bank, query_batches)
+    return {"knn_top1": result["top1"], "knn_top5": result["top5"], "knn_bank_size": bank.num_valid,
+            "knn_num_queries": result["num_examples"]}
+
+
+def make_knn_evaluate(encode_fn: common.EncodeFn, cfg: ml_collections.ConfigDict, mesh: Mesh, *,
+                      input_config: ml_collections.ConfigDict, image_size: int):
+  """`evaluate(params) -> {"knn_top1", "knn_top5", "knn_bank_size", "knn_num_queries"}`: kNN accuracy of a bank from
+  `input_config.train_split` against queries from its `eval_split`, its programs compiled once for all calls.
 
   Cheap enough to call from the pretraining loop: the bank and the queries are the first `cfg.num_train_examples`
   and `cfg.num_eval_examples` (0 = the whole split) in the evaluation crop. `encode_fn(params, images) -> [B, D]`.
   cfg fields: k, temperature, batch_size, num_train_examples, num_eval_examples.
-  Returns {"knn_top1", "knn_top5"} (%) and the sizes used, {"knn_bank_size", "knn_num_queries"}.
   """
-  import input_pipeline  # pylint: disable=g-import-not-at-top  # Only here: dtm_jax itself never loads TensorFlow.
+  evaluator = KnnEvaluator(encode_fn, mesh, k=cfg.k, temperature=cfg.temperature)
 
   def batches(split, max_examples):
+    import input_pipeline  # pylint: disable=g-import-not-at-top  # Only here: dtm_jax itself never loads TensorFlow.
     data = input_pipeline.build_eval(input_config, split=split, image_size=image_size,
                                      global_batch_size=cfg.batch_size)
     return common.take_batches(data, cfg.batch_size, max_examples)
 
-  bank = build_bank(encode_fn, params, batches(input_config.train_split, cfg.num_train_examples), mesh)
-  result = knn_accuracy(encode_fn, params, bank, batches(input_config.eval_split, cfg.num_eval_examples), mesh,
-                        k=cfg.k, temperature=cfg.temperature)
-  return {"knn_top1": result["top1"], "knn_top5": result["top5"], "knn_bank_size": bank.num_valid,
-          "knn_num_queries": result["num_examples"]}
+  return lambda params: evaluator(params, batches(input_config.train_split, cfg.num_train_examples),
+                                  batches(input_config.eval_split, cfg.num_eval_examples))
+
+
+def knn_evaluate(encode_fn: common.EncodeFn, params: PyTree, cfg: ml_collections.ConfigDict, mesh: Mesh, *,
+                 input_config: ml_collections.ConfigDict, image_size: int) -> dict[str, float]:
+  """One kNN evaluation (`make_knn_evaluate`); returns {"knn_top1", "knn_top5", "knn_bank_size",
+  "knn_num_queries"}."""
+  return make_knn_evaluate(encode_fn, cfg, mesh, input_config=input_config, image_size=image_size)(params)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`main.py --mode=knn`: kNN accuracy of a pretrained student; writes results.json and TensorBoard."""
+  config_checks.validate("knn", config)  # before anything is created or compiled
   mesh = common.make_mesh(config)
   student = common.restore_student(config.pretrained, mesh, min_fsdp_size=config.mesh.min_fsdp_size,
                                    model_overrides=config.model)

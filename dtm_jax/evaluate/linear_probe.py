@@ -17,7 +17,9 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from dtm_jax import metrics, optim, sharding
+from dtm_jax import config_checks, errors, metrics, optim, sharding, workdir_lock
+from dtm_jax import images as images_lib
+from dtm_jax import preemption as preemption_lib
 from dtm_jax.evaluate import common
 
 PyTree = Any
@@ -110,15 +112,24 @@ def _fit(config: ml_collections.ConfigDict, *, feature_dim: int, steps_per_epoch
 
   state = jax.jit(init_state, out_shardings=sharding.replicated(mesh))(jax.random.key(config.seed))
   best_top1, result = 0.0, {}
-  for epoch in range(1, config.epochs + 1):
-    state, loss = train_epoch(state, epoch, train_step)
-    step = epoch * steps_per_epoch
-    scalars = {"train_loss": loss, "lr": schedule(step - 1)}
-    if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
-      result = evaluate(state)
-      best_top1 = max(best_top1, result["top1"])
-      scalars.update(top1=result["top1"], top5=result["top5"])
-    writer.write_scalars(step, scalars)
+  preemption = preemption_lib.PreemptionFlag().install()  # SIGTERM / Ctrl-C: stop after the current epoch
+  try:
+    for epoch in range(1, config.epochs + 1):
+      state, loss = train_epoch(state, epoch, train_step)
+      step = epoch * steps_per_epoch
+      scalars = {"train_loss": loss, "lr": schedule(step - 1)}
+      if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
+        result = evaluate(state)
+        best_top1 = max(best_top1, result["top1"])
+        scalars.update(top1=result["top1"], top5=result["top5"])
+      writer.write_scalars(step, scalars)
+      if epoch < config.epochs and preemption.any_process():
+        raise errors.Interrupted(
+            f"Linear probe stopped ({'Ctrl-C' if preemption.interrupted else 'SIGTERM'}) after epoch {epoch} of "
+            f"{config.epochs}; a probe keeps no checkpoint (it is cheap to redo): rerun the same command.",
+            exit_code=errors.EXIT_INTERRUPTED if preemption.interrupted else 0)
+  finally:
+    preemption.uninstall()
   writer.flush()
   return {"top1": result["top1"], "top5": result["top5"], "best_top1": best_top1,
           "num_eval_examples": result["num_examples"], "epochs": config.epochs, "steps": total_steps}
@@ -155,16 +166,60 @@ def train_on_features(config: ml_collections.ConfigDict, train: common.FeatureSe
               evaluate=lambda state: common.accuracy_from_counts(accuracy(state, test)))
 
 
+def make_step_on_images(encode_fn: common.EncodeFn, input_config: ml_collections.ConfigDict):
+  """The online probe step, jitted: `(state, student_params, batch, train_step) -> (state, loss)` on the frozen
+  student's features of a batch of images ({"image", "label"}; uint8 ones are normalised with the input block's
+  mean/std on the device); `train_step` (from make_train_step) is static."""
+  mean, std = tuple(input_config.mean), tuple(input_config.std)
+
+  @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+  def step_on_images(state, student_params, batch, train_step):
+    images = images_lib.to_model_input(batch["image"], mean, std)
+    features = jax.lax.stop_gradient(encode_fn(student_params, images))
+    return train_step(state, features, batch["label"], jnp.ones_like(batch["label"], jnp.bool_))
+
+  return step_on_images
+
+
+def build_programs(config: ml_collections.ConfigDict, student_config, mesh: Mesh) -> list:
+  """The probe's programs on `mesh` from abstract inputs (`--mode=compile`): the online step on images, or (with
+  precomputed features) the student's encoder over an eval batch and the probe step on a batch of features."""
+  from dtm_jax import aot  # pylint: disable=g-import-not-at-top
+  student = common.abstract_student(student_config, mesh, config.mesh.min_fsdp_size)
+  encode = common.feature_fn(student, pooling=config.features.pooling, num_blocks=config.features.num_blocks)
+  rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  tx, _ = make_optimizer(config.optimizer, total_steps=1000, warmup_steps=10, global_batch_size=config.batch_size)
+  train_step = make_train_step(tx, config.bn_momentum)
+  width = student_config.width
+
+  def init_state(rng):
+    probe = init_probe(rng, width, config.num_classes)
+    return {**probe, "opt_state": tx.init(probe["params"])}
+
+  state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                       jax.eval_shape(init_state, jax.random.key(0)))
+  labels = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=rows)
+  encoder_flops = common.encoder_flops(student_config)
+  if not config.precompute_features:  # augmented training batches travel as uint8 (input_pipeline)
+    images = common.abstract_images(config.batch_size, student_config, rows,
+                                    jnp.uint8 if config.augment and not config.input.random_erase_prob else None)
+    return [aot.Program("probe_step_on_images", make_step_on_images(encode, config.input),
+                        (state, student.params, {"image": images, "label": labels}, train_step),
+                        encoder_flops * config.batch_size)]
+  features = jax.ShapeDtypeStruct((config.batch_size, width), jnp.float32, sharding=rows)
+  valid = jax.ShapeDtypeStruct((config.batch_size,), jnp.bool_, sharding=rows)
+  images = common.abstract_images(config.eval_batch_size, student_config, rows)
+  return [aot.Program("encode", jax.jit(encode), (student.params, images), encoder_flops * config.eval_batch_size),
+          aot.Program("probe_step", jax.jit(train_step, donate_argnums=0), (state, features, labels, valid),
+                      6.0 * width * config.num_classes * config.batch_size)]
+
+
 def train_online(config: ml_collections.ConfigDict, encode_fn: common.EncodeFn, student_params: PyTree,
                  train_data: Iterator[dict], eval_data: Callable[[], Iterable[dict]], mesh: Mesh,
                  writer: metrics.MetricsWriter, *, feature_dim: int) -> dict:
   """Train the probe on the frozen student's features of every training batch (augmented by the input pipeline)."""
   steps_per_epoch = config.num_train_examples // config.batch_size
-
-  @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
-  def step_on_images(state, student_params, batch, train_step):
-    features = jax.lax.stop_gradient(encode_fn(student_params, batch["image"]))
-    return train_step(state, features, batch["label"], jnp.ones_like(batch["label"], jnp.bool_))
+  step_on_images = make_step_on_images(encode_fn, config.input)
 
   def train_epoch(state, epoch, train_step):
     del epoch
@@ -190,6 +245,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`main.py --mode=linear_probe`: restore the student, fit the probe, write results.json and TensorBoard."""
   import input_pipeline  # pylint: disable=g-import-not-at-top  # Only here: dtm_jax itself never loads TensorFlow.
 
+  config_checks.validate("linear_probe", config)  # before anything is created or compiled
+  with workdir_lock.hold(workdir, mode="linear_probe"):  # one writer per workdir
+    return _run_locked(config, workdir, input_pipeline)
+
+
+def _run_locked(config: ml_collections.ConfigDict, workdir: str, input_pipeline) -> dict:
   mesh = common.make_mesh(config)
   student = common.restore_student(config.pretrained, mesh, min_fsdp_size=config.mesh.min_fsdp_size,
                                    model_overrides=config.model)
@@ -200,7 +261,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return input_pipeline.build_eval(config.input, split=split, image_size=image_size,
                                      global_batch_size=config.eval_batch_size)
 
-  writer = metrics.MetricsWriter(workdir)
+  writer = metrics.MetricsWriter(workdir, resume_step=0)  # the probe starts afresh: an earlier attempt's lines go
   try:
     if config.precompute_features:
       logging.info("Encoding %r and %r once with the frozen student.", config.input.train_split,

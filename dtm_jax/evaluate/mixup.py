@@ -2,7 +2,9 @@
 
 One mixing coefficient per batch, and every image is mixed with the image at the mirrored batch position (timm's
 "batch" mode). Doing it inside the jitted step keeps the input pipeline free of label arithmetic and works on sharded
-global batches unchanged. Targets are probability vectors that sum to one.
+global batches unchanged. On a batch split over n devices, `num_shards=n` mirrors within each device's shard instead
+of across the whole batch, so no image moves between devices (a whole-batch mirror is a collective-permute of the
+batch). Targets are probability vectors that sum to one.
 """
 from __future__ import annotations
 
@@ -61,9 +63,20 @@ def cutmix_box(rng: jax.Array, height: int, width: int, lam: jax.Array) -> tuple
   return box, lam
 
 
+def mirror(x: jax.Array, num_shards: int = 1) -> jax.Array:
+  """Each of the `num_shards` equal blocks of the leading (batch) axis reversed in place; x[::-1] for one block.
+
+  With the batch split over `num_shards` devices, each device's rows stay on it.
+  """
+  if num_shards < 1 or x.shape[0] % num_shards:
+    raise ValueError(f"The batch of {x.shape[0]} must be divisible by num_shards={num_shards} (the devices the batch "
+                     "is split over).")
+  return x.reshape((num_shards, -1) + x.shape[1:])[:, ::-1].reshape(x.shape)
+
+
 def mix_batch(rng: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: int,
-              config: MixConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Mix a batch NHWC with its mirror image (batch reversed).
+              config: MixConfig, num_shards: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Mix a batch NHWC with its mirror image (batch reversed, within each of `num_shards` blocks: see `mirror`).
 
   Returns (mixed images, soft targets [B, num_classes], lam). Mixup blends whole images with lam ~ Beta(α, α); CutMix
   pastes a box from the partner and sets lam to the pixel fraction kept. Targets are
@@ -73,7 +86,7 @@ def mix_batch(rng: jax.Array, images: jax.Array, labels: jax.Array, *, num_class
   if not config.enabled:
     return images, targets, jnp.ones((), jnp.float32)
   rng_apply, rng_kind, rng_mixup, rng_cutmix, rng_box = jax.random.split(rng, 5)
-  partner_images, partner_targets = images[::-1], targets[::-1]
+  partner_images, partner_targets = mirror(images, num_shards), mirror(targets, num_shards)
 
   def mixup():
     lam = jax.random.beta(rng_mixup, config.mixup_alpha, config.mixup_alpha)

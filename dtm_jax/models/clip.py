@@ -36,7 +36,7 @@ class CLIPVisionConfig:
   activation: str = "quick_gelu"  # OpenAI weights; most open_clip (LAION) weights use "gelu".
   layer_norm_eps: float = 1e-5
   dtype: Any = jnp.float32  # Compute dtype; parameters stay float32.
-  attention_impl: str | None = None  # Passed to jax.nn.dot_product_attention: None, "xla" or "cudnn".
+  attention_impl: str | None = None  # "xla", "cudnn", "cpu", or None: the platform's (layers.default_attention_impl)
 
   def __post_init__(self):
     if self.image_size % self.patch_size:
@@ -112,14 +112,14 @@ class CLIPVision(nnx.Module):
                                 kernel_init=init, dtype=config.dtype, rngs=rngs)
     self.cls_token = nnx.Param(init(rngs.params(), (1, 1, config.width)))
     self.pos_embed = nnx.Param(init(rngs.params(), (1, 1 + config.grid_size ** 2, config.width)))
-    norm = lambda: nnx.LayerNorm(config.width, epsilon=config.layer_norm_eps, dtype=config.dtype, rngs=rngs)
-    self.ln_pre = norm()
+    norm = lambda dtype: layers.layer_norm(config.width, epsilon=config.layer_norm_eps, dtype=dtype, rngs=rngs)
+    self.ln_pre = norm(jnp.float32)  # its output is the residual stream, float32 (see layers)
     self.blocks = nnx.List([
         layers.Block(config.width, config.num_heads, config.mlp_dim, qkv_bias="qkv", activation=config.activation,
                      layer_norm_eps=config.layer_norm_eps, dtype=config.dtype,
                      attention_impl=config.attention_impl, rngs=rngs)
         for _ in range(config.depth)])
-    self.ln_post = norm()
+    self.ln_post = norm(config.dtype)
     self.proj = nnx.Linear(config.width, config.proj_dim, use_bias=False, kernel_init=init, dtype=config.dtype,
                            rngs=rngs)
 
@@ -139,10 +139,10 @@ class CLIPVision(nnx.Module):
     if height % cfg.patch_size or width % cfg.patch_size:
       raise ValueError(f"Image size {height}×{width} is not a multiple of patch_size {cfg.patch_size}.")
     x = self.patch_embed(images.astype(cfg.dtype))
-    x = x.reshape(x.shape[0], -1, cfg.width)
-    cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, cfg.width))
+    x = x.reshape(x.shape[0], -1, cfg.width).astype(jnp.float32)
+    cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, cfg.width))
     pos_embed = resize_pos_embed(self.pos_embed[...], (height // cfg.patch_size, width // cfg.patch_size))
-    x = jnp.concatenate([cls, x], axis=1) + pos_embed.astype(x.dtype)
+    x = jnp.concatenate([cls, x], axis=1) + pos_embed
     x = layers.per_token(self.ln_pre, x)
     for block in self.blocks:
       x = block(x)

@@ -17,6 +17,7 @@ to read `.pt/.pth/.bin` files.
 """
 import argparse
 import dataclasses
+import io
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from flax.nnx import traversals
 
@@ -61,43 +63,55 @@ class Converted:
 # ----------------------------------------------------------------------------------------------------------------
 # Reading checkpoint files.
 # ----------------------------------------------------------------------------------------------------------------
+def _path(path) -> epath.Path:
+  """A local path made absolute (Orbax needs absolute paths), or a cloud path (`gs://…`) as it is."""
+  path = epath.Path(path)
+  return path if "://" in str(path) else epath.Path(os.path.abspath(path))
+
+
 def read_checkpoint(path):
-  """Flat {name: float32 numpy array} from a `.pt/.pth/.bin` (torch) or `.safetensors` file or HF directory."""
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    found = [os.path.join(path, f) for f in _HF_WEIGHT_FILES if os.path.exists(os.path.join(path, f))]
+  """Flat {name: float32 numpy array} from a `.pt/.pth/.bin` (torch) or `.safetensors` file or HF directory
+  (local or `gs://…`)."""
+  path = _path(path)
+  if path.is_dir():
+    found = [path / f for f in _HF_WEIGHT_FILES if (path / f).exists()]
     if not found:
       raise ConversionError(f"Directory {path} holds none of {_HF_WEIGHT_FILES}; pass the weights file itself.")
     path = found[0]
-  if not os.path.exists(path):
+  if not path.exists():
     raise ConversionError(f"Checkpoint file {path} does not exist.")
-  tree = _read_safetensors(path) if path.endswith(".safetensors") else _read_torch(path)
+  # Local files are read by name (memory-mapped where the reader can); cloud files are read into memory first.
+  source = os.fspath(path) if "://" not in str(path) else io.BytesIO(path.read_bytes())
+  tree = _read_safetensors(source, path) if path.name.endswith(".safetensors") else _read_torch(source, path)
   weights = {name: _to_numpy(value) for name, value in _unwrap(tree, path).items()}
   if weights and all(name.startswith("module.") for name in weights):  # Saved from DistributedDataParallel.
     weights = {name[len("module."):]: value for name, value in weights.items()}
   return weights
 
 
-def _read_safetensors(path):
+def _read_safetensors(source, path):
   try:
-    from safetensors.flax import load_file  # pylint: disable=g-import-not-at-top
+    from safetensors.flax import load, load_file  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ConversionError(f"Reading {path} needs safetensors: pip install safetensors.") from e
-  return load_file(path)  # Flax arrays, so bfloat16 files load too.
+  # Flax arrays, so bfloat16 files load too.
+  return load(source.getvalue()) if isinstance(source, io.BytesIO) else load_file(source)
 
 
-def _read_torch(path):
+def _read_torch(source, path):
   """TorchScript archives (OpenAI's `.pt`) first, then plain `torch.load` restricted to weights."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ConversionError(f"Reading {path} needs PyTorch: pip install torch (the CPU build is enough).") from e
   try:
-    return torch.jit.load(path, map_location="cpu").state_dict()
+    return torch.jit.load(source, map_location="cpu").state_dict()
   except RuntimeError:
     pass  # Not a TorchScript archive.
+  if isinstance(source, io.BytesIO):
+    source.seek(0)
   try:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(source, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises several types for files it will not unpickle safely.
     raise ConversionError(
         f"torch.load(weights_only=True) could not read {path}: {e}\nIf you trust the file, re-save only its "
@@ -330,12 +344,11 @@ def _convert_openai_layout(weights, source, fmt, num_heads, activation, image_si
 
 def _hf_config_json(path):
   """The vision part of a Hugging Face `config.json` beside the weights (CLIPModel or vision-only), if any."""
-  directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-  config_path = os.path.join(directory, "config.json")
-  if not os.path.exists(config_path):
+  path = _path(path)
+  config_path = (path if path.is_dir() else path.parent) / "config.json"
+  if not config_path.exists():
     return None
-  with open(config_path) as f:
-    config = json.load(f)
+  config = json.loads(config_path.read_text())
   return config.get("vision_config", config)
 
 
@@ -505,17 +518,16 @@ def _config_to_json(config):
 
 def save_converted(converted, directory, source=None):
   """Writes `params/` (Orbax) and `model_config.json` into a new or empty directory."""
-  directory = os.path.abspath(os.fspath(directory))
-  if os.path.exists(os.path.join(directory, PARAMS_DIR)):
+  directory = _path(directory)  # local or gs://…
+  if (directory / PARAMS_DIR).exists():
     raise ConversionError(f"{directory} already holds a converted checkpoint; choose another --output or delete it.")
-  os.makedirs(directory, exist_ok=True)
+  directory.mkdir(parents=True, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(directory, PARAMS_DIR), converted.params)
+  checkpointer.save(directory / PARAMS_DIR, converted.params)
   checkpointer.wait_until_finished()
   metadata = dict(kind=converted.kind, config=_config_to_json(converted.config),
                   module_kwargs=converted.module_kwargs, source=source or {})
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump(metadata, f, indent=2)
+  (directory / CONFIG_FILE).write_text(json.dumps(metadata, indent=2))
 
 
 def load_converted(directory, *, dtype=None, attention_impl=None, image_size=None):
@@ -524,12 +536,11 @@ def load_converted(directory, *, dtype=None, attention_impl=None, image_size=Non
   dtype / attention_impl override the saved compute settings (e.g. bfloat16 and "cudnn" for a frozen teacher);
   parameters stay float32. image_size resizes a CLIP tower's position embedding for another input size.
   """
-  directory = os.path.abspath(os.fspath(directory))
-  config_path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.exists(config_path):
+  directory = _path(directory)  # local or gs://…
+  config_path = directory / CONFIG_FILE
+  if not config_path.exists():
     raise ConversionError(f"{config_path} not found; create it with python -m dtm_jax.models.convert.")
-  with open(config_path) as f:
-    metadata = json.load(f)
+  metadata = json.loads(config_path.read_text())
   kind = metadata["kind"]
   if kind not in _CONFIG_CLASSES:
     raise ConversionError(f"{config_path} names an unknown module kind {kind!r}.")
@@ -538,7 +549,7 @@ def load_converted(directory, *, dtype=None, attention_impl=None, image_size=Non
     fields["attention_impl"] = attention_impl
   config = _CONFIG_CLASSES[kind](**fields)
   _, state = _abstract_module(kind, config, metadata["module_kwargs"])
-  params = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR), state.to_pure_dict())
+  params = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, state.to_pure_dict())
   return build_module(_with_image_size(Converted(kind, config, params, metadata["module_kwargs"]), image_size))
 
 
@@ -564,11 +575,11 @@ def main(argv=None):
   try:
     converted = convert_file(args.input, args.format, image_size=args.image_size, num_heads=args.num_heads,
                              activation=args.activation, ignore_keys=args.ignore_keys)
-    save_converted(converted, args.output, source=dict(format=args.format, input=os.path.abspath(args.input)))
+    save_converted(converted, args.output, source=dict(format=args.format, input=str(_path(args.input))))
   except ConversionError as e:
     sys.exit(f"error: {e}")
   count = sum(np.size(x) for x in traversals.flatten_mapping(converted.params).values())
-  print(f"Wrote {converted.kind} ({count:,} parameters) to {os.path.abspath(args.output)}:\n"
+  print(f"Wrote {converted.kind} ({count:,} parameters) to {_path(args.output)}:\n"
         f"  {converted.config}")
 
 

@@ -2,6 +2,10 @@
 
 Both are pre-LN ViTs; they differ only in options (q/v vs full qkv bias, relative position bias, layer scale,
 activation, LayerNorm epsilon), so one `Block` serves both and the converters map onto one parameter layout.
+
+Mixed precision as PyTorch AMP runs the released code: the residual stream, layer scale and the residual adds are
+float32, LayerNorm statistics are float32 (two-pass variance); only the inputs of matmuls and attention are in the
+compute dtype. In bf16 a residual update of ViT-L's initial γ·branch (γ = 1e-5) would otherwise round away entirely.
 """
 import functools
 
@@ -11,8 +15,17 @@ import numpy as np
 from flax import nnx
 
 from dtm_jax import kernels
+from dtm_jax import platform
 
-ATTENTION_IMPLS = (None, "xla", "cudnn")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "cpu")  # None: the platform's default (default_attention_impl)
+# What the backward pass keeps of a block's forward (the rest is recomputed): everything ("none": no remat), the
+# outputs of its token-wise matmuls — qkv, projection, MLP — ("dots": recomputes LayerNorms, GELU and attention,
+# ~5% more compute, saves most activation memory), or only the block's input ("full": one more forward, ~+33%).
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 ACTIVATIONS = ("gelu", "quick_gelu")
 QKV_BIASES = ("qkv", "qv")
 
@@ -47,7 +60,29 @@ def activation_fn(name):
 
 def check_attention_impl(name):
   if name not in ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl={name!r} is not one of {ATTENTION_IMPLS} (None lets JAX choose).")
+    raise ValueError(f"attention_impl={name!r} is not one of {ATTENTION_IMPLS} (None: the platform's default).")
+
+
+def check_remat(name):
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat={name!r} is not one of {tuple(REMAT_POLICIES)}.")
+
+
+def run_block(block, x, attn_bias=None, dropout_rng=None, *, remat="none"):
+  """`block(x, attn_bias, dropout_rng)`, rematerialised in the backward pass by the named policy (REMAT_POLICIES).
+
+  The block's parameters go through `jax.checkpoint` as explicit arguments (split from the module), so the saved
+  residuals are exactly what the policy keeps.
+  """
+  check_remat(remat)
+  if remat == "none":
+    return block(x, attn_bias, dropout_rng)
+  graphdef, state = nnx.split(block)
+
+  def call(state, x, attn_bias, dropout_rng):
+    return nnx.merge(graphdef, state)(x, attn_bias, dropout_rng)
+
+  return jax.checkpoint(call, policy=REMAT_POLICIES[remat])(state, x, attn_bias, dropout_rng)
 
 
 def num_relative_positions(grid_size):
@@ -72,10 +107,48 @@ def relative_position_index(grid_size):
 
 
 def relative_position_bias(table, grid_size):
-  """Additive attention bias [1, heads, 1+N, 1+N] looked up from a table [rows, heads]."""
+  """Additive attention bias [1, heads, 1+N, 1+N] looked up from a table [rows, heads].
+
+  On CPUs a gather by BEiT's index. On accelerators the gather's gradient would be a scatter-add of (1+N)² rows
+  per table (TPUs run scatters nearly serially; GPUs with atomics), so there the lookup is two matmuls with small
+  0/1 offset matrices (`_relative_position_bias_by_matmul`): exact, and its gradient is matmuls too.
+  """
+  if not platform.current().is_cpu:
+    return _relative_position_bias_by_matmul(table, grid_size)
   index = relative_position_index(grid_size)
   bias = jnp.take(table, index.reshape(-1), axis=0).reshape(*index.shape, table.shape[-1])
   return jnp.transpose(bias, (2, 0, 1))[None]
+
+
+@functools.lru_cache(maxsize=16)
+def _offset_one_hot(grid_size):
+  """[W, W, 2W−1] float32: entry (p, q, a) is 1 where a = p − q + W − 1 (the offset of row p from row q)."""
+  offsets = np.arange(grid_size)[:, None] - np.arange(grid_size)[None, :] + grid_size - 1
+  return (offsets[:, :, None] == np.arange(2 * grid_size - 1)).astype(np.float32)
+
+
+def _relative_position_bias_by_matmul(table, grid_size):
+  """`relative_position_bias` without a gather: the patch→patch part of the table, seen as [2W−1, 2W−1, heads]
+  (row offset, column offset), is contracted with the one-hot row and column offsets; the CLS rows are broadcast.
+  Every output is one table entry times 1 plus exact zeros (HIGHEST precision), so it equals the gather."""
+  w, heads = grid_size, table.shape[-1]
+  n, span = w * w, 2 * w - 1
+  offsets = _offset_one_hot(w)
+  grid = table[:span * span].reshape(span, span, heads)
+  by_column = jnp.einsum("stb,abh->stah", offsets, grid, precision=jax.lax.Precision.HIGHEST)
+  patches = jnp.einsum("pqa,stah->hpsqt", offsets, by_column, precision=jax.lax.Precision.HIGHEST)
+  patches = patches.reshape(heads, n, n)  # (row p, column s) attends to (row q, column t), row-major patches
+  cls_to_token, token_to_cls, cls_to_cls = (table[span * span + i] for i in range(3))
+  top = jnp.concatenate([cls_to_cls[:, None, None], jnp.broadcast_to(cls_to_token[:, None, None], (heads, 1, n))],
+                        axis=2)
+  rest = jnp.concatenate([jnp.broadcast_to(token_to_cls[:, None, None], (heads, n, 1)), patches], axis=2)
+  return jnp.concatenate([top, rest], axis=1)[None].astype(table.dtype)
+
+
+def layer_norm(width, *, epsilon, dtype, rngs):
+  """LayerNorm with float32 statistics computed in two passes (Flax's default E[x²]−E[x]² cancels badly when
+  |mean| ≫ std), float32 parameters, output in `dtype`."""
+  return nnx.LayerNorm(width, epsilon=epsilon, dtype=dtype, use_fast_variance=False, rngs=rngs)
 
 
 def per_token(layer, x):
@@ -96,25 +169,66 @@ def drop_path(x, rate, rng):
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def default_attention_impl(dtype):
+  """The attention the program's platform runs when the config leaves `attention_impl` unset (None).
+
+  GPUs: cuDNN's fused kernel ("cudnn") in bf16/fp16, so the [B, heads, T, T] scores are never materialised (XLA's
+  version, which `jax.nn.dot_product_attention` picks by itself, writes them out); float32 has no cuDNN kernel and
+  takes "xla". TPUs: "xla" (XLA:TPU fuses attention itself). CPUs: "cpu" (the native kernel where it applies, else
+  the head-major XLA version; see `Attention`).
+  """
+  target = platform.current()
+  if target.platform == "gpu":
+    return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+  return "cpu" if target.is_cpu else "xla"
+
+
 def attention(q, k, v, bias=None, implementation=None):
   """softmax(q·kᵀ/√d + bias)·v for q, k, v [B, T, heads, d] and bias broadcastable to [B, heads, T, T].
 
-  `jax.nn.dot_product_attention` with the implementation asked for (cuDNN's fused kernels on GPUs when None). On
-  CPUs, where XLA's batched matmuls over the [B, T, heads, d] layout run at half speed, the default is
-  `_head_major_attention`: the same computation with the heads moved ahead of the tokens first.
+  implementation: "xla" or "cudnn" (`jax.nn.dot_product_attention`), "cpu" (`_head_major_attention`: XLA:CPU runs
+  batched matmuls over the [B, T, heads, d] layout at half speed, so the heads move ahead of the tokens first), or
+  None for the platform's default (`default_attention_impl`). cuDNN's training kernels take an additive bias only
+  for an even number of tokens, so with a bias an odd T is padded by one token (`_padded_cudnn_attention`).
   """
-  if implementation is not None or jax.default_backend() != "cpu":
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
-  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, heads, T, d]
-  return jnp.swapaxes(_head_major_attention(q, k, v, bias), 1, 2)
+  implementation = implementation or default_attention_impl(q.dtype)
+  if implementation == "cpu":
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, heads, T, d]
+    return jnp.swapaxes(_head_major_attention(q, k, v, bias), 1, 2)
+  if implementation == "cudnn" and bias is not None:
+    return padded_attention(q, k, v, bias, implementation="cudnn")
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+
+
+# Added to the logits of padding keys: exp(−1e9 − max) is exactly 0 in float32 (and representable in bf16/fp16 as a
+# large finite value, which cuDNN needs: an infinite bias gives NaN gradients).
+_PADDING_LOGIT = -1e9
+
+
+def padded_attention(q, k, v, bias, *, implementation):
+  """`jax.nn.dot_product_attention` on tokens padded to an even count: the padding keys are masked through the bias
+  (their logits get _PADDING_LOGIT, so their softmax weight is exactly 0) and the padding queries are dropped. Equal
+  to unpadded attention, gradients included (the padding receives none)."""
+  tokens = q.shape[1]
+  if tokens % 2 == 0:
+    return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), implementation=implementation)
+  pad_tokens = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))
+  bias = jnp.broadcast_to(bias, bias.shape[:2] + (tokens, tokens))
+  bias = jnp.pad(bias.astype(jnp.float32), ((0, 0), (0, 0), (0, 1), (0, 0)))  # padding queries: any bias
+  bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=_PADDING_LOGIT)  # padding keys: masked
+  out = jax.nn.dot_product_attention(pad_tokens(q), pad_tokens(k), pad_tokens(v), bias=bias.astype(q.dtype),
+                                     implementation=implementation)
+  return out[:, :tokens]
 
 
 def use_cpu_attention_kernel(dtype, bias):
   """Whether `Attention` runs the native CPU kernel (dtm_jax.kernels.attention, ~2× faster than XLA:CPU forward and
-  backward): float32 on a single CPU device, with a bias shared by the batch (or none). With several devices the
-  SPMD partitioner would gather the batch onto every device for a custom call, so XLA's version runs there.
+  backward): float32 in a program for a single CPU device (dtm_jax.platform), with a bias shared by the batch (or
+  none). With several devices the SPMD partitioner would gather the batch onto every device for a custom call, so
+  XLA's version runs there.
   """
-  return (jax.default_backend() == "cpu" and jax.device_count() == 1 and dtype == jnp.float32 and
+  target = platform.current()
+  return (target.is_cpu and target.num_devices == 1 and dtype == jnp.float32 and
           (bias is None or bias.shape[0] == 1) and kernels.available())
 
 
@@ -166,8 +280,8 @@ _head_major_attention.defvjp(lambda q, k, v, bias: _attention_forward(q, k, v, b
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention through `jax.nn.dot_product_attention`, so GPUs can use fused kernels (on one CPU
-  device, in float32, through dtm_jax.kernels.attention: see `use_cpu_attention_kernel`).
+  """Multi-head self-attention (`attention`: cuDNN's fused kernel on GPUs, XLA's on TPUs; on one CPU device, in
+  float32, the native kernel dtm_jax.kernels.attention: see `use_cpu_attention_kernel`).
 
   `qkv_bias="qv"` is BEiT's layout (q and v biases, none on k); `"qkv"` is CLIP's packed in-projection bias.
   `rel_pos_grid` adds a per-block BEiT relative-position table for that patch grid.
@@ -198,12 +312,13 @@ class Attention(nnx.Module):
     if self.rel_pos_bias is not None:
       own_bias = relative_position_bias(self.rel_pos_bias[...], self.rel_pos_grid)
       bias = own_bias if bias is None else bias + own_bias
-    if self.attention_impl is None and use_cpu_attention_kernel(qkv.dtype, bias):
+    implementation = self.attention_impl or default_attention_impl(qkv.dtype)
+    if implementation == "cpu" and use_cpu_attention_kernel(qkv.dtype, bias):
       shared_bias = (jnp.zeros((self.num_heads, tokens, tokens), jnp.float32) if bias is None
                      else bias.reshape(self.num_heads, tokens, tokens))
       out = kernels.attention(qkv, shared_bias)
     else:
-      out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias, self.attention_impl)
+      out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias, implementation)
     return per_token(self.proj, out.reshape(batch, tokens, width))
 
   def _project_qkv(self, x):
@@ -239,7 +354,7 @@ class Block(nnx.Module):
   def __init__(self, width, num_heads, mlp_dim, *, qkv_bias, activation, layer_norm_eps, layer_scale_init=None,
                rel_pos_grid=None, out_init_std=0.02, drop_path_rate=0.0, dtype=jnp.float32, attention_impl=None,
                rngs):
-    norm = functools.partial(nnx.LayerNorm, width, epsilon=layer_norm_eps, dtype=dtype, rngs=rngs)
+    norm = functools.partial(layer_norm, width, epsilon=layer_norm_eps, dtype=dtype, rngs=rngs)
     self.norm1 = norm()
     self.attn = Attention(width, num_heads, qkv_bias=qkv_bias, rel_pos_grid=rel_pos_grid, out_init_std=out_init_std,
                           dtype=dtype, attention_impl=attention_impl, rngs=rngs)
@@ -253,11 +368,12 @@ class Block(nnx.Module):
     self.drop_path_rate = float(drop_path_rate)
 
   def __call__(self, x, attn_bias=None, dropout_rng=None):
+    """The float32 residual stream x [B, T, width] after this block (float32)."""
     attn_rng = mlp_rng = None
     if dropout_rng is not None:
       attn_rng, mlp_rng = jax.random.split(dropout_rng)
     shape = x.shape
-    x = x.reshape(-1, shape[-1])  # Token-wise work on [B·T, width], as in `per_token`.
+    x = x.reshape(-1, shape[-1]).astype(jnp.float32)  # Token-wise work on [B·T, width], as in `per_token`.
     branch = self.attn(self.norm1(x).reshape(shape), attn_bias).reshape(x.shape)
     x = x + self._drop_path(self._scale(branch, self.attn_layer_scale), shape, attn_rng)
     x = x + self._drop_path(self._scale(self.mlp(self.norm2(x)), self.mlp_layer_scale), shape, mlp_rng)
@@ -268,4 +384,6 @@ class Block(nnx.Module):
 
   @staticmethod
   def _scale(x, gamma):
-    return x if gamma is None else x * gamma[...].astype(x.dtype)
+    """γ·branch in float32: the branch leaves its last matmul in the compute dtype."""
+    x = x.astype(jnp.float32)
+    return x if gamma is None else x * gamma[...]

@@ -41,7 +41,8 @@ class ViTConfig:
   drop_path_rate: float = 0.0
   out_dim: int = 512  # lm_head output = the teacher's feature size.
   dtype: Any = jnp.float32  # Compute dtype; parameters stay float32.
-  attention_impl: str | None = None  # Passed to jax.nn.dot_product_attention: None, "xla" or "cudnn".
+  attention_impl: str | None = None  # "xla", "cudnn", "cpu", or None: the platform's (layers.default_attention_impl)
+  remat: str = "none"  # Blocks rematerialised in the backward pass: "none", "dots" or "full" (layers.REMAT_POLICIES).
 
   def __post_init__(self):
     if self.image_size % self.patch_size:
@@ -49,6 +50,7 @@ class ViTConfig:
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}.")
     layers.check_attention_impl(self.attention_impl)
+    layers.check_remat(self.remat)
 
   @property
   def grid_size(self):
@@ -130,21 +132,21 @@ class _ViTTrunk(nnx.Module):
     self._check_images(images)
     cfg = self.config
     x = self.patch_embed(images.astype(cfg.dtype))
-    x = x.reshape(x.shape[0], -1, cfg.width)
+    x = x.reshape(x.shape[0], -1, cfg.width).astype(jnp.float32)  # the residual stream is float32 (see layers)
     if mask is not None:
       if mask.shape != x.shape[:2]:
         raise ValueError(f"mask must be bool [B, N] = {x.shape[:2]}, got {mask.shape}.")
-      x = jnp.where(mask[..., None], self.mask_token[...].astype(x.dtype), x)
-    cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, cfg.width))
+      x = jnp.where(mask[..., None], self.mask_token[...], x)
+    cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, cfg.width))
     x = jnp.concatenate([cls, x], axis=1)
     if self.pos_embed is not None:
-      x = x + self.pos_embed[...].astype(x.dtype)
+      x = x + self.pos_embed[...]
     shared_bias = None
     if self.shared_rel_pos_bias is not None:
       shared_bias = layers.relative_position_bias(self.shared_rel_pos_bias[...], cfg.grid_size)
     for i, block in enumerate(self.blocks):
       block_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-      x = block(x, shared_bias, block_rng)
+      x = layers.run_block(block, x, shared_bias, block_rng, remat=cfg.remat)
     return x
 
 
@@ -153,7 +155,7 @@ class PretrainViT(_ViTTrunk):
 
   def __init__(self, config, *, rngs):
     super().__init__(config, use_mask_token=True, rngs=rngs)
-    self.norm = nnx.LayerNorm(config.width, epsilon=LAYER_NORM_EPS, dtype=config.dtype, rngs=rngs)
+    self.norm = layers.layer_norm(config.width, epsilon=LAYER_NORM_EPS, dtype=config.dtype, rngs=rngs)
     self.lm_head = nnx.Linear(config.width, config.out_dim, kernel_init=layers.trunc_normal(), dtype=config.dtype,
                               rngs=rngs)
 
@@ -174,7 +176,7 @@ class ViTClassifier(_ViTTrunk):
       raise ValueError(f"pooling={pooling!r} must be 'mean' or 'cls'.")
     super().__init__(config, use_mask_token=False, rngs=rngs)
     self.pooling = pooling
-    norm = nnx.LayerNorm(config.width, epsilon=LAYER_NORM_EPS, dtype=config.dtype, rngs=rngs)
+    norm = layers.layer_norm(config.width, epsilon=LAYER_NORM_EPS, dtype=config.dtype, rngs=rngs)
     self.norm, self.fc_norm = (None, norm) if pooling == "mean" else (norm, None)
     # BEiT draws the head like any Linear, then multiplies it by head_init_scale: a near-zero head keeps early
     # fine-tuning gradients from wrecking the pretrained trunk. Drawing with the scaled std is the same thing.

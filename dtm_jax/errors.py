@@ -1,0 +1,68 @@
+"""Errors whose message says everything a user needs, and how `main.py` turns them into exit statuses.
+
+`RunError` (and its kinds: an invalid config, a workdir in use, a checkpoint that could not be saved) is printed as one
+line without a traceback and exits with status 1; `Interrupted` (Ctrl-C after the step reached was saved) exits with
+130, the shell's status for SIGINT.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+EXIT_INTERRUPTED = 130
+_reported: set[str] = set()  # failures already explained to the user (see report/was_reported)
+
+
+def report(kind: str) -> None:
+  """Marks a failure kind (e.g. "checkpoint_save") as explained, so library noise about it can be dropped."""
+  _reported.add(kind)
+
+
+def was_reported(kind: str) -> bool:
+  return kind in _reported
+
+
+class RunError(RuntimeError):
+  """A failure the message fully explains (what happened, what to change); no traceback is needed."""
+
+
+class ConfigError(RunError, ValueError):
+  """The config cannot work; the message lists every field to change."""
+
+
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C (SIGINT), or SIGTERM in modes that return results: the run saved what it had and stopped. `main.py`
+  exits with `exit_code`: 130 after Ctrl-C, 0 after SIGTERM (a preemption the rerun recovers from)."""
+
+  def __init__(self, message: str, exit_code: int = EXIT_INTERRUPTED):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
+def cli(main):
+  """Wraps absl's `main(argv)`: RunError → its message and exit 1, Interrupted → its message and exit 130."""
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    try:
+      return main(argv)
+    except Interrupted as e:
+      logging.warning("%s", e)
+      _flush_logs()
+      sys.exit(e.exit_code)
+    except RunError as e:
+      logging.error("%s", e)
+      _flush_logs()
+      print(f"Error: {e}", file=sys.stderr, flush=True)
+      sys.exit(1)
+
+  return wrapped
+
+
+def _flush_logs():
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  try:
+    logging.flush()
+  except Exception:  # pylint: disable=broad-except
+    pass
