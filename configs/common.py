@@ -51,6 +51,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1, min_fsdp_size=2 ** 18)
   c.log_every = 50
   c.progress_every_secs = 60.0
+  c.metrics_flush_secs = 30.0  # metrics.jsonl/TensorBoard written out every this many seconds and at checkpoints
   c.checkpoint_every = 2000
   c.keep_checkpoints = 3
   c.async_checkpointing = True

@@ -3,9 +3,9 @@
 Command (after `make demo`, which pretrains into workdirs/demo):
   python main.py --mode=knn --config=configs/knn_demo.py --workdir=workdirs/demo/knn \
       --config.pretrained.workdir=workdirs/demo
-Expected result: top-1 58.8%, top-5 94.8% on the 10,000 test images for the step-500 checkpoint of `make demo`
-(measured 2026-11-28; 58.6% and 59.5–59.7% with earlier code of that day, whose CPU changes altered float summation
-orders; the student at initialisation gives ~50%, raw pixels ~80%: see docs/RESULTS.md).
+Expected result: top-1 61.1%, top-5 96.0% on the 10,000 test images for the step-500 checkpoint of `make demo`
+(measured 2026-12-03; 58.8% with the code of 2026-11-28, before images travelled as uint8; the student at
+initialisation gives ~50%, raw pixels ~80%: see docs/RESULTS.md).
 """
 import ml_collections
 from ml_collections import config_dict

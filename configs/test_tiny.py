@@ -24,4 +24,5 @@ def get_config(arg: str = ""):
   c.log_every = 5
   c.checkpoint_every = 10
   c.progress_every_secs = 5.0
+  c.metrics_flush_secs = 0.0  # every line at once: the subprocess tests watch metrics.jsonl to time their signals
   return c

@@ -1,8 +1,10 @@
 """Orbax checkpoints of a run: parameters, the rest of the train state, the input-iterator position and metadata.
 
-Layout: `<workdir>/checkpoints/<step>/{params,train,data_iterator,metadata}`. Each step directory is written under a
-temporary name and renamed when complete (Orbax's atomic commit), so a crash mid-write leaves only a temporary
-directory that is never picked up. `params` is its own item so evaluation restores the student alone.
+Layout: `<workdir>/checkpoints/<step>/{params,train,data_iterator,metadata}`. On local disks each step directory is
+written under a temporary name and renamed when complete (Orbax's atomic commit); on `gs://` it is written in place
+and `commit_success.txt` marks it complete. Every reader here (resume, `find_step_directory`, `restore_params`) takes
+only finished steps (`is_finished`), so a crash mid-write is never picked up. `params` is its own item so evaluation
+restores the student alone.
 
 The input iterator is saved per process by a small handler: each process writes `process_<i>_of_<n>` inside the
 step's `data_iterator` directory by calling the iterator's own `save(path)` (the iterator lives in `input_pipeline/`;
@@ -118,12 +120,7 @@ class Checkpointer:
       for partial in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
         logging.warning("Ignoring the incomplete checkpoint %s (its save was interrupted); it is removed and the "
                         "newest complete checkpoint is used.", partial)
-    handlers = {
-        "params": ocp.StandardCheckpointHandler(),
-        "train": ocp.StandardCheckpointHandler(),
-        "data_iterator": DataIteratorHandler(),
-        "metadata": ocp.JsonCheckpointHandler(),
-    }
+    handlers = _item_handlers()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=True, cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -148,9 +145,25 @@ class Checkpointer:
       raise self._save_failed(step, e) from None
     self._in_flight = step
 
+  def _restore_items(self, step: int, items: dict[str, ocp.args.CheckpointArgs]) -> dict[str, Any]:
+    """Reads the items of a finished step with their handlers, on this process alone.
+
+    Not through CheckpointManager.restore: that ends at a barrier of all processes which a process whose read
+    failed never reaches (the others would wait at it, or pair it with that process's next attempt).
+    restore_latest_good makes the processes agree after each attempt instead."""
+    step_dir = self.directory / str(step)
+    if not step_dir.is_dir() or not is_finished(step_dir):
+      raise FileNotFoundError(f"No finished checkpoint of step {step} at {step_dir}.")
+    handlers = _item_handlers()
+    try:
+      return {name: handlers[name].restore(step_dir / name, args=args) for name, args in items.items()}
+    finally:
+      for handler in handlers.values():
+        handler.close()
+
   def read_metadata(self, step: int, required: tuple[str, ...] = ()) -> dict:
     """The metadata item of `step`; ValueError if it is not a JSON object with the `required` keys."""
-    metadata = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+    metadata = self._restore_items(step, {"metadata": ocp.args.JsonRestore()})["metadata"]
     _check_metadata(step, metadata, required)
     return metadata
 
@@ -173,31 +186,44 @@ class Checkpointer:
                  metadata=ocp.args.JsonRestore())
     if data_iterator is not None:
       items["data_iterator"] = DataIteratorRestore(data_iterator)
-    out = self._manager.restore(step, args=ocp.args.Composite(**items))
+    out = self._restore_items(step, items)
     _check_metadata(step, out["metadata"], required_metadata)
     return out["params"], out["train"], out["metadata"]
 
   def restore_latest_good(self, required_metadata: tuple[str, ...] = (),
                           **targets) -> tuple[int, PyTree, PyTree, dict] | None:
-    """Restore the newest step whose items (metadata included) all read back; warn about and skip broken ones.
-    None if no step."""
+    """Restore the newest step whose items (metadata included) all read back on every process; warn about and skip
+    broken ones. None if no step.
+
+    The processes decide together: after each attempt they exchange a success flag, and a step counts as restored
+    only when it read back on all of them (a process's own items, e.g. its input-iterator state, can fail alone).
+    Otherwise all fall back to the previous step together, and steps that failed (on any process) are moved aside
+    once an older one restored everywhere; nothing is moved when no step restores."""
     steps = self.all_steps()
-    failures = []
+    failures = []  # (step, this process's error or None, processes that failed)
     for step in reversed(steps):
+      error = None
       try:
         params, train, metadata = self.restore(step, required_metadata=required_metadata, **targets)
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning("Checkpoint at step %d in %s cannot be restored (%s: %s); trying the previous one.",
-                        step, self.directory, type(e).__name__, e)
-        failures.append((step, e))
-        continue
-      if failures:
-        self._move_aside([s for s, _ in failures])
-      return step, params, train, metadata
+        error = e
+      failed = _processes_that_failed(step, error is not None)
+      if not failed:
+        if failures:
+          self._move_aside([s for s, _, _ in failures])
+        return step, params, train, metadata
+      where = "" if jax.process_count() == 1 else f" on process{'es' if len(failed) > 1 else ''} " + \
+          ", ".join(map(str, failed))
+      logging.warning("Checkpoint at step %d in %s cannot be restored%s (%s); trying the previous one.", step,
+                      self.directory, where, f"{type(error).__name__}: {error}" if error is not None else
+                      "this process read it")
+      failures.append((step, error, failed))
     if failures:
+      step, error, failed = failures[0]
+      cause = f"{type(error).__name__}: {error}" if error is not None else \
+          f"an error on process{'es' if len(failed) > 1 else ''} {', '.join(map(str, failed))} (see its log)"
       raise RuntimeError(f"No checkpoint in {self.directory} can be restored (steps {steps}); the newest failed "
-                         f"with {type(failures[0][1]).__name__}: {failures[0][1]}. Move the workdir aside to start "
-                         "afresh.") from failures[0][1]
+                         f"with {cause}. Move the workdir aside to start afresh.") from error
     return None
 
   def _move_aside(self, steps: list[int]) -> None:
@@ -276,6 +302,28 @@ class Checkpointer:
         pass
 
 
+def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
+  return {
+      "params": ocp.StandardCheckpointHandler(),
+      "train": ocp.StandardCheckpointHandler(),
+      "data_iterator": DataIteratorHandler(),
+      "metadata": ocp.JsonCheckpointHandler(),
+  }
+
+
+def _processes_that_failed(step: int, failed: bool) -> list[int]:
+  """The indices of the processes whose attempt at `step` failed (every process calls this once per attempt)."""
+  if jax.process_count() == 1:
+    return [0] if failed else []
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  everyone = np.asarray(multihost_utils.process_allgather(np.array([step, int(failed)], np.int64)))
+  if not (everyone[:, 0] == step).all():
+    raise RuntimeError(f"Processes try to restore different checkpoint steps {everyone[:, 0].tolist()}: they do not "
+                       "see the same checkpoints. Every process must use the same workdir (a shared filesystem or "
+                       "bucket).")
+  return [int(i) for i in np.nonzero(everyone[:, 1])[0]]
+
+
 def _check_metadata(step: int, metadata: Any, required: tuple[str, ...]) -> None:
   if not isinstance(metadata, dict):
     raise ValueError(f"The metadata of step {step} is not a JSON object ({type(metadata).__name__}).")
@@ -297,20 +345,46 @@ def _free_space(directory: epath.Path) -> str:
   return f"; {usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB on the filesystem of {directory}"
 
 
+def is_finished(step_dir: str | epath.Path) -> bool:
+  """Whether Orbax finished writing this step directory, by Orbax's own rule: on local disks a step is written under
+  a temporary name (`<step>.orbax-checkpoint-tmp-*`) and renamed when complete; on `gs://` it is written into
+  `<step>/` directly and `commit_success.txt` is written last. A step still being written, or left by a crash, is
+  not finished."""
+  return ocp.path.step.is_path_finalized(epath.Path(step_dir))
+
+
+def _unfinished(step_dir: epath.Path) -> FileNotFoundError:
+  return FileNotFoundError(f"The checkpoint {step_dir} is not finished (it is being written, or its save was cut "
+                           "short): only finished steps are read.")
+
+
 def find_step_directory(path: str | epath.Path, step: int | None = None) -> tuple[epath.Path, int]:
-  """Resolve a workdir, a `checkpoints/` directory or a step directory to (checkpoints directory, step)."""
+  """Resolve a workdir, a `checkpoints/` directory or a step directory to (checkpoints directory, step).
+
+  Only finished steps (`is_finished`) are chosen: evaluation, export and the `checkpoint` teacher never read a step
+  that is still being written or was left half-written by a crash."""
   path = absolute_path(path)
   if (path / "checkpoints").is_dir():
     path = path / "checkpoints"
   if (path / "params").is_dir() and path.name.isdigit():
     if step is not None and step != int(path.name):
       raise ValueError(f"{path} is the checkpoint of step {path.name}, not step {step}.")
+    if not is_finished(path):
+      raise _unfinished(path)
     return path.parent, int(path.name)
   if not path.is_dir():
     raise FileNotFoundError(f"No checkpoint directory at {path}.")
-  steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "params").is_dir())
+  candidates = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "params").is_dir())
+  steps = [s for s in candidates if is_finished(path / str(s))]
+  unfinished = sorted(set(candidates) - set(steps))
+  if unfinished:
+    logging.warning("Ignoring the unfinished checkpoint steps %s in %s (being written, or cut short by a crash).",
+                    unfinished, path)
+  if step is not None and step in unfinished:
+    raise _unfinished(path / str(step))
   if not steps:
-    raise FileNotFoundError(f"No complete checkpoint in {path} (expected step directories with a params/ item).")
+    raise FileNotFoundError(f"No complete checkpoint in {path} (expected finished step directories with a params/ "
+                            "item).")
   if step is None:
     return path, steps[-1]
   if step not in steps:

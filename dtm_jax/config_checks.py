@@ -256,6 +256,7 @@ def _run_basics(c: _Checker) -> None:
   if seed is not None and seed >= 2 ** 63:
     c.add("seed", seed, "must be below 2**63.")
   c.number("progress_every_secs", 0.0, min_open=True, optional=True)
+  c.number("metrics_flush_secs", 0.0, optional=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging as logging_std
 import socket
+import threading
 import time
 from typing import Mapping
 
@@ -99,17 +100,33 @@ def quiet_library_logs(libraries: tuple[str, ...] = ("orbax",)) -> None:
   logging.get_absl_handler().addFilter(_DropLibraryInfo(libraries))
 
 
+FLUSH_EVERY_SECS = 30.0  # default interval of MetricsWriter's background flush (config.metrics_flush_secs)
+
+
 class MetricsWriter:
   """Scalars to TensorBoard events, metrics.jsonl and the log. Only process 0 writes files.
 
   resume_step: the step a resumed run continues from; lines of later steps in metrics.jsonl (written before a kill,
   and about to be computed again) are dropped, as is a line cut short by the kill, so each step keeps one line.
+
+  flush_every_secs: written lines are kept in memory and written out and flushed by a background thread every this
+  many seconds (and by flush() and close()), never on the step's path: on `gs://` a flush re-uploads the whole object
+  from process 0 while every other host waits at the next collective. A `kill -9` loses at most the lines written in
+  the last interval (the training loops call flush() before each checkpoint, so the lines up to a checkpoint's step
+  are never lost). 0 writes and flushes on every write (`tail -f` sees each line at once).
   """
 
-  def __init__(self, workdir: str | epath.Path, *, enabled: bool | None = None, resume_step: int | None = None):
+  def __init__(self, workdir: str | epath.Path, *, enabled: bool | None = None, resume_step: int | None = None,
+               flush_every_secs: float = FLUSH_EVERY_SECS):
     self._enabled = jax.process_index() == 0 if enabled is None else enabled
     self._events = None
     self._jsonl = None
+    self._every = flush_every_secs
+    self._pending: list[tuple[bytes, str]] = []  # (event record, jsonl line) written since the last flush
+    self._lock = threading.Lock()  # guards _pending (taken only to append or swap it: never held while writing)
+    self._io_lock = threading.Lock()  # one writer of the files at a time (the flusher thread, flush(), close())
+    self._stop = threading.Event()
+    self._thread = None
     if self._enabled:
       workdir = epath.Path(workdir)
       if resume_step is not None:
@@ -120,6 +137,9 @@ class MetricsWriter:
       self._events = RecordWriter(_open(tb_dir / name, "wb"))
       self._events.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
       self._jsonl = _open_for_append(workdir / "metrics.jsonl")
+      if self._every > 0:
+        self._thread = threading.Thread(target=self._flush_periodically, name="metrics-flush", daemon=True)
+        self._thread.start()
 
   def write_scalars(self, step: int, scalars: Mapping[str, float], *, log: bool = True):
     scalars = {k: float(v) for k, v in scalars.items()}
@@ -129,17 +149,41 @@ class MetricsWriter:
       return
     values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
     event = event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values))
-    self._events.write(event.SerializeToString())
-    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self.flush()  # logged steps are visible at once to `tail -f`, TensorBoard and supervising scripts
+    with self._lock:
+      self._pending.append((event.SerializeToString(), json.dumps({"step": step, **scalars}) + "\n"))
+    if self._every <= 0:
+      self.flush()
 
   def flush(self):
+    """Writes out and flushes the lines written so far (the caller waits for it)."""
     if self._enabled:
+      self._write_pending()
+
+  def _write_pending(self):
+    with self._io_lock:
+      with self._lock:
+        pending, self._pending = self._pending, []
+      if not pending:
+        return
+      for record, line in pending:
+        self._events.write(record)
+      self._jsonl.write("".join(line for _, line in pending))
       self._events.flush()
       self._jsonl.flush()
 
+  def _flush_periodically(self):
+    while not self._stop.wait(self._every):
+      try:
+        self._write_pending()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("Writing metrics failed (%s: %s); retrying in %.0f s.", type(e).__name__, e, self._every)
+
   def close(self):
     if self._enabled:
+      self._stop.set()
+      if self._thread is not None:
+        self._thread.join()
+      self._write_pending()
       self._events.close()
       self._jsonl.close()
       self._enabled = False

@@ -36,7 +36,7 @@ PyTree = Any
 NONFINITE_LOSS, NONFINITE_GRAD = 1, 2
 # Config keys that may change between a run and its resumption without changing what is computed.
 RESUMABLE_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "profile", "eval",
-                  "allow_config_change", "progress_every_secs", "stop_after_step")
+                  "allow_config_change", "progress_every_secs", "stop_after_step", "metrics_flush_secs")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,7 +429,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path) -> dic
   train_step = program.step
 
   # ----- Loop.
-  writer = metrics.MetricsWriter(workdir, resume_step=start_step)  # drops lines of steps past the checkpoint
+  writer = metrics.MetricsWriter(workdir, resume_step=start_step,  # drops lines of steps past the checkpoint
+                                 flush_every_secs=config.get("metrics_flush_secs", metrics.FLUSH_EVERY_SECS))
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str))
   throughput = metrics.Throughput(flops_per_step=program.flops_per_image * config.batch_size,
@@ -480,6 +481,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path) -> dic
           stopping, preempted = True, False
       if saving or preempted:
         _check_finite(jax.device_get(state["nonfinite"]))
+        writer.flush()  # the lines up to a checkpoint's step survive a kill (they are not computed again)
         checkpointer.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
                           data_iterator=data, metadata={**metadata, "step": step})
       if preempted:

@@ -209,3 +209,10 @@ def test_configs_compile_mode_and_step_benchmark_need_no_tensorflow():
   done = subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=600)
   assert done.returncode == 0 and "ok without tensorflow" in done.stdout, done.stderr[-3000:]
+
+
+def test_missing_tpu_runtime_says_what_to_install(monkeypatch):
+  find_spec = aot.importlib.util.find_spec
+  monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None if name == "libtpu" else find_spec(name))
+  with pytest.raises(RuntimeError, match=r'pip install "jax\[tpu\]=='):
+    aot.topology("v5e:2x2")

@@ -219,7 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
               "pretrained": classifier.source, "config": config.to_dict(),
               "config_hash": checkpoint_lib.config_hash(config.to_dict())}
   step = int(state["step"])
-  writer = metrics.MetricsWriter(workdir, resume_step=step)  # drops lines past the checkpoint (computed again)
+  writer = metrics.MetricsWriter(workdir, resume_step=step,  # drops lines past the checkpoint (computed again)
+                                 flush_every_secs=config.get("metrics_flush_secs", metrics.FLUSH_EVERY_SECS))
   progress = metrics.Progress(total_steps, every_secs=config.progress_every_secs)
   result: dict[str, float] = {}
   preemption = preemption_lib.PreemptionFlag().install()  # SIGTERM / Ctrl-C: save the step reached, then stop
@@ -244,6 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.write_scalars(step, {k: v for k, v in result.items() if k != "num_examples"} | {
             "best_top1": best_top1, "epoch": step / steps_per_epoch})
       if step % eval_every == 0 or step == total_steps or stopped:  # a mid-epoch step when stopped: resumable
+        writer.flush()  # the lines up to a checkpoint's step survive a kill (they are not computed again)
         checkpointer.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
                           data_iterator=train_data, metadata={**metadata, "step": step, "best_top1": best_top1})
       if stopped:
