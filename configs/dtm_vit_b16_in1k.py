@@ -8,7 +8,7 @@ Then fine-tune with configs/finetune_vit_b16_in1k.py.
 Expected result (paper): 85.4% ImageNet-1K top-1 after fine-tuning (BEiT v2 85.0 at the same budget).
 `:epochs=800` gives the 800-epoch run (paper: 85.5%).
 Slices (the step compiled for each with --mode=compile, docs/BENCHMARKS.md "Compiled for TPU"; no remat, no FSDP):
-v5p-32 (16 chips, 128 images each: 16.8 GiB of 95), v4-32 (16 chips: 17.1 of 32 GiB), v5e-64 (64 chips, 32 images
+v5p-32 (16 chips, 128 images each: 16.8 GiB of 95), v4-32 (16 chips: 17.0 of 32 GiB), v5e-64 (64 chips, 32 images
 each: 4.8 of 16 GiB). Check another slice first with
   python main.py --mode=compile --config=configs/dtm_vit_b16_in1k.py --topology=<slice> --workdir=/tmp/compile
 Unpublished choices (stated in configs/common.py): batch 2048, warmup 10 epochs, β2 0.98, drop path 0.1, crop scale

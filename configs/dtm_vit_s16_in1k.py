@@ -5,6 +5,8 @@ Command:
       --config.target.checkpoint=$CLIP_DIR --config.input.data_dir=$TFDS_DATA_DIR
 Expected result: not reported by the paper for ViT-S; this recipe scales the ViT-B one (same lr rule, drop path 0.1).
 We have not run it at full scale (no ImageNet here); report your number in docs/RESULTS.md.
+Slices (the step compiled with --mode=compile, docs/BENCHMARKS.md "Compiled for TPU"): v5e-16 (16 chips, 128 images
+each): 8.1 GiB of 16, no remat, no FSDP; any slice of more or larger chips holds it too.
 """
 from configs import common
 

@@ -441,7 +441,8 @@ def _size(num_bytes: float) -> str:
 def format_report(report: dict[str, Any], topo: Topology) -> str:
   hbm, flops, roofline = report["hbm"], report["flops_per_chip"], report["roofline"]
   lines = [
-      f"{report['program']} on {topo.name} ({topo.num_chips} chips of {topo.generation}, {topo.num_hosts} hosts, "
+      f"{report['program']} on {topo.name}{f' × {topo.num_slices} slices' if topo.num_slices > 1 else ''} "
+      f"({topo.num_chips} chips of {topo.generation}, {topo.num_hosts} hosts, "
       f"mesh {report.get('mesh')}), compiled in {report['compile_seconds']:.1f} s:",
       f"  HBM per chip: arguments {_size(hbm['argument_bytes'])}, outputs {_size(hbm['output_bytes'])} (aliased "
       f"{_size(hbm['alias_bytes'])}), temporaries {_size(hbm['temp_bytes'])} → total {_size(hbm['total_bytes'])} "

@@ -28,7 +28,17 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mes
   if data * fsdp != num_devices:
     raise ValueError(f"mesh data={data} × fsdp={fsdp} = {data * fsdp} must equal the {num_devices} devices; "
                      "set --config.mesh.data=-1 to use all devices for data parallelism.")
-  return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+  axis_types = (AxisType.Auto, AxisType.Auto)
+  slices = len({getattr(d, "slice_index", 0) for d in (devices if devices is not None else jax.devices())})
+  if slices > 1:  # multi-slice: data parallelism spans the slices (over DCN); FSDP stays inside a slice (ICI)
+    if data % slices:
+      raise ValueError(f"mesh data={data} must be a multiple of the {slices} slices: data parallelism spans the "
+                       "slices and FSDP stays within one; set --config.mesh.fsdp to at most the devices of a slice.")
+    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+    grid = mesh_utils.create_hybrid_device_mesh((data // slices, fsdp), (slices, 1), devices=devices,
+                                                allow_split_physical_axes=True)
+    return Mesh(grid, BATCH_AXES, axis_types=axis_types)
+  return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=axis_types, devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -66,6 +66,15 @@ def test_tiny_pretraining_compiles_for_a_tpu_slice_without_cpu_kernels(slice_4):
   assert "all-reduce" in reports[0]["collectives"]  # gradients averaged over the data axis
 
 
+def test_multi_slice_data_parallelism_spans_the_slices():
+  """Two v5e:2x2 slices: the mesh is built by slice (data parallelism over DCN), which jax.make_mesh refuses."""
+  topo = aot.topology("v5e:2x2", num_slices=2)
+  assert topo.num_chips == 8 and len({d.slice_index for d in topo.devices}) == 2
+  report = aot.compile_config(test_tiny.get_config(), topo)[0]
+  assert report["mesh"] == {"data": 8, "fsdp": 1}
+  _assert_tpu_program(report)
+
+
 def test_fsdp_program_gathers_parameters(slice_4):
   config = aot.with_overrides(test_tiny.get_config(), {"mesh.fsdp": 4, "mesh.min_fsdp_size": 16})
   report = aot.compile_config(config, slice_4)[0]
