@@ -10,8 +10,9 @@ One configuration:
 
 Prints per configuration: step time (median over the timed steps), images/s, TFLOP/s per device, MFU (analytic
 FLOPs: student forward+backward = 3× forward, teacher forward, morphing; peak from metrics.PEAK_BF16_FLOPS), peak
-device memory, the number of compilations of the step, and the DTM overhead = step time with DTM ÷ step time with the
-token-wise loss (num_merge = 0), both measured in this process, their steps taking turns.
+device memory, the number of compilations of the step, and the DTM overhead = step time with DTM ÷ step time of the
+token-wise program (dtm.enabled=False: no morphing in it), both measured in this process, their steps taking turns.
+The step is built by train.build_program, as main.py builds it.
 """
 from __future__ import annotations
 

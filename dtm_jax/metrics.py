@@ -31,6 +31,7 @@ PEAK_BF16_FLOPS = {
     "TPU v5p": 459e12,
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
+    "TPU v5": 459e12,  # what v5p chips report as their device_kind (after "TPU v5 lite": first match wins)
     "TPU v4": 275e12,
     "TPU v3": 123e12,
 }

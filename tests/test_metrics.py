@@ -24,3 +24,11 @@ def test_progress_waits_for_the_step_only_when_it_prints(monkeypatch, caplog):
   assert waits == ["step 1", "step 10"]
   rate = float(re.search(r"step 10/100 \(10\.0%\), ([0-9.]+) steps/s", caplog.text).group(1))
   assert 0 < rate <= 9 / 0.3  # 9 steps finished in at least the 0.3 s spent waiting for the device
+
+
+def test_peak_flops_know_the_device_kinds_tpus_report():
+  """v5p chips report "TPU v5", v5e "TPU v5 lite", v6e "TPU v6 lite" (seen on the TPU runtime's topologies)."""
+  assert metrics.peak_flops_per_device("TPU v5") == 459e12
+  assert metrics.peak_flops_per_device("TPU v5 lite") == 197e12
+  assert metrics.peak_flops_per_device("TPU v6 lite") == 918e12
+  assert metrics.peak_flops_per_device("TPU v4") == 275e12
