@@ -37,7 +37,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from dtm_jax import platform, sharding
+from dtm_jax import config_checks, platform, sharding
 
 GiB = 2 ** 30
 # Fraction of a chip's HBM a program may use and still count as fitting (headroom for the runtime and fragmentation).
@@ -350,7 +350,7 @@ def compile_config(config: ml_collections.ConfigDict, topo: Topology, *, hbm_lim
                    mode: str | None = None) -> list[dict[str, Any]]:
   """Builds and compiles every program of the config's mode for the slice; raises DoesNotFitError."""
   mode = mode or mode_of(config)
-  _validate(config, topo, mode)
+  config_checks.validate(mode, config, num_devices=topo.num_chips, check_paths=False)  # nothing is read
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=list(topo.devices))
   with platform.building_for(mesh):
     programs = build_programs(config, mesh, mode)
@@ -362,21 +362,6 @@ def compile_config(config: ml_collections.ConfigDict, topo: Topology, *, hbm_lim
       report["mesh"] = dict(mesh.shape)
       reports.append(report)
   return reports
-
-
-def _validate(config: ml_collections.ConfigDict, topo: Topology, mode: str) -> None:
-  if mode == "pretrain":
-    from dtm_jax import train  # pylint: disable=g-import-not-at-top
-    train.validate_config(config, num_devices=topo.num_chips, check_paths=False)
-    return
-  problems = []
-  for name in ("batch_size", "eval_batch_size", "knn.batch_size"):
-    value = config.get(name) if "." not in name else config.get(name.split(".")[0], {}).get(name.split(".")[1])
-    if value is not None and (value <= 0 or value % topo.num_chips):
-      problems.append(f"config.{name}={value} must be a positive multiple of the {topo.num_chips} chips of "
-                      f"{topo.name}.")
-  if problems:
-    raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
 
 
 def _candidates(config: ml_collections.ConfigDict, mode: str, num_chips: int) -> list[dict[str, Any]]:

@@ -77,6 +77,22 @@ def host_batch_size(global_batch_size: int) -> int:
   return global_batch_size // jax.process_count()
 
 
+def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
+  """ShapeDtypeStructs of `abstract`'s leaves carrying the matching shardings (restore targets, AOT inputs)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def put_global(tree: PyTree, shardings: PyTree) -> PyTree:
+  """Identical host values on every process → global arrays with the given shardings (multi-host safe). Arrays that
+  already have their sharding (e.g. a teacher restored onto the run's mesh) are kept as they are."""
+  def put(x, s):
+    if isinstance(x, jax.Array) and x.sharding == s:
+      return x
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+  return jax.tree.map(put, tree, shardings)
+
+
 def to_global(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assemble one global jax.Array per key from each process's local slice of the batch."""
   sharding = batch_sharding(mesh)

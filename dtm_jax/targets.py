@@ -127,7 +127,7 @@ def _restore_targets(abstract_params: PyTree, mesh, min_fsdp_size: int) -> PyTre
     shardings = jax.tree.map(lambda _: device, abstract_params)
   else:
     shardings = sharding_lib.param_shardings(abstract_params, mesh, min_fsdp_size)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)
+  return sharding_lib.with_shardings(abstract_params, shardings)
 
 
 def _checkpoint_target(cfg: ml_collections.ConfigDict, image_size: int, student_config: vit.ViTConfig | None,

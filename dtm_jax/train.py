@@ -258,7 +258,7 @@ class PretrainProgram:
                                            self.image_dtype, sharding=self.batch_sharding),
              "mask": jax.ShapeDtypeStruct((self.batch_size, self.model_config.num_patches), jnp.bool_,
                                           sharding=self.batch_sharding)}
-    target_params = _with_shardings(jax.eval_shape(lambda p: p, self.target.params), self.target_shardings)
+    target_params = sharding.with_shardings(jax.eval_shape(lambda p: p, self.target.params), self.target_shardings)
     return self.abstract_state, target_params, batch
 
 
@@ -299,7 +299,7 @@ def build_program(config: ml_collections.ConfigDict, mesh, *, abstract_target: b
       state["ema_params"] = params
     return state
 
-  abstract_state = _with_shardings(jax.eval_shape(init_state), state_sh)
+  abstract_state = sharding.with_shardings(jax.eval_shape(init_state), state_sh)
   target_sh = sharding.param_shardings(target.params, mesh, min_fsdp)
 
   # The jitted step.
@@ -325,29 +325,8 @@ def build_program(config: ml_collections.ConfigDict, mesh, *, abstract_target: b
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Preemption.
-# ----------------------------------------------------------------------------------------------------------------
-PreemptionFlag = preemption_lib.PreemptionFlag  # SIGTERM and Ctrl-C: save the step reached, then stop
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------------------------
-def _with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-
-
-def _put_global(tree: PyTree, shardings: PyTree) -> PyTree:
-  """Identical host values on every process → global arrays with the given shardings (multi-host safe). Arrays that
-  already have their sharding (a `checkpoint` teacher restored onto the run's mesh) are kept as they are."""
-  def put(x, s):
-    if isinstance(x, jax.Array) and x.sharding == s:
-      return x
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-  return jax.tree.map(put, tree, shardings)
-
-
 def _check_finite(nonfinite: np.ndarray) -> None:
   step, code = int(nonfinite[0]), int(nonfinite[1])
   if step >= 0:
@@ -390,7 +369,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path) -> dic
   num_params = sum(x.size for x in jax.tree.leaves(program.abstract_state["params"]))
   logging.info("Student %s: %.2fM parameters, %d tokens of dim %d.", config.model.variant, num_params / 1e6, tokens,
                model_cfg.width)
-  target_params = _put_global(target.params, program.target_shardings)
+  target_params = sharding.put_global(target.params, program.target_shardings)
 
   # ----- Input.
   data = build_pretrain_data(config, model_cfg)
@@ -436,7 +415,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path) -> dic
   throughput = metrics.Throughput(flops_per_step=program.flops_per_image * config.batch_size,
                                   images_per_step=config.batch_size)
   progress = metrics.Progress(total_steps, every_secs=config.progress_every_secs)
-  preemption = PreemptionFlag().install()
+  preemption = preemption_lib.PreemptionFlag().install()  # SIGTERM and Ctrl-C: save the step reached, then stop
   evaluator = make_periodic_evaluator(config, program.student, mesh)
   last_metrics: dict[str, float] = {}
   step = start_step

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import finetune_demo, knn_demo, linear_probe_demo
-from dtm_jax import checkpoint, config_checks, errors, metrics, train, workdir_lock
+from dtm_jax import checkpoint, config_checks, errors, metrics, preemption, train, workdir_lock
 from dtm_jax.evaluate import finetune, knn, linear_probe
 from train_testing import REPO, losses_by_step, tiny_config
 
@@ -284,7 +284,7 @@ def sigint_guard():
 def test_a_second_ctrl_c_exits_at_once(monkeypatch, sigint_guard):
   exits = []
   monkeypatch.setattr(os, "_exit", exits.append)
-  flag = train.PreemptionFlag().install()
+  flag = preemption.PreemptionFlag().install()
   try:
     os.kill(os.getpid(), signal.SIGINT)
     assert flag.requested and flag.interrupted and not exits

@@ -74,7 +74,7 @@ def restore_student(pretrained: ml_collections.ConfigDict, mesh: Mesh, *, min_fs
   config = checkpoint.model_config_from_metadata(_read_metadata(step_dir), vit.ViTConfig, **overrides)
   model, abstract = functional.abstract_split(lambda: vit.PretrainViT(config, rngs=nnx.Rngs(0)))
   shardings = sharding.param_shardings(abstract, mesh, min_fsdp_size)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  target = sharding.with_shardings(abstract, shardings)
   params, _, step = checkpoint.restore_params(step_dir, step, target)
   logging.info("Evaluating the student of %s (step %d).", step_dir, step)
   return Student(config=config, model=model, params=params, checkpoint=str(step_dir), step=step)
@@ -84,7 +84,7 @@ def abstract_student(config: vit.ViTConfig, mesh: Mesh, min_fsdp_size: int = 2 *
   """A student of `config` whose params are ShapeDtypeStructs with their shardings (`--mode=compile`)."""
   model, abstract = functional.abstract_split(lambda: vit.PretrainViT(config, rngs=nnx.Rngs(0)))
   shardings = sharding.param_shardings(abstract, mesh, min_fsdp_size)
-  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  params = sharding.with_shardings(abstract, shardings)
   return Student(config=config, model=model, params=params, checkpoint="(shapes only)", step=None)
 
 
@@ -114,15 +114,9 @@ def _restore_converted(pretrained, mesh, min_fsdp_size, overrides) -> Student:
   model, abstract = functional.abstract_split(lambda: vit.PretrainViT(config, rngs=nnx.Rngs(0)))
   _, host_params = functional.split_module(module)
   shardings = sharding.param_shardings(abstract, mesh, min_fsdp_size)
-  params = jax.tree.map(_put_global, host_params, shardings)
+  params = sharding.put_global(host_params, shardings)
   logging.info("Evaluating the converted student in %s.", pretrained.workdir)
   return Student(config=config, model=model, params=params, checkpoint=str(pretrained.workdir), step=None)
-
-
-def _put_global(value, array_sharding):
-  """The same host value on every process → one global array (multi-host safe)."""
-  value = np.asarray(value)
-  return jax.make_array_from_callback(value.shape, array_sharding, lambda index: value[index])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

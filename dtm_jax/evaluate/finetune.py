@@ -155,8 +155,7 @@ def build_program(config: ml_collections.ConfigDict, clf_config: vit.ViTConfig, 
       patch_size=clf_config.patch_size, in_channels=clf_config.in_channels, out_dim=config.num_classes, out_tokens=1)
   return FinetuneProgram(
       model=model, tx=tx, init_state=init_state, state_shardings=state_sh,
-      abstract_state=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-                                  state_sh),
+      abstract_state=sharding.with_shardings(abstract_state, state_sh),
       batch_sharding=batch_sh, step=step, flops_per_image=flops, batch_size=config.batch_size,
       image_size=clf_config.image_size,
       image_dtype=jnp.float32 if config.input.random_erase_prob else jnp.uint8)  # see input_pipeline
@@ -225,12 +224,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   result: dict[str, float] = {}
   preemption = preemption_lib.PreemptionFlag().install()  # SIGTERM / Ctrl-C: save the step reached, then stop
   stopped = False
-  next_batch = lambda: sharding.to_global({k: v for k, v in next(train_data).items() if k in ("image", "label")},
-                                          mesh)
-  batch = None
   try:
     while step < total_steps:
-      state, scalars = train_step(state, batch if batch is not None else next_batch(), rng)
+      host_batch = next(train_data)
+      batch = sharding.to_global({"image": host_batch["image"], "label": host_batch["label"]}, mesh)
+      state, scalars = train_step(state, batch, rng)
       step += 1
       progress(step, done=scalars)
       if step % config.log_every == 0:
@@ -252,9 +250,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         logging.warning("Stopped at step %d of %d: its checkpoint is written; rerunning the same command resumes "
                         "from it.", step, total_steps)
         break
-      # Double buffering: the next batch is read and sent while the devices run this step; drawn after this step's
-      # checkpoint, so a saved input position is exactly the steps taken.
-      batch = next_batch() if step < total_steps else None
   finally:
     preemption.uninstall()
     try:
