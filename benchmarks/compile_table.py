@@ -37,6 +37,8 @@ ROWS = {
     "l16_v5p64_fsdp": ("DTM L/16 + CLIP-B/16", "configs.dtm_vit_l16_in1k", {"mesh.fsdp": 32}, "v5p-64"),
     "s16_v5e16": ("DTM S/16 + CLIP-B/16", "configs.dtm_vit_s16_in1k", {}, "v5e-16"),
     "ft_b16_v5p32": ("fine-tuning B/16", "configs.finetune_vit_b16_in1k", {}, "v5p-32"),
+    "seg_b16_v5p16": ("UperNet B/16 on ADE20K, 512² crops (train step)", "configs.segment_ade20k_vit_b16", {},
+                      "v5p-16"),
 }
 HEADER = ("| recipe | topology | chips | per-chip batch | remat | FSDP | HBM per chip | FLOPs per chip: compiler / "
           "analytic | bytes accessed per chip | collectives per chip | compile | roofline step / MFU | compiler's step "

@@ -6,9 +6,9 @@ Needs only Debian's dataset-fashion-mnist IDX files (no downloads). 28×28 image
 student of width 96, DTM with the schedule ranges scaled to 49 tokens.
 Target: normalised patch pixels (MAE-style, 48 values per patch). No teacher to download, and the best
 no-download target of the study in docs/RESULTS.md (linear probe 68.7% vs 56.6% EMA teacher, 54.7% random CLIP tower).
-Expected result (2026-12-03, 2 cores of an AMD EPYC VM): 500 steps, then the kNN prints knn_top1=61.14% (top-5
-95.97%) on the 10,000 test images, in 5m14s for `make demo` with an existing .venv while other jobs shared the
-machine (3–4 min idle). Since 2026-12-03 the images reach the step as uint8 (rounded after resizing, as PIL-based
+Expected result (2026-12-03, 2 cores of an AMD EPYC VM): 500 steps, then the kNN prints knn_top1=61.01% (top-5
+95.98%) on the 10,000 test images (61.14% / 95.97% while evaluation crops were still sent as float), in 5m14s for
+`make demo` with an existing .venv while other jobs shared the machine (3–4 min idle). Since 2026-12-03 the images reach the step as uint8 (rounded after resizing, as PIL-based
 pipelines do) and are normalised there, and LayerNorm variances are two-pass; the code of 2026-11-28 printed
 knn_top1=58.77% (top-5 94.81%), and earlier code 58.63% and 59.5–59.7% (other float summation orders).
 Evaluate further: `python main.py --mode=linear_probe --config=configs/linear_probe_demo.py --workdir=workdirs/demo/probe

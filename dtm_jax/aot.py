@@ -31,7 +31,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -42,7 +41,7 @@ from dtm_jax import config_checks, platform, sharding
 GiB = 2 ** 30
 # Fraction of a chip's HBM a program may use and still count as fitting (headroom for the runtime and fragmentation).
 DEFAULT_HBM_LIMIT = 0.9
-MODES = ("pretrain", "finetune", "linear_probe", "knn")
+MODES = ("pretrain", "finetune", "linear_probe", "knn", "segment")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +164,8 @@ def mode_of(config: ml_collections.ConfigDict) -> str:
   """The mode a config is written for, from the blocks only that mode's configs have."""
   if "dtm" in config:
     return "pretrain"
+  if "segmenter" in config:
+    return "segment"
   if "mix" in config:
     return "finetune"
   if "knn" in config:
@@ -172,20 +173,13 @@ def mode_of(config: ml_collections.ConfigDict) -> str:
   if "optimizer" in config and "features" in config:
     return "linear_probe"
   raise ValueError("Cannot tell which mode this config is for (pretraining configs have a `dtm` block, fine-tuning "
-                   "ones `mix`, probes `optimizer` + `features`, kNN `knn`).")
+                   "ones `mix`, probes `optimizer` + `features`, kNN `knn`, segmentation `segmenter`).")
 
 
 def _student_config(config: ml_collections.ConfigDict):
-  """The pretrained student an evaluation config would restore, from `config.pretrained.architecture` (no checkpoint
-  is read) with the config's model overrides."""
-  from dtm_jax.models import vit  # pylint: disable=g-import-not-at-top
-  architecture = dict(config.pretrained.get("architecture") or {"variant": "base"})
-  overrides = {k: v for k, v in config.get("model", {}).items()}
-  fields = {**architecture, **overrides}
-  variant = fields.pop("variant")
-  if "dtype" in fields:
-    fields["dtype"] = jnp.dtype(fields["dtype"])
-  return vit.get_config(variant, **fields)
+  """The pretrained student an evaluation config would restore (no checkpoint is read)."""
+  from dtm_jax.evaluate import common  # pylint: disable=g-import-not-at-top
+  return common.student_config_of(config)
 
 
 def build_programs(config: ml_collections.ConfigDict, mesh, mode: str | None = None) -> list[Program]:
@@ -208,6 +202,13 @@ def build_programs(config: ml_collections.ConfigDict, mesh, mode: str | None = N
   if mode == "knn":
     from dtm_jax.evaluate import knn  # pylint: disable=g-import-not-at-top
     return knn.build_programs(config, _student_config(config), mesh)
+  if mode == "segment":
+    from dtm_jax.evaluate import segment  # pylint: disable=g-import-not-at-top
+    program = segment.build_program(config, mesh)
+    return [Program("train_step", program.step, program.abstract_train_inputs(),
+                    program.train_flops_per_image * config.batch_size),
+            Program("eval_step", program.eval_step, program.abstract_eval_inputs(),
+                    program.eval_flops_per_image * config.eval_batch_size)]
   raise ValueError(f"Unknown mode {mode!r}; choose one of {MODES}.")
 
 
@@ -254,7 +255,7 @@ class DoesNotFitError(RuntimeError):
 
 def _knob_advice(mode: str) -> str:
   knobs = ["the per-chip batch (--config.batch_size)"]
-  if mode in ("pretrain", "finetune"):
+  if mode in ("pretrain", "finetune", "segment"):
     knobs += ["--config.model.remat=dots or full", "--config.mesh.fsdp (shard parameters and optimizer state)"]
   if mode == "pretrain":
     knobs.insert(1, "--config.grad_accum_steps")

@@ -9,7 +9,9 @@ restores the student alone.
 The input iterator is saved per process by a small handler: each process writes `process_<i>_of_<n>` inside the
 step's `data_iterator` directory by calling the iterator's own `save(path)` (the iterator lives in `input_pipeline/`;
 nothing here imports TensorFlow). The handler runs synchronously at `save()` time, so the saved position is exactly
-the number of batches consumed so far, even though the array items are written asynchronously.
+the number of batches consumed so far, even though the array items are written asynchronously. A checkpoint of
+another process count has no state for this run's processes: pretraining reads `metadata["process_count"]` before
+restoring (`written_by_other_process_count`), skips the item and rebuilds its input at the step.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ class DataIteratorHandler(ocp.CheckpointHandler):
         raise FileNotFoundError(
             f"No input-iterator state {path} in this checkpoint: it was written by {' or '.join(counts)} processes, "
             f"not {jax.process_count()} (the data stream cannot be resumed exactly). Resume with the same process "
-            "count.")
+            "count, or restore without the data_iterator item (pretraining does, and rebuilds its input at the step).")
       raise FileNotFoundError(
           f"The input-iterator state {path} of this checkpoint is missing (deleted, or its write was cut short); "
           "this step cannot resume the data stream exactly.")
@@ -86,6 +88,16 @@ class DataIteratorSave(ocp.args.CheckpointArgs):
 @dataclasses.dataclass
 class DataIteratorRestore(ocp.args.CheckpointArgs):
   iterator: SavableIterator
+
+
+def written_by_other_process_count(metadata: dict) -> int | None:
+  """The process count that wrote a checkpoint (its metadata's `process_count`) when it is not this run's, else None.
+
+  Input-iterator states are per process, so none of such a checkpoint's fits this run, and every step the same job
+  wrote fails alike: resume restores the newest step without them (no fallback through older steps) and rebuilds
+  the input at its step."""
+  written = metadata.get("process_count")
+  return int(written) if written is not None and int(written) != jax.process_count() else None
 
 
 def assert_processes_agree(step: int, config_digest: str) -> None:

@@ -17,11 +17,12 @@ from typing import Callable, Sequence
 
 from dtm_jax import errors
 
-MODES = ("pretrain", "finetune", "linear_probe", "knn")
+MODES = ("pretrain", "finetune", "linear_probe", "knn", "segment")
 _MISSING = object()
 DTYPES = ("float32", "bfloat16", "float16")
 POOLINGS = ("mean", "cls")
 SOURCES = ("tfds", "folder", "fashion_mnist")
+SEGMENT_SOURCES = ("tfds", "ade20k_folder", "fashion_mnist_segmentation")
 
 
 class _Checker:
@@ -218,6 +219,9 @@ def _optim(c: _Checker, prefix: str = "optim") -> None:
   c.number(f"{prefix}.weight_decay", 0.0)
   c.number(f"{prefix}.grad_clip", 0.0)
   c.number(f"{prefix}.layer_decay", 0.0, 1.0, min_open=True)
+  from dtm_jax import optim  # pylint: disable=g-import-not-at-top
+  c.string(f"{prefix}.schedule", optim.SCHEDULES, optional=True)
+  c.number(f"{prefix}.poly_power", 0.0, min_open=True, optional=True)
 
 
 def _model_overrides(c: _Checker) -> None:
@@ -422,8 +426,93 @@ def _knn(c: _Checker, num_devices: int, check_paths: bool = True) -> None:
   _mesh(c, num_devices)
 
 
+def _segment(c: _Checker, num_devices: int, check_paths: bool = True) -> None:
+  _run_basics(c)
+  c.string("pretrained.workdir")  # "" trains from a random initialisation (the from-scratch baseline)
+  c.integer("pretrained.step", 0, optional=True)
+  _model_overrides(c)
+  c.string("input.source", SEGMENT_SOURCES)
+  c.string("input.dataset", optional=True)
+  c.string("input.data_dir", optional=True)
+  c.string("input.train_split", nonempty=True)
+  c.string("input.eval_split", nonempty=True)
+  c.integer("input.shuffle_buffer", 1)
+  c.integer("input.num_parallel_calls", 1, also=(-1,))
+  c.integer("input.prefetch", 0)
+  c.integer("input.threadpool_size", 0)
+  c.boolean("input.reduce_zero_label")
+  c.numbers("input.scale", 2, positive=True)
+  c.numbers("input.ratio_range", 2, positive=True)
+  c.number("input.cat_max_ratio", 0.0, 1.0, min_open=True)
+  c.boolean("input.photometric")
+  c.boolean("input.flip")
+  c.numbers("input.mean", 3)
+  c.numbers("input.std", 3, positive=True)
+  classes = c.integer("segmenter.num_classes", 1, 255)
+  indices = c.get("segmenter.out_indices")
+  depth = _student_depth(c)
+  if indices is not _MISSING and not (isinstance(indices, (list, tuple)) and len(indices) == 4 and
+                                      all(isinstance(i, int) and 0 <= i < (depth or 10 ** 9) for i in indices)):
+    c.add("segmenter.out_indices", indices, f"must be 4 block indices in [0, {depth or 'depth'}).")
+  c.integer("segmenter.channels", 1)
+  c.integer("segmenter.aux_channels", 1)
+  c.integer("segmenter.aux_in_index", 0, 3)
+  c.number("segmenter.aux_weight", 0.0)
+  c.number("segmenter.dropout", 0.0, 1.0, max_open=True)
+  ignore = c.integer("segmenter.ignore_index", 0, 255)
+  if classes is not None and ignore is not None and ignore < classes:
+    c.add("segmenter.ignore_index", ignore, f"must not be a class (num_classes={classes}); labels are uint8, use 255.")
+  crop = c.integer("crop_size", 1)
+  patch = _student_patch_size(c)
+  if crop is not None and patch and crop % patch:
+    c.add("crop_size", crop, f"must be a multiple of the student's patch size {patch}.")
+  c.batch("batch_size", num_devices)
+  c.batch("eval_batch_size", num_devices)
+  total = c.integer("total_steps", 1)
+  warmup = c.integer("warmup_steps", 0)
+  if total is not None and warmup is not None and warmup > total:
+    c.add("warmup_steps", warmup, f"must not exceed total_steps={total}.")
+  c.integer("eval_every_steps", 1)
+  window = c.integer("eval.window", 1)
+  stride = c.integer("eval.stride", 1)
+  canvas = c.integer("eval.canvas_size", 1)
+  if crop is not None and window is not None and window != crop:
+    c.add("eval.window", window, f"must equal crop_size={crop}: the segmenter is built for crops of that size.")
+  if window is not None and stride is not None and stride > window:
+    c.add("eval.stride", stride, f"must not exceed eval.window={window} (windows must cover the image).")
+  if window is not None and canvas is not None and canvas < window:
+    c.add("eval.canvas_size", canvas, f"must be at least eval.window={window}.")
+  scales = c.get("eval.scales")
+  if scales is not _MISSING and not (isinstance(scales, (list, tuple)) and scales and
+                                     all(isinstance(v, (int, float)) and v > 0 for v in scales)):
+    c.add("eval.scales", scales, "must be one or more positive ratios, e.g. (1.0,) or (0.5, 0.75, 1.0, 1.5).")
+  c.boolean("eval.flip")
+  c.integer("eval.num_images", 0)
+  _optim(c)
+  c.integer("keep_checkpoints", 1)
+  c.integer("log_every", 1)
+  c.integer("stop_after_step", 1, optional=True)
+  _mesh(c, num_devices)
+
+
+def _student_depth(c: _Checker) -> int | None:
+  depth = c.get("model.depth")
+  if depth is _MISSING:
+    architecture = c.get("pretrained.architecture")
+    depth = architecture.get("depth") if hasattr(architecture, "get") else None
+    if depth is None and hasattr(architecture, "get") and architecture.get("variant"):
+      from dtm_jax.models import vit  # pylint: disable=g-import-not-at-top
+      depth = vit.VARIANTS.get(architecture["variant"], (None, None, None))[1]
+  return depth if isinstance(depth, int) else None
+
+
+def _student_patch_size(c: _Checker) -> int | None:
+  patch = c.get("pretrained.architecture.patch_size")
+  return patch if isinstance(patch, int) and not isinstance(patch, bool) else None
+
+
 _MODES: dict[str, Callable[..., None]] = {
-    "pretrain": _pretrain, "finetune": _finetune, "linear_probe": _linear_probe, "knn": _knn}
+    "pretrain": _pretrain, "finetune": _finetune, "linear_probe": _linear_probe, "knn": _knn, "segment": _segment}
 
 
 def problems(mode: str, config, *, num_devices: int | None = None, check_paths: bool = True) -> list[str]:

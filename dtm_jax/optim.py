@@ -42,6 +42,29 @@ def warmup_cosine(peak_lr: float, total_steps: int, warmup_steps: int, min_lr: f
   return optax.join_schedules([warmup, cosine], [warmup_steps])
 
 
+def warmup_poly(peak_lr: float, total_steps: int, warmup_steps: int, min_lr: float, power: float = 1.0,
+                warmup_ratio: float = 1e-6) -> optax.Schedule:
+  """mmseg's (mmcv 1.x) "poly" policy with linear warm-up, the semantic-segmentation recipes' schedule.
+
+  The poly lr min_lr + (peak_lr − min_lr)(1 − t/total_steps)^power decays over every step, warm-up included; during
+  the first warmup_steps it is scaled by warmup_ratio + (1 − warmup_ratio)·t/warmup_steps (mmcv's "linear" warm-up).
+  """
+  if total_steps <= 0:
+    raise ValueError(f"total_steps must be positive, got {total_steps}.")
+
+  def schedule(step):
+    t = jnp.minimum(jnp.asarray(step, jnp.float32), total_steps)
+    lr = min_lr + (peak_lr - min_lr) * (1.0 - t / total_steps) ** power
+    if warmup_steps > 0:
+      lr = lr * jnp.where(t < warmup_steps, warmup_ratio + (1.0 - warmup_ratio) * t / warmup_steps, 1.0)
+    return lr
+
+  return schedule
+
+
+SCHEDULES = ("cosine", "poly")
+
+
 def path_name(path: Sequence[Any]) -> str:
   """'blocks/3/attn/qkv/kernel' for a pytree key path (works for dict keys, attributes and indices)."""
   parts = []
@@ -98,16 +121,23 @@ def scale_by_tree(multipliers: PyTree) -> optax.GradientTransformation:
 def make_optimizer(cfg: ml_collections.ConfigDict, params: PyTree, *, total_steps: int, global_batch_size: int,
                    num_layers: int | None = None,
                    warmup_steps: int | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with clipping, masked weight decay, warmup+cosine and optional layer-wise decay.
+  """AdamW with clipping, masked weight decay, warmup+cosine (or poly) and optional layer-wise decay.
 
   `cfg` fields: base_lr, lr_scaling ('sqrt'|'linear'|'none'), lr_reference_batch, min_lr, b1, b2, eps,
   weight_decay, no_decay_names, grad_clip (0 disables), layer_decay (1.0 disables; needs num_layers), and
-  warmup_steps unless the caller passes `warmup_steps` (pretraining derives it from epochs).
+  warmup_steps unless the caller passes `warmup_steps` (pretraining derives it from epochs); optional schedule
+  ("cosine", the default, or "poly" with poly_power, see `warmup_poly`).
   Returns the transformation and its lr schedule (for logging).
   """
   peak_lr = scaled_learning_rate(cfg.base_lr, global_batch_size, cfg.lr_scaling, cfg.lr_reference_batch)
   warmup_steps = cfg.warmup_steps if warmup_steps is None else warmup_steps
-  schedule = warmup_cosine(peak_lr, total_steps, warmup_steps, cfg.min_lr)
+  kind = cfg.get("schedule", "cosine")
+  if kind == "cosine":
+    schedule = warmup_cosine(peak_lr, total_steps, warmup_steps, cfg.min_lr)
+  elif kind == "poly":
+    schedule = warmup_poly(peak_lr, total_steps, warmup_steps, cfg.min_lr, cfg.get("poly_power", 1.0))
+  else:
+    raise ValueError(f"Unknown lr schedule {kind!r}; use one of {SCHEDULES}.")
   parts = []
   if cfg.grad_clip and cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))

@@ -3,6 +3,14 @@
 SIGTERM (what schedulers send before preempting) ends the run with status 0 after the checkpoint; the first Ctrl-C
 does the same and then raises `errors.Interrupted` (main.py exits with 130); a second Ctrl-C exits at once (status
 130) without waiting for the checkpoint.
+
+Every process must save the same step. One process reads its own flag, set by the handlers below. Several processes
+(a pod slice; GKE and Spot VMs warn one host at a time) use JAX's preemption sync point: `jax.distributed.initialize`
+starts a preemption sync manager with its own SIGTERM handler; on a notice the processes agree in the background on
+the step after the fastest one's, and `multihost_utils.reached_preemption_sync_point` turns True at that step on
+every process. It is a host call (no device collective, nothing drained), so the loops ask it at every step. A Python
+SIGTERM handler would replace the manager's (the notice would never leave the host), so multi-process runs handle
+only Ctrl-C here and hand the first one to the manager as a SIGTERM of their own process.
 """
 from __future__ import annotations
 
@@ -12,27 +20,53 @@ import sys
 import threading
 
 import jax
-import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from dtm_jax import errors
 
 
 class PreemptionFlag:
-  """Set by SIGTERM or SIGINT; the loop then checkpoints the step reached and stops (all processes agree)."""
+  """When a training loop should save the step reached and stop: `should_stop()`, asked once per step (or epoch) by
+  every process, answers True on all of them at the same call."""
 
   def __init__(self):
-    self.requested = False  # any stop signal
+    self.requested = False  # a stop signal reached this process
     self.interrupted = False  # Ctrl-C among them
     self._previous = {}
+    self._synced = False  # several processes: JAX's preemption sync point decides
+    self._calls = 0  # should_stop() calls since install(): the sync point's step counter (the same on all processes)
 
   def install(self) -> "PreemptionFlag":
+    self._synced = jax.process_count() > 1
+    if self._synced:
+      self._calls = 0
+      try:  # registers counter 0: a notice that came before the loop (while compiling) stops it at its first step
+        multihost_utils.reached_preemption_sync_point(self._calls)
+      except RuntimeError as e:
+        raise errors.RunError(
+            "This run has several processes but JAX's preemption service is off (jax_enable_preemption_service="
+            "False): the processes could not agree on the step to save when one host is preempted. Remove that "
+            "setting.") from e
     if threading.current_thread() is not threading.main_thread():
-      logging.warning("Not in the main thread: SIGTERM and Ctrl-C keep their default behaviour (no checkpoint).")
+      logging.warning("Not in the main thread: Ctrl-C keeps its default behaviour (no checkpoint)%s.",
+                      "" if self._synced else ", and so does SIGTERM")
       return self
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGINT,) if self._synced else (signal.SIGTERM, signal.SIGINT):
       self._previous[sig] = signal.signal(sig, self._handle)
     return self
+
+  def should_stop(self) -> bool:
+    """True when this step is to be saved and the loop stopped; call it exactly once per step on every process."""
+    if not self._synced:
+      return self.requested
+    self._calls += 1
+    if not multihost_utils.reached_preemption_sync_point(self._calls):
+      return False
+    logging.warning("A process received a preemption notice (SIGTERM%s): every process saves this step and stops.",
+                    " or Ctrl-C" if self.interrupted else "")
+    self.requested = True
+    return True
 
   def _handle(self, signum, frame):
     del frame
@@ -45,6 +79,8 @@ class PreemptionFlag:
       self.interrupted = True
       logging.warning("Ctrl-C: will save a checkpoint of the current step and exit (Ctrl-C again exits at once, "
                       "without it).")
+      if self._synced:  # the preemption sync manager's SIGTERM handler tells every process
+        signal.raise_signal(signal.SIGTERM)
     else:
       logging.warning("SIGTERM received: will save a checkpoint after the current step and exit.")
     self.requested = True
@@ -54,13 +90,6 @@ class PreemptionFlag:
       if previous is not None:
         signal.signal(sig, previous)
     self._previous = {}
-
-  def any_process(self) -> bool:
-    """True if any process was asked to stop (all processes must save the same step)."""
-    if jax.process_count() == 1:
-      return self.requested
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
   def __enter__(self):
     return self.install()

@@ -34,9 +34,10 @@ from dtm_jax.models import functional, vit
 
 PyTree = Any
 NONFINITE_LOSS, NONFINITE_GRAD = 1, 2
-# Config keys that may change between a run and its resumption without changing what is computed.
+# Config keys that may change between a run and its resumption without changing what is computed (the mesh: a run
+# resumes on another slice, its state resharded through the abstract shardings).
 RESUMABLE_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "profile", "eval",
-                  "allow_config_change", "progress_every_secs", "stop_after_step", "metrics_flush_secs")
+                  "allow_config_change", "progress_every_secs", "stop_after_step", "metrics_flush_secs", "mesh")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,18 +372,15 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path) -> dic
                model_cfg.width)
   target_params = sharding.put_global(target.params, program.target_shardings)
 
-  # ----- Input.
-  data = build_pretrain_data(config, model_cfg)
-
-  # ----- Resume or initialise.
+  # ----- Resume or initialise, and the input at the step reached.
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                              async_save=config.async_checkpointing)
   config_dict = config.to_dict()
   metadata = {"config": config_dict, "config_hash": checkpoint_lib.config_hash(config_dict),
               "model_config": checkpoint_lib.model_config_to_json(model_cfg), "process_count": jax.process_count(),
-              "jax_version": jax.__version__, "target": target.description}
+              "device_count": jax.device_count(), "jax_version": jax.__version__, "target": target.description}
   abstract_with_sh = program.abstract_state
-  restored = None
+  restored, data = None, None
   if checkpointer.latest_step() is not None:
     # The metadata goes through the same fallback as every other item: a damaged newest step leaves the older ones.
     readable = checkpointer.latest_readable_metadata(required=("config",))
@@ -391,10 +389,19 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path) -> dic
       raise ValueError(
           f"{workdir} holds a checkpoint of a run with a different config (differing keys: {', '.join(diffs)}). "
           "Use a new --workdir, or pass --config.allow_config_change=True to resume with the new values.")
+    # Checked before restoring: the input-iterator states of another process count cannot be restored (nor those of
+    # its older steps), so the step is restored without them and the input is rebuilt at that step.
+    other_layout = readable is not None and checkpoint_lib.written_by_other_process_count(readable[1]) is not None
+    data = None if other_layout else build_pretrain_data(config, model_cfg)
     restored = checkpointer.restore_latest_good(
         params=abstract_with_sh["params"],
         train={k: v for k, v in abstract_with_sh.items() if k != "params"}, data_iterator=data,
         required_metadata=("config",))
+    if restored is not None and other_layout:
+      data = build_pretrain_data(config, model_cfg, start_step=restored[0])
+      logging.warning("%s", _rebuilt_input_warning(restored[0], restored[3], data))
+  if data is None:
+    data = build_pretrain_data(config, model_cfg)
   if restored is None:
     state = jax.jit(init_state, out_shardings=state_sh)()
     logging.info("Starting from scratch at step 0 of %d.", total_steps)
@@ -422,7 +429,6 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path) -> dic
   profile = config.profile
   next_batch = lambda: sharding.to_global(_pretrain_batch(next(data)), mesh)
   batch = None  # the next step's batch, when it is already on its way to the devices
-  stopping = False  # preemption seen while a batch was already drawn: take its step, then save and exit
   try:
     throughput.start(step)
     while step < total_steps:
@@ -431,8 +437,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path) -> dic
       state, step_metrics = train_step(state, target_params, batch if batch is not None else next_batch())
       step += 1
       is_last = step == total_steps
-      saving = (step % config.checkpoint_every == 0 or is_last or step == config.get("stop_after_step") or
-                stopping)
+      # Asked at every step on every process (a host call; all processes get the same answer at the same step).
+      preempted = step == config.get("stop_after_step") or preemption.should_stop()
+      saving = step % config.checkpoint_every == 0 or is_last or preempted
       # Double buffering: the step was only dispatched, so the next batch is read and sent to the devices while
       # they run it, before the waits below (metrics, evaluation, checkpoint). Not past a step that saves: a saved
       # input position must be exactly the steps taken.
@@ -453,12 +460,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path) -> dic
         writer.write_scalars(step, eval_metrics)
         last_metrics.update(eval_metrics)
         throughput.start(step)
-      preempted = stopping or step == config.get("stop_after_step")
-      if not preempted and (jax.process_count() == 1 or step % 10 == 0) and preemption.any_process():
-        preempted = True
-        if batch is not None:  # the next batch is drawn: its step runs first (one step later, nothing skipped)
-          stopping, preempted = True, False
-      if saving or preempted:
+      if saving:
         _check_finite(jax.device_get(state["nonfinite"]))
         writer.flush()  # the lines up to a checkpoint's step survive a kill (they are not computed again)
         checkpointer.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
@@ -483,19 +485,33 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path) -> dic
   return {**last_metrics, "step": step, "preempted": float(step < total_steps), "step_compilations": len(traces)}
 
 
-def build_pretrain_data(config: ml_collections.ConfigDict, model_cfg: vit.ViTConfig):
-  """This process's pretraining batches: the configured source, or deterministic synthetic batches."""
+def _rebuilt_input_warning(step: int, saved: dict, data) -> str:
+  """What a resume on another process count does (one warning): what is resharded, and what the input repeats or
+  skips (`data.start_note`, which the input pipeline knows)."""
+  def layout(processes, devices):
+    return f"{processes} process{'' if processes == 1 else 'es'}" + (f" ({devices} devices)" if devices else "")
+  written_by = layout(saved.get("process_count"), saved.get("device_count"))
+  return (f"The checkpoint of step {step} was written by {written_by}; this run has "
+          f"{layout(jax.process_count(), jax.device_count())}. Parameters and optimizer state are resharded onto "
+          "this run's mesh; the input-iterator states, one per old process, fit no process of this run, so the input "
+          f"is rebuilt at global batch {step}, where {data.start_note}.")
+
+
+def build_pretrain_data(config: ml_collections.ConfigDict, model_cfg: vit.ViTConfig, start_step: int = 0):
+  """This process's pretraining batches: the configured source, or deterministic synthetic batches.
+
+  start_step: the global batch to begin at when no iterator state can be restored (another process count)."""
   # Imported here so `dtm_jax` stays importable where TensorFlow is absent (benchmarks on GPU hosts).
   if config.input.source == "synthetic":
     from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
     return synthetic.SyntheticPretrain(
         image_size=model_cfg.image_size, patch_size=model_cfg.patch_size, global_batch_size=config.batch_size,
         seed=config.seed, num_masking_patches=config.input.num_masking_patches,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(), start_step=start_step)
   import input_pipeline  # pylint: disable=g-import-not-at-top
   return input_pipeline.build_pretrain(config.input, image_size=model_cfg.image_size,
                                        patch_size=model_cfg.patch_size, global_batch_size=config.batch_size,
-                                       seed=config.seed)
+                                       seed=config.seed, start_step=start_step)
 
 
 def _pretrain_batch(host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -518,7 +534,10 @@ def make_periodic_evaluator(config: ml_collections.ConfigDict, student: function
     return None
   from dtm_jax.evaluate import knn  # pylint: disable=g-import-not-at-top
 
-  def encode(params, images):
+  normalization = images_lib.normalization_of(config.input)
+
+  def encode(params, images):  # uint8 eval crops, normalised here
+    images = images_lib.to_model_input(images, *normalization)
     return student.apply(params, images, method="encode")[:, 1:].mean(axis=1)
 
   return knn.make_knn_evaluate(encode, config.eval, mesh, input_config=config.input,

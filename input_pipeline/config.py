@@ -60,3 +60,46 @@ def default_config():
   c.prefetch = 2              # Batches kept ready ahead of the training step.
   c.threadpool_size = 0       # Threads of the pipeline's private pool; 0 = TF's shared pool.
   return c
+
+
+def segment_config():
+  """Semantic segmentation input (mmseg's ADE20K 512x512 recipe), for `build_segment_train` / `build_segment_eval`.
+
+  Crop and evaluation canvas sizes are arguments of the builders (the run config's model side chooses them).
+  The offline demo task: source="fashion_mnist_segmentation", train_split="train", eval_split="test",
+  reduce_zero_label=False (its class 0 is the background, a real class), scale=(size, size) for `size` px inputs.
+  """
+  c = ml_collections.ConfigDict()
+
+  # --- Where the images and label maps come from.
+  # "ade20k_folder": `data_dir`/ADEChallengeData2016/{images,annotations}/<split>/ (the released zip; README: ADE20K).
+  # "tfds": a TFDS builder (`dataset`) with "image" and "annotation" features, prepared under `data_dir`. TFDS's
+  #   scene_parse150 splits are "train" and "test" (ADE20K's validation images), and its annotations are the 2017
+  #   instance masks (first channel: 100 object categories, 0 elsewhere), not the 150-class benchmark labels.
+  # "fashion_mnist_segmentation": 2x2 canvases of Fashion-MNIST garments (11 classes, 0 = background) from the IDX
+  #   files in `data_dir` (None: /usr/share/datasets/fashion-mnist); splits "train" and "test".
+  c.source = "ade20k_folder"
+  c.dataset = "scene_parse150"
+  c.data_dir = ml_collections.config_dict.placeholder(str)
+  c.train_split = "training"
+  c.eval_split = "validation"
+  c.shuffle_buffer = 2_000       # TFDS only: encoded examples held for shuffling (~130 KB each on ADE20K).
+  # ADE20K's label 0 is "other": it becomes 255 (ignored) and classes 1..150 become 0..149, once, when decoded.
+  c.reduce_zero_label = True
+
+  # --- Training views (mmseg): keep-ratio resize into scale x uniform(ratio_range), a crop_size crop whose largest
+  # class covers less than cat_max_ratio of its labelled pixels (10 tries), flip, photometric distortion, padding
+  # (image: the mean colour, i.e. 0 after normalisation; label: 255). Evaluation: keep-ratio resize into scale.
+  c.scale = (2048, 512)          # (long side, short side) bounds of mmseg's keep-ratio resize.
+  c.ratio_range = (0.5, 2.0)
+  c.cat_max_ratio = 0.75         # 1.0 turns the check off.
+  c.flip = True
+  c.photometric = True           # mmseg's PhotoMetricDistortion: brightness, contrast, saturation, hue.
+  c.mean = IMAGENET_MEAN         # Applied on the device (dtm_jax.images); the padding colour is the mean.
+  c.std = IMAGENET_STD
+
+  # --- Throughput and host resources (as in default_config).
+  c.num_parallel_calls = -1
+  c.prefetch = 2
+  c.threadpool_size = 0
+  return c

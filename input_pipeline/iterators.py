@@ -25,8 +25,9 @@ class DataIterator:
   Arrays are read-only views of TensorFlow's buffers (no copy); copy before writing.
   """
 
-  def __init__(self, dataset, name_skipped=None):
+  def __init__(self, dataset, name_skipped=None, start_note=""):
     self._iterator = dataset.as_numpy_iterator()
+    self.start_note = start_note  # for a stream started at a step (not restored): what it repeats or skips
     self._num_corrupt = tf.Variable(0, dtype=tf.int64, trainable=False)
     self._checkpoint = tf.train.Checkpoint(iterator=self._iterator, num_corrupt=self._num_corrupt)
     self._name_skipped = name_skipped  # first-epoch position -> file name

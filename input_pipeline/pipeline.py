@@ -17,8 +17,9 @@ examples. TFDS and IDX pipelines use tf.data's *symbolic* checkpoints, which sto
 positions plus that shuffle buffer: ~shuffle_buffer x 110 KB on ImageNet (1.1 GB at the
 default 10,000) and a few KB for IDX files. Folder pipelines must skip corrupt files with
 `ignore_errors`, which symbolic checkpoints do not support, so they store the buffered
-elements too: about (prefetch + 2) batches of float32 images, 144 MB measured for batches of
-64 at 224 px with prefetch 2 (~600 MB for 256 per host). For long runs on big folders,
+elements too: about (prefetch + 2) batches of images (144 MB was measured for float32 batches
+of 64 at 224 px with prefetch 2; the uint8 batches every pipeline now sends hold a quarter of
+that, ~150 MB for 256 per host). For long runs on big folders,
 preparing them as a TFDS dataset keeps the state small.
 """
 import functools
@@ -41,11 +42,14 @@ from input_pipeline import transforms
 
 
 def build_pretrain(input_cfg, *, image_size, patch_size, global_batch_size, seed,
-                   process_index=None, process_count=None):
+                   process_index=None, process_count=None, start_step=0):
   """Endless masked pretraining batches of this host: {"image", "mask"} (+ "label").
 
   image: uint8 [b, image_size, image_size, 3] (normalised on the device: dtm_jax.images); mask: bool [b, N],
   True = masked, exactly `input_cfg.num_masking_patches` per row; b = global_batch_size / process_count.
+  start_step: begin at that global batch without reading the ones before (resuming where no iterator state fits,
+  e.g. on another process count): exact for Fashion-MNIST and folders without unreadable files, a fresh shuffle for
+  TFDS; the iterator's `start_note` says what it repeats or skips.
   """
   process_index, process_count = _process(process_index, process_count)
   local_batch = _local_batch_size(global_batch_size, process_count)
@@ -65,8 +69,9 @@ def build_pretrain(input_cfg, *, image_size, patch_size, global_batch_size, seed
     return pixels(image, pixel_rng)
 
   source = sources.get_source(input_cfg)
-  batches, name = _training_batches(input_cfg, source, view, local_batch=local_batch, seed=seed,
-                              process_index=process_index, process_count=process_count)
+  batches, examples = _training_batches(input_cfg, source, view, local_batch=local_batch, seed=seed,
+                                        process_index=process_index, process_count=process_count,
+                                        start_position=start_step * local_batch)
 
   def draw_masks(batch_number):
     rng = np.random.default_rng([seed, process_index, int(batch_number)])
@@ -78,8 +83,8 @@ def build_pretrain(input_cfg, *, image_size, patch_size, global_batch_size, seed
     masks.set_shape([local_batch, grid[0] * grid[1]])
     return {**batch, "mask": masks}
 
-  batches = batches.enumerate().map(add_masks, num_parallel_calls=input_cfg.num_parallel_calls)
-  return _finish_training(input_cfg, source, batches, name)
+  batches = batches.enumerate(start=start_step).map(add_masks, num_parallel_calls=input_cfg.num_parallel_calls)
+  return _finish_training(input_cfg, source, batches, examples)
 
 
 def build_finetune_train(input_cfg, *, image_size, global_batch_size, seed, augment=True,
@@ -88,14 +93,15 @@ def build_finetune_train(input_cfg, *, image_size, global_batch_size, seed, augm
 
   augment=True: RandomResizedCrop, flip, RandAugment and random erasing (BEiT v2's recipe).
   augment=False: the evaluation crop (for linear probes), still shuffled and endless.
-  image: uint8 (normalised on the device: dtm_jax.images), or float32 normalised when random erasing is on (it fills
-  with normalised noise, which no 8-bit image holds).
+  image: uint8 (normalised on the device: dtm_jax.images). With random erasing, "erase_box" int32 [4] (top, left,
+  height, width; height 0 = none): the device fills it with normalised noise, which no 8-bit image holds.
   """
   process_index, process_count = _process(process_index, process_count)
   local_batch = _local_batch_size(global_batch_size, process_count)
   fill = tuple(round(255 * m) for m in input_cfg.mean)
   eval_view = _eval_view(input_cfg, image_size)
-  pixels = _finetune_pixels(float(input_cfg.random_erase_prob), *_normalization(input_cfg))
+  pixels = _uint8_pixels()
+  erase_prob = float(input_cfg.random_erase_prob)
 
   def view(image, rng):
     if not augment:
@@ -111,20 +117,24 @@ def build_finetune_train(input_cfg, *, image_size, global_batch_size, seed, augm
         image, augment_rng, num_layers=input_cfg.randaug_num_layers,
         magnitude=input_cfg.randaug_magnitude, magnitude_std=input_cfg.randaug_magnitude_std,
         fill=fill)
-    return pixels(image, erase_rng)
+    out = {"image": pixels(image)}
+    if erase_prob:
+      out["erase_box"] = transforms.random_erase_box(erase_rng, image_size, image_size, erase_prob)
+    return out
 
   source = sources.get_source(input_cfg)
   _require_labels(source, input_cfg, "fine-tuning")
-  batches, name = _training_batches(input_cfg, source, view, local_batch=local_batch, seed=seed,
-                              process_index=process_index, process_count=process_count)
-  return _finish_training(input_cfg, source, batches, name)
+  batches, examples = _training_batches(input_cfg, source, view, local_batch=local_batch, seed=seed,
+                                        process_index=process_index, process_count=process_count)
+  return _finish_training(input_cfg, source, batches, examples)
 
 
 def build_eval(input_cfg, *, split=None, image_size, global_batch_size, process_index=None,
                process_count=None):
   """One pass over `split` (default: input_cfg.eval_split) per iteration; see EvalData.
 
-  Images get the evaluation crop (shorter side to image_size / crop_pct, centre crop). Each
+  Images (uint8, normalised on the device: dtm_jax.images) get the evaluation crop (shorter side
+  to image_size / crop_pct, centre crop). Each
   host reads its own examples in order and pads its last batches with valid=False so that
   all hosts run `num_batches` steps.
   """
@@ -143,18 +153,26 @@ def build_eval(input_cfg, *, split=None, image_size, global_batch_size, process_
     return {"image": view(example["image"]),
             "label": tf.cast(example["label"], tf.int32), "valid": tf.constant(True)}
 
+  padding = {"image": tf.zeros([image_size, image_size, 3], tf.uint8), "label": tf.constant(0),
+             "valid": tf.constant(False)}
+  data, sizes = _eval_batches(input_cfg, source, examples, counts, prepare, padding, local_batch)
+  return iterators.EvalData(data, **sizes)
+
+
+def _eval_batches(input_cfg, source, examples, counts, prepare, padding, local_batch):
+  """Batches of prepare(key) over this host's examples, then of `padding` up to the largest host's batch count.
+
+  Returns the dataset and EvalData's size arguments.
+  """
   data = examples.keys.map(prepare, num_parallel_calls=input_cfg.num_parallel_calls,
                            deterministic=True)
   if source.skips_corrupt:
     data = data.ignore_errors()
-  padding = {"image": tf.zeros([image_size, image_size, 3]), "label": tf.constant(0),
-             "valid": tf.constant(False)}
   num_batches = math.ceil(counts.largest_host / local_batch)
   data = data.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
   data = data.take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
   data = data.prefetch(input_cfg.prefetch).with_options(_options(input_cfg, symbolic=False))
-  return iterators.EvalData(data, num_examples=counts.total, num_batches=num_batches,
-                            local_examples=counts.local)
+  return data, dict(num_examples=counts.total, num_batches=num_batches, local_examples=counts.local)
 
 
 def _no_autograph(fn):
@@ -163,8 +181,8 @@ def _no_autograph(fn):
 
 
 def _eval_view(input_cfg, image_size):
-  """image -> the normalised evaluation crop (shorter side to size / crop_pct, centre)."""
-  pixels = _eval_pixels(*_normalization(input_cfg))
+  """image -> the uint8 evaluation crop (shorter side to size / crop_pct, centre), normalised on the device."""
+  pixels = _uint8_pixels()
 
   def view(image):
     image = transforms.decode_and_crop(image, functools.partial(
@@ -183,10 +201,6 @@ def _fused(fn):
   return tf.function(fn, jit_compile=True, autograph=False)
 
 
-def _normalization(input_cfg):
-  return tuple(map(float, input_cfg.mean)), tuple(map(float, input_cfg.std))
-
-
 @functools.lru_cache(maxsize=None)
 def _pretrain_pixels(flip, color_jitter):
   """Random flip, colour jitter, rounded to uint8 as PIL-based pipelines (the released code's) do."""
@@ -202,51 +216,49 @@ def _pretrain_pixels(flip, color_jitter):
 
 
 @functools.lru_cache(maxsize=None)
-def _finetune_pixels(random_erase_prob, mean, std):
-  """uint8; with random erasing, normalisation then erasing (it fills with normalised noise)."""
-  def pixels(image, rng):
-    if not random_erase_prob:
-      return transforms.to_uint8(image)
-    image = transforms.normalize(image / 255.0, mean, std)
-    return transforms.random_erase(image, rng, random_erase_prob)
-  return _fused(pixels)
-
-
-@functools.lru_cache(maxsize=None)
-def _eval_pixels(mean, std):
-  return _fused(lambda image: transforms.normalize(image / 255.0, mean, std))
+def _uint8_pixels():
+  """Rounded to uint8: fine-tuning and evaluation images are normalised (and erased) on the device."""
+  return _fused(transforms.to_uint8)
 
 
 def _training_batches(input_cfg, source, view, *, local_batch, seed, process_index,
-                      process_count):
-  """Endless batches of {"image": view(image, rng), "label"} (+ the skip count)."""
+                      process_count, start_position=0, example_view=False):
+  """Endless batches of {"image": view(image, rng), "label"} (+ the skip count), and the source's Examples; a view
+  may return a dict of several outputs, "image" among them. example_view=True: view(example, rng) sees the whole
+  example (segmentation crops image and label map together) and its outputs are the batch's.
+
+  start_position: the first stream position (augmentation seeds continue from it); see build_pretrain's start_step.
+  """
   if not 0 <= seed < 2**63:
     raise ValueError(f"seed={seed} must be a non-negative 64-bit integer.")
   examples = source.train(input_cfg.train_split, seed=seed, process_index=process_index,
-                          process_count=process_count, min_examples=local_batch)
+                          process_count=process_count, min_examples=local_batch, start_position=start_position)
   host_rng = tf.constant([seed, process_index], tf.int64)
 
   @_no_autograph
   def prepare(position, key):
     example = examples.load(key)
     rng = tf.random.experimental.stateless_fold_in(host_rng, position)
-    out = {"image": view(example["image"], rng)}
+    if example_view:
+      return position, view(example, rng)
+    viewed = view(example["image"], rng)
+    out = dict(viewed) if isinstance(viewed, dict) else {"image": viewed}
     if "label" in example:
       out["label"] = tf.cast(example["label"], tf.int32)
     return position, out
 
-  data = examples.keys.enumerate().map(prepare, num_parallel_calls=input_cfg.num_parallel_calls,
+  data = examples.keys.enumerate(start=start_position).map(prepare, num_parallel_calls=input_cfg.num_parallel_calls,
                                        deterministic=True)
   if source.skips_corrupt:
     # Unreadable files vanish here; the gaps they leave in the first epoch's positions count them (every epoch
     # visits the same files, so later epochs would only count them again) and say which they were.
     epoch_size = examples.epoch_size if examples.epoch_size is not None else np.iinfo(np.int64).max
     first = tf.fill([iterators.NAMED_SKIPS], tf.constant(-1, tf.int64))
-    data = data.ignore_errors().scan((tf.constant(-1, tf.int64), tf.constant(0, tf.int64), first),
+    data = data.ignore_errors().scan((tf.constant(start_position - 1, tf.int64), tf.constant(0, tf.int64), first),
                                      functools.partial(_count_skipped, tf.constant(epoch_size, tf.int64)))
   else:
     data = data.map(lambda position, out: out)
-  return data.batch(local_batch, drop_remainder=True), examples.name
+  return data.batch(local_batch, drop_remainder=True), examples
 
 
 def _count_skipped(epoch_size, state, element):
@@ -262,11 +274,12 @@ def _count_skipped(epoch_size, state, element):
   return (position, skipped, first), {**out, iterators.SKIPPED_KEY: skipped, iterators.SKIPPED_POSITIONS_KEY: first}
 
 
-def _finish_training(input_cfg, source, batches, name=None):
+def _finish_training(input_cfg, source, batches, examples):
   batches = batches.prefetch(input_cfg.prefetch)
   # ignore_errors has no symbolic checkpoint; everything else does (see module docstring).
   options = _options(input_cfg, symbolic=not source.skips_corrupt)
-  return iterators.DataIterator(batches.with_options(options), name_skipped=name)
+  return iterators.DataIterator(batches.with_options(options), name_skipped=examples.name,
+                                start_note=examples.start_note)
 
 
 def _options(input_cfg, *, symbolic):

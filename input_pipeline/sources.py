@@ -37,6 +37,7 @@ class Examples:
   load: Callable[[Any], dict]
   epoch_size: int | None = None
   name: Callable[[int], str] | None = None
+  start_note: str = ""  # a stream started at a position (not restored): what it repeats or skips; see train()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,7 @@ def get_source(cfg):
 class TfdsSource:
   """A TFDS builder read with SkipDecoding, so images stay encoded until the crop is known."""
   skips_corrupt = False   # TFDS decoded every image when preparing: an error here is a bug.
+  _encoded_features = ("image",)   # Read as bytes; the pipeline's map decodes them.
 
   def __init__(self, name, data_dir, shuffle_buffer):
     try:
@@ -77,15 +79,22 @@ class TfdsSource:
     self._name = name
     self._shuffle_buffer = shuffle_buffer
 
-  def train(self, split, *, seed, process_index, process_count, min_examples=1):
+  def train(self, split, *, seed, process_index, process_count, min_examples=1, start_position=0):
+    """start_position > 0: a stream that stands in for one at that position, without reading what comes before
+    (an encoded example is ~110 KB on ImageNet): a fresh shuffle seeded by (seed, start_position)."""
     host_split = tfds.split_for_jax_process(split, process_index=process_index,
                                             process_count=process_count)
+    if start_position:
+      seed = int(np.random.SeedSequence([seed, start_position]).generate_state(1, np.uint32)[0])
     keys = self._read(host_split, split, shuffle_seed=seed)
     host_examples = int(keys.cardinality())
     if host_examples >= 0:  # TFDS splits report their size; a size TF cannot know is not checked
       _check_enough(split, host_examples, min_examples, process_count)
     keys = keys.shuffle(self._shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    return Examples(keys, load=lambda example: example)
+    note = ("each process starts a fresh shuffled pass over its shard (seeded by the step): the pass under way is "
+            "not continued, so the examples it had already given (up to one epoch's worth) are seen once more, and "
+            "none is skipped") if start_position else ""
+    return Examples(keys, load=lambda example: example, start_note=note)
 
   def evaluation(self, split, *, process_index, process_count):
     def host(index):
@@ -103,7 +112,7 @@ class TfdsSource:
     try:
       examples = self._builder.as_dataset(
           split=split, shuffle_files=shuffle_seed is not None,
-          decoders={"image": tfds.decode.SkipDecoding()},
+          decoders={name: tfds.decode.SkipDecoding() for name in self._encoded_features},
           read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False))
     except AssertionError as e:  # TFDS's "could not find data" for a dataset never prepared.
       if self._builder.is_prepared():
@@ -111,8 +120,12 @@ class TfdsSource:
       raise FileNotFoundError(_not_prepared_message(self._builder, self._name)) from e
     except ValueError as e:      # Unknown split names and malformed slices.
       raise ValueError(f"Split {requested!r} of TFDS dataset {self._builder.name!r}: {e}") from e
+    return examples.map(self._select)
+
+  def _select(self, example):
+    """The features the pipeline reads, under the names it reads them by."""
     keep = ("image", "label") if self.has_labels else ("image",)
-    return examples.map(lambda example: {k: example[k] for k in keep})
+    return {k: example[k] for k in keep}
 
 
 def _cardinality(dataset):
@@ -165,20 +178,23 @@ class _IndexedSource:
   def _check_host_examples(self, split, host_indices):
     """Lets a source reject a host's examples before the stream starts."""
 
-  def train(self, split, *, seed, process_index, process_count, min_examples=1):
+  def train(self, split, *, seed, process_index, process_count, min_examples=1, start_position=0):
+    """start_position: the stream from that position on, found by arithmetic (epoch, index in it), nothing read."""
     num_examples, load = self._table(split)
     host_indices = np.arange(process_index, num_examples, process_count)
     if host_indices.size:
       self._check_host_examples(split, host_indices)  # all-corrupt shards: the more specific error first
     _check_enough(split, host_indices.size, min_examples, process_count)
+    epoch_size = int(host_indices.size)
+    start_epoch, start_index = divmod(start_position, epoch_size)
     host_indices = tf.constant(host_indices, tf.int64)
 
     def epoch(epoch_index):
       order = tf.random.experimental.stateless_shuffle(
           host_indices, seed=tf.stack([tf.constant(seed, tf.int64), epoch_index]))
-      return tf.data.Dataset.from_tensor_slices(order)
+      return tf.data.Dataset.from_tensor_slices(order[tf.where(epoch_index == start_epoch, start_index, 0):])
 
-    keys = tf.data.Dataset.range(np.iinfo(np.int64).max).flat_map(epoch)
+    keys = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
     first_epoch = []
 
     def name(position):
@@ -187,7 +203,17 @@ class _IndexedSource:
             host_indices, seed=tf.stack([tf.constant(seed, tf.int64), tf.constant(0, tf.int64)])).numpy())
       return self._describe(split, int(first_epoch[0][position]))
 
-    return Examples(keys, load, epoch_size=int(host_indices.shape[0]), name=name)
+    return Examples(keys, load, epoch_size=epoch_size, name=name,
+                    start_note=self._start_note(start_epoch, start_index, epoch_size) if start_position else "")
+
+  def _start_note(self, epoch, index, epoch_size):
+    note = (f"each process continues its shard at epoch {epoch}, {index / epoch_size:.0%} through it: earlier and "
+            "later epochs are whole, but in this one the examples the old processes had already drawn may be drawn "
+            "again, and as many others are not drawn until the next epoch")
+    if self.skips_corrupt:
+      note += ("; unreadable files met before the resume are not known, so the position is off by their number, "
+               "and corrupt_images (the first epoch's unreadable files) restarts at 0")
+    return note
 
   def _describe(self, split, index):
     """What example `index` of `split` is, for messages (a file path for folders)."""
@@ -273,16 +299,18 @@ class FolderSource(_IndexedSource):
     return len(paths), load
 
   def _check_host_examples(self, split, host_indices):
-    """Fails early if none of this host's files decodes: skipping would then never end."""
-    paths, _ = self.files(split)
-    for index in host_indices:
-      try:
-        tf.io.decode_image(tf.io.read_file(paths[index]), channels=3, expand_animations=False)
-        return
-      except tf.errors.OpError:
-        continue
-    raise ValueError(f"None of the {len(host_indices)} image files of split {split!r} under "
-                     f"{self._root} that this host reads can be decoded.")
+    check_decodable(self.files(split)[0], host_indices, f"split {split!r} under {self._root}")
+
+
+def check_decodable(paths, host_indices, where):
+  """Fails early if none of this host's image files decodes: skipping unreadable files would then never end."""
+  for index in host_indices:
+    try:
+      tf.io.decode_image(tf.io.read_file(paths[index]), channels=3, expand_animations=False)
+      return
+    except tf.errors.OpError:
+      continue
+  raise ValueError(f"None of the {len(host_indices)} image files of {where} that this host reads can be decoded.")
 
 
 def _subfolders(directory):

@@ -25,10 +25,14 @@ def _smooth_images(rng: np.random.Generator, count: int, image_size: int, cells:
 
 
 class SyntheticPretrain:
-  """Infinite iterator of {"image", "mask"} host batches with save/restore of its position."""
+  """Infinite iterator of {"image", "mask"} host batches with save/restore of its position.
+
+  start_step: the first global batch. The stream is a function of the step, so starting there is exact on any
+  process count (`start_note` says so for the resume warning).
+  """
 
   def __init__(self, *, image_size: int, patch_size: int, global_batch_size: int, seed: int,
-               num_masking_patches: int, process_index: int = 0, process_count: int = 1):
+               num_masking_patches: int, process_index: int = 0, process_count: int = 1, start_step: int = 0):
     if global_batch_size % process_count:
       raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes.")
     self._image_size = image_size
@@ -40,7 +44,9 @@ class SyntheticPretrain:
     self._seed = seed
     local = global_batch_size // process_count
     self._rows = slice(process_index * local, (process_index + 1) * local)
-    self._step = 0
+    self._step = start_step
+    self.start_note = "the global batches are a function of the step alone: nothing repeats or is skipped" \
+        if start_step else ""
 
   def __iter__(self):
     return self

@@ -1,8 +1,8 @@
-"""Per-image TensorFlow ops: decode with a crop window, resize, colour, flip, normalise, erase.
+"""Per-image TensorFlow ops: decode with a crop window, resize, colour, flip, the random-erasing box.
 
 Every random op is stateless and takes `rng`, an int64 [2] seed tensor, so a view is a pure
 function of (image, rng): that is what makes the streams reproducible and resumable.
-Images are float32 RGB in [0, 255] until `normalize`, which maps [0, 1] values by mean/std.
+Images are float32 RGB in [0, 255] until `to_uint8`; the devices normalise them (dtm_jax/images.py).
 
 The crop is chosen from the stored image's size *before* decoding, so JPEGs are decoded only
 inside the crop window (`decode_and_crop_jpeg`); other formats are decoded, then cropped.
@@ -165,19 +165,15 @@ def to_uint8(image255):
   return tf.cast(tf.round(tf.clip_by_value(image255, 0.0, 255.0)), tf.uint8)
 
 
-def normalize(image01, mean, std):
-  return (image01 - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+def random_erase_box(rng, height, width, prob):
+  """The box of timm's RandomErasing(prob, mode="pixel", count=1): int32 [4] = (top, left, height, width).
 
-
-def random_erase(image, rng, prob):
-  """timm RandomErasing(prob, mode="pixel", count=1) on a normalised image.
-
-  With probability `prob`, one box (area 2-33% of the image, aspect log-uniform in
-  [0.3, 1/0.3], first of 10 tries that fits) is replaced by per-pixel normal noise.
+  With probability `prob`, one box (area 2-33% of the image, aspect log-uniform in [0.3, 1/0.3], first of 10 tries
+  that fits); otherwise (or when no try fits) a box of height 0. The device fills the box with normalised noise
+  (`dtm_jax.images.random_erase`), so the image itself can travel as uint8.
   """
-  height, width, channels = image.shape
-  apply_rng, area_rng, aspect_rng, top_rng, left_rng, noise_rng = split_rng(rng, 6)
-  area = height * width * tf.random.stateless_uniform([_ERASE_ATTEMPTS], area_rng, *_ERASE_AREA)
+  apply_rng, area_rng, aspect_rng, top_rng, left_rng = split_rng(rng, 5)
+  area = float(height * width) * tf.random.stateless_uniform([_ERASE_ATTEMPTS], area_rng, *_ERASE_AREA)
   aspect = tf.exp(tf.random.stateless_uniform([_ERASE_ATTEMPTS], aspect_rng, *_ERASE_LOG_ASPECT))
   box_h = tf.round(tf.sqrt(area * aspect))
   box_w = tf.round(tf.sqrt(area / aspect))
@@ -186,9 +182,6 @@ def random_erase(image, rng, prob):
   box_h, box_w = tf.gather(box_h, first), tf.gather(box_w, first)
   top = _uniform_int(top_rng, height - box_h)
   left = _uniform_int(left_rng, width - box_w)
-  rows = tf.range(height, dtype=tf.float32)[:, None, None]
-  cols = tf.range(width, dtype=tf.float32)[None, :, None]
-  in_box = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
   erase = tf.reduce_any(fits) & (tf.random.stateless_uniform([], apply_rng) < prob)
-  noise = tf.random.stateless_normal([height, width, channels], noise_rng)
-  return tf.where(in_box & erase, noise, image)
+  box = tf.cast(tf.stack([top, left, box_h, box_w]), tf.int32)
+  return tf.where(erase, box, tf.zeros_like(box))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from configs import finetune_demo, knn_demo, linear_probe_demo, test_tiny
@@ -154,7 +155,11 @@ def test_programs_lowered_for_cuda_have_no_cpu_kernels():
 
 @pytest.mark.parametrize("get_config, overrides", [
     (finetune_demo.get_config, {"batch_size": 8, "eval_batch_size": 8}),
+    # Random erasing on the device: uint8 images plus the pipeline's boxes (input_pipeline, dtm_jax/images.py).
+    (finetune_demo.get_config, {"batch_size": 8, "eval_batch_size": 8, "input.random_erase_prob": 0.25}),
     (linear_probe_demo.get_config, {"batch_size": 8, "eval_batch_size": 8, "precompute_features": False}),
+    (linear_probe_demo.get_config, {"batch_size": 8, "eval_batch_size": 8, "precompute_features": False,
+                                    "augment": True, "input.random_erase_prob": 0.25}),
     (knn_demo.get_config, {"knn.batch_size": 8, "knn.num_train_examples": 64}),
 ])
 def test_evaluation_programs_lowered_for_cuda_have_no_cpu_kernels(get_config, overrides):
@@ -164,6 +169,8 @@ def test_evaluation_programs_lowered_for_cuda_have_no_cpu_kernels(get_config, ov
     for program in aot.build_programs(config, mesh):
       text = program.jitted.trace(*program.args).lower(lowering_platforms=("cuda",)).as_text()
       assert "dtm_" not in text, program.name
+      images = [a for a in jax.tree.leaves(program.args) if getattr(a, "ndim", 0) == 4 and a.shape[-1] == 3]
+      assert images and all(a.dtype == jnp.uint8 for a in images), program.name  # every batch travels as uint8
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import torch
 
 from dtm_jax.models import clip
 from dtm_jax.models import convert
+from dtm_jax.models import position_resize
 from dtm_jax.models import vit
 from tests import torch_reference as ref
 
@@ -129,8 +130,11 @@ def test_beit_pretraining_checkpoint(tmp_path, hf_beit):
   bf16 = convert.load_converted(out, dtype=jnp.bfloat16)
   assert bf16.config.dtype == jnp.bfloat16 and bf16.lm_head.kernel[...].dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(bf16(jnp.asarray(x), jnp.asarray(mask)), np.float32), want, atol=0.15)
-  with pytest.raises(convert.ConversionError, match="resizing BEiT"):
-    convert.load_converted(out, image_size=64)
+  larger = convert.load_converted(out, image_size=48)  # 4×4 → 6×6 patches: tables resized (position_resize)
+  assert larger.config.image_size == 48
+  np.testing.assert_allclose(larger.shared_rel_pos_bias[...], position_resize.resize_rel_pos_table(
+      student.shared_rel_pos_bias[...], 4, 6), rtol=1e-6)
+  assert larger(jnp.asarray(np.zeros((1, 48, 48, 3), np.float32)), jnp.zeros((1, 36), bool)).shape == (1, 36, 16)
 
 
 def test_beit_classifier_checkpoint(tmp_path):
@@ -166,8 +170,8 @@ def test_errors_name_the_problem(tmp_path, hf_beit):
 
   with pytest.raises(convert.ConversionError, match="not a openai_clip checkpoint"):
     convert.convert_weights(weights, "openai_clip")
-  with pytest.raises(convert.ConversionError, match="resizing BEiT"):
-    convert.convert_weights(weights, "beit", image_size=64)
+  with pytest.raises(convert.ConversionError, match="not a multiple of the patch size"):
+    convert.convert_weights(weights, "beit", image_size=60)
 
   unsafe = _torch_file(tmp_path / "with_args.pth", {"model": weights, "args": argparse.Namespace(lr=1.0)})
   with pytest.raises(SystemExit, match="re-save only its weights"):

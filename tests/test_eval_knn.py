@@ -215,7 +215,7 @@ def test_periodic_knn_traces_and_compiles_once(mesh, monkeypatch):
   config = ml_collections.ConfigDict({
       "eval": {"every": 1, "k": 5, "temperature": 0.07, "batch_size": 16, "num_train_examples": 0,
                "num_eval_examples": 0},
-      "input": {"train_split": "train", "eval_split": "validation"},
+      "input": {"train_split": "train", "eval_split": "validation", "mean": (0.5,) * 3, "std": (0.25,) * 3},
       "model": {"image_size": student_config.image_size}})
   evaluate = train.make_periodic_evaluator(config, CountingStudent(), mesh)
   lowerings = []  # JAX's tracing, lowering and compilation events

@@ -1,4 +1,8 @@
-"""Linear probe: separable features reach ~100%, padding is ignored, and the student's features are as documented."""
+"""Linear probe: separable features reach ~100%, padding is ignored, a stopped probe resumes, and the student's features
+are as documented."""
+import os
+import signal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import linear_probe_demo
-from dtm_jax import metrics, sharding
+from dtm_jax import checkpoint, errors, metrics, sharding
 from dtm_jax.evaluate import common, linear_probe
 from dtm_jax.models import functional, vit
 
@@ -55,6 +59,72 @@ def test_probe_on_separable_features_reaches_100_percent(mesh, tmp_path, optimiz
   assert losses[-1] < 0.5 * losses[0]
 
 
+class _SigtermAfter(metrics.MetricsWriter):
+  """Sends this process SIGTERM once it has logged `step` (as a scheduler would, mid-run)."""
+
+  def __init__(self, workdir, step):
+    super().__init__(workdir, resume_step=0)
+    self._step = step
+
+  def write_scalars(self, step, scalars, **kwargs):
+    super().write_scalars(step, scalars, **kwargs)
+    if step == self._step:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_saves_the_epoch_reached_and_the_rerun_ends_as_an_uninterrupted_probe(mesh, tmp_path):
+  rng = np.random.default_rng(1)
+  train, test = clustered_features(rng, 1000, 24, mesh), clustered_features(rng, 400, 8, mesh)
+  config = probe_config()  # 12 epochs of 15 steps, evaluated every 4
+
+  def run(workdir, writer):
+    try:
+      return linear_probe.train_on_features(config, train, test, mesh, writer, checkpoint.Checkpointer(workdir))
+    finally:
+      writer.close()
+
+  reference = run(tmp_path / "reference", metrics.MetricsWriter(tmp_path / "reference"))
+  with pytest.raises(errors.Interrupted) as stopped:
+    run(tmp_path / "probe", _SigtermAfter(tmp_path / "probe", 6 * 15))
+  assert stopped.value.exit_code == 0 and "after epoch 6 of 12" in str(stopped.value)
+  assert checkpoint.Checkpointer(tmp_path / "probe").all_steps() == [4 * 15, 6 * 15]  # an evaluation, then the stop
+  resumed = run(tmp_path / "probe", metrics.MetricsWriter(tmp_path / "probe", resume_step=6 * 15))
+  assert resumed == pytest.approx(reference)
+  logged = [r["step"] for r in metrics.read_jsonl(tmp_path / "probe" / "metrics.jsonl")]
+  assert logged == [15 * epoch for epoch in range(1, 13)]  # epochs 7-12 once, after the resume
+  for a, b in zip(*(jax.tree.leaves(checkpoint.restore_params(tmp_path / name)[0]) for name in ("probe", "reference"))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_online_probe_stopped_by_sigterm_resumes_at_the_saved_input_position(mesh, tmp_path, student):
+  """Without precomputed features the probe's input stream is saved with it: the rerun continues the stream."""
+  student, params = student
+  encode = common.feature_fn(student, pooling="mean")
+  config = probe_config()
+  config.update(num_classes=eval_testing.NUM_CLASSES, precompute_features=False, num_train_examples=48,
+                batch_size=16, eval_batch_size=16, epochs=4, warmup_epochs=1, eval_every_epochs=2)
+  config.optimizer.update(name="sgd", base_lr=0.1)
+
+  def run(workdir, writer, stream):
+    try:
+      return linear_probe.train_online(
+          config, encode, params, stream, lambda: eval_testing.tinted_eval_batches(40, 16), mesh, writer,
+          feature_dim=student.config.width, checkpointer=checkpoint.Checkpointer(workdir))
+    finally:
+      writer.close()
+
+  reference = run(tmp_path / "reference", metrics.MetricsWriter(tmp_path / "reference"), eval_testing.TintedStream(16))
+  with pytest.raises(errors.Interrupted):
+    run(tmp_path / "probe", _SigtermAfter(tmp_path / "probe", 3 * 3), eval_testing.TintedStream(16))
+  assert checkpoint.Checkpointer(tmp_path / "probe").all_steps() == [2 * 3, 3 * 3]
+  stream = eval_testing.TintedStream(16)
+  resumed = run(tmp_path / "probe", metrics.MetricsWriter(tmp_path / "probe", resume_step=3 * 3), stream)
+  assert stream.step == 4 * 3  # restored at batch 9, then one epoch of 3 batches
+  assert resumed == pytest.approx(reference)
+  for a, b in zip(*(jax.tree.leaves(checkpoint.restore_params(tmp_path / name)[0]) for name in ("probe", "reference"))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_batch_norm_statistics_ignore_padding():
   features = jnp.array([[1.0, 2.0], [3.0, 6.0], [1e6, -1e6]])
   valid = jnp.array([True, True, False])
@@ -87,6 +157,19 @@ def test_features_pool_the_final_tokens(student):
   cls = common.feature_fn(student, pooling="cls")(params, images)
   np.testing.assert_allclose(mean, tokens[:, 1:].mean(axis=1), rtol=1e-6)
   np.testing.assert_allclose(cls, tokens[:, 0], rtol=1e-6)
+
+
+def test_features_of_uint8_images_are_normalised_on_the_device(student):
+  """Evaluation batches arrive as uint8: the features equal those of the host-normalised float images."""
+  student, params = student
+  pixels = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+  mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+  on_host = (pixels / 255.0 - np.array(mean)) / np.array(std)
+  expected = common.feature_fn(student)(params, jnp.asarray(on_host, jnp.float32))
+  got = jax.jit(common.feature_fn(student, normalization=(mean, std)))(params, jnp.asarray(pixels))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="normalization"):
+    common.feature_fn(student)(params, jnp.asarray(pixels))
 
 
 def test_features_average_the_last_blocks(student):

@@ -72,3 +72,17 @@ def test_finetune_run(setup):
   assert saved["steps"] == 4
   with pytest.raises(ValueError, match="must differ"):
     finetune.run(config, str(root / "pretrain"))
+
+
+def test_finetune_run_at_a_larger_image_size(setup):
+  """A student pretrained at 16² fine-tunes at 24² (`config.model.image_size`): restored at its own size, its
+  position tables resized for the classifier, the input pipeline cropping 24² images."""
+  root, input_config = setup
+  config = configure(finetune_demo.get_config(), root, input_config, num_classes=eval_testing.NUM_CLASSES,
+                     num_train_examples=64, batch_size=16, eval_batch_size=8, epochs=1, warmup_epochs=0)
+  config.mix.prob = 0.0
+  config.model.image_size = 24
+  result = finetune.run(config, str(root / "finetune_24"))
+  assert result["steps"] == 4 and result["checkpoint"].endswith("checkpoints/3")
+  model_config = json.loads((root / "finetune_24" / "checkpoints" / "4" / "metadata" / "metadata").read_text())
+  assert model_config["model_config"]["image_size"] == 24

@@ -181,6 +181,7 @@ def test_batch_sizes_are_checked_against_the_device_count_of_the_target_slice():
 @pytest.mark.parametrize("module, name", [
     ("configs.dtm_vit_b16_in1k", "pretrain"), ("configs.dtm_vit_s16_in1k", "pretrain"),
     ("configs.dtm_vit_l16_in1k", "pretrain"), ("configs.finetune_vit_b16_in1k", "finetune"),
+    ("configs.finetune_vit_b16_in1k_384", "finetune"), ("configs.finetune_inat18", "finetune"),
     ("configs.linear_probe_in1k", "linear_probe"), ("configs.knn_in1k", "knn")])
 @pytest.mark.parametrize("devices", [16, 32, 64, 256])
 def test_shipped_batch_sizes_divide_common_slice_sizes(module, name, devices):

@@ -146,3 +146,38 @@ def test_missing_imagenet_says_where_to_put_which_archives(tmp_path):
   (manual / "ILSVRC2012_img_val.tar").write_bytes(b"")
   with pytest.raises(FileNotFoundError, match="The archives are in"):
     evaluate()
+
+
+def test_mocked_inaturalist_feeds_finetuning_at_its_configured_size():
+  """configs/finetune_inat18.py's input block reads TFDS i_naturalist2018 (image + label of 8,142 species)."""
+  from configs import finetune_inat18  # pylint: disable=g-import-not-at-top
+  config = finetune_inat18.get_config("384")
+  cfg = config.input
+  cfg.shuffle_buffer = 8
+  with tfds.testing.mock_data(num_examples=10):
+    batch = next(input_pipeline.build_finetune_train(cfg, image_size=48, global_batch_size=4, seed=0))
+    ev = input_pipeline.build_eval(cfg, image_size=48, global_batch_size=4, process_index=0, process_count=1)
+    batches = list(ev)
+  assert batch["image"].shape == (4, 48, 48, 3)
+  assert ((0 <= batch["label"]) & (batch["label"] < config.num_classes)).all()
+  assert ev.num_examples == 10 and batches[0]["image"].shape == (4, 48, 48, 3)
+  assert all(((0 <= b["label"]) & (b["label"] < config.num_classes)).all() for b in batches)
+
+
+def test_a_stream_started_at_a_step_is_a_fresh_pass_with_the_steps_masks(data_dir):
+  """TFDS keeps no position to compute: a stream rebuilt at a step (resume on another process count) is a fresh
+  shuffle seeded by the step, a whole pass over the shard (nothing skipped), with the masks of its batch numbers."""
+  cfg = _cfg(data_dir)
+  def build(start_step):
+    return input_pipeline.build_pretrain(cfg, image_size=32, patch_size=8, global_batch_size=4, seed=7,
+                                         process_index=0, process_count=1, start_step=start_step)
+  stream = build(0)
+  masks = [next(stream)["mask"] for _ in range(7)]
+  started = build(4)
+  assert "fresh shuffled pass" in started.start_note
+  batches = [next(started) for _ in range(3)]  # 12 examples: one pass
+  for batch, expected in zip(batches, masks[4:], strict=True):
+    np.testing.assert_array_equal(batch["mask"], expected)
+  assert sorted(np.concatenate([b["label"] for b in batches])) == list(range(_TRAIN))
+  again = next(build(4))
+  np.testing.assert_array_equal(again["image"], batches[0]["image"])  # deterministic: a function of (seed, step)

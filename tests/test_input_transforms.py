@@ -136,17 +136,35 @@ def test_color_jitter_strength_and_range():
                              atol=1e-6)
 
 
-def test_random_erase_replaces_one_box_with_noise():
-  erased = _per_seed(lambda rng: transforms.random_erase(tf.zeros([32, 32, 3]), rng, 1.0), 50)
-  fractions = []
-  for image in erased:
-    changed = image != 0
-    rows, cols = np.flatnonzero(changed.any(axis=(1, 2))), np.flatnonzero(changed.any(axis=(0, 2)))
-    box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    assert box.all()   # One solid rectangle of noise.
-    fractions.append(changed.any(axis=2).mean())
-  assert 0.015 <= min(fractions) and max(fractions) <= 0.36
-  assert not transforms.random_erase(tf.zeros([32, 32, 3]), _rng(0), 0.0).numpy().any()
+def test_random_erase_boxes_are_timms_boxes():
+  boxes = _per_seed(lambda rng: transforms.random_erase_box(rng, 32, 24, 1.0), 200, tf.int32)
+  top, left, height, width = boxes.T
+  assert (height > 0).mean() > 0.95  # with prob 1 a box is drawn unless none of the 10 tries fits
+  drawn = height > 0
+  assert (top >= 0).all() and (left >= 0).all() and (top + height <= 32).all() and (left + width <= 24).all()
+  fractions = height[drawn] * width[drawn] / (32 * 24)
+  assert 0.015 <= fractions.min() and fractions.max() <= 0.36
+  aspects = height[drawn] / width[drawn]
+  assert aspects.min() < 0.6 and aspects.max() > 1.7  # log-uniform in [0.3, 1/0.3] (rounded to pixels)
+  none = _per_seed(lambda rng: transforms.random_erase_box(rng, 32, 24, 0.0), 20, tf.int32)
+  assert not none.any()
+  half = _per_seed(lambda rng: transforms.random_erase_box(rng, 32, 24, 0.5), 400, tf.int32)
+  assert 0.4 < (half[:, 2] > 0).mean() < 0.6
+
+
+def test_device_random_erase_fills_exactly_the_box_with_normal_noise():
+  import jax  # pylint: disable=g-import-not-at-top
+  from dtm_jax import images as images_lib  # pylint: disable=g-import-not-at-top
+  images = np.full([3, 16, 12, 3], 7.0, np.float32)
+  boxes = np.array([[2, 3, 5, 4], [0, 0, 0, 0], [10, 0, 6, 12]], np.int32)
+  out = np.asarray(images_lib.random_erase(images, boxes, jax.random.key(0)))
+  for image, (top, left, height, width) in zip(out, boxes):
+    changed = (image != 7.0).any(axis=-1)
+    expected = np.zeros_like(changed)
+    expected[top:top + height, left:left + width] = True
+    np.testing.assert_array_equal(changed, expected)
+  noise = out[2, 10:16]
+  assert abs(noise.mean()) < 0.2 and 0.8 < noise.std() < 1.2
 
 
 # --- RandAugment ops against PIL.

@@ -2,6 +2,7 @@
 checkpoints, and metrics that are flushed off the step's path."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -163,13 +164,20 @@ def test_an_unfinalized_temporary_step_directory_is_never_read(two_students):
 # ---------------------------------------------------------------------------------------------------------------------
 # Restore fallback decided by all processes together.
 # ---------------------------------------------------------------------------------------------------------------------
-def _two_processes(workdir, *flags, timeout=300):
+def _start_two_processes(workdir, *flags):
   port = free_port()
   command = [sys.executable, os.path.join(REPO, "main.py"), "--config=" + os.path.join(REPO, "configs/test_tiny.py"),
              f"--workdir={workdir}", "--config.log_every=1", "--config.checkpoint_every=4",
              "--config.total_steps=12", *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-  procs = [subprocess.Popen(command + [f"--process_id={i}"], env=_env(2), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  return [subprocess.Popen(command + [f"--process_id={i}"], env=_env(2), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def _two_processes(workdir, *flags, timeout=300):
+  return _wait(_start_two_processes(workdir, *flags), timeout)
+
+
+def _wait(procs, timeout=300):
   outs = []
   try:
     for p in procs:
@@ -228,3 +236,72 @@ def test_pretraining_with_a_long_flush_interval_keeps_the_lines_up_to_the_checkp
                            text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
   assert _jsonl_steps(workdir) == list(range(1, saved + 6))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preemption at pod scale: the notice reaches one host; every process saves the same step.
+# ---------------------------------------------------------------------------------------------------------------------
+def test_sigterm_to_one_process_saves_the_same_step_on_both_and_the_rerun_equals_an_uninterrupted_run(tmp_path):
+  """GKE/Spot preempt one host at a time: JAX's preemption sync point gives every process the same step to save,
+  within the grace period, and both exit 0."""
+  workdir = tmp_path / "run"
+  flags = ("--config.total_steps=1000", "--config.checkpoint_every=1000")  # only the preemption saves
+  procs = _start_two_processes(workdir, *flags)
+  _wait_for_steps(workdir, procs, 3)
+  procs[1].send_signal(signal.SIGTERM)  # the other process is never signalled
+  codes, outs = _wait(procs)
+  assert codes == [0, 0], "\n".join(out[-3000:] for out in outs)
+  stopped = [re.findall(r"Preempted: checkpoint of step (\d+) written", out) for out in outs]
+  assert stopped[0] == stopped[1] and len(stopped[0]) == 1, "\n".join(out[-3000:] for out in outs)
+  saved = int(stopped[0][0])
+  assert saved >= 3 and checkpoint.find_step_directory(workdir)[1] == saved
+  iterator_states = workdir / "checkpoints" / str(saved) / "data_iterator"
+  assert sorted(p for p in os.listdir(iterator_states) if p.startswith("process_")) == [
+      "process_0_of_2", "process_1_of_2"]
+  assert max(_jsonl_steps(workdir)) == saved  # the checkpoint is of the last step taken
+
+  end = (f"--config.stop_after_step={saved + 3}",)
+  codes, outs = _two_processes(workdir, *flags, *end)
+  assert codes == [0, 0], "\n".join(out[-3000:] for out in outs)
+  assert all(f"Resumed from the checkpoint of step {saved}" in out for out in outs)
+  reference = tmp_path / "reference"
+  codes, outs = _two_processes(reference, *flags, *end)
+  assert codes == [0, 0], "\n".join(out[-3000:] for out in outs)
+  expected, got = losses_by_step(reference), losses_by_step(workdir)
+  assert sorted(got) == sorted(expected) == list(range(1, saved + 4))
+  for step in expected:
+    np.testing.assert_allclose(got[step], expected[step], rtol=1e-6, err_msg=f"step {step}")
+  for a, b in zip(jax.tree.leaves(_params_on_one_device(workdir)), jax.tree.leaves(_params_on_one_device(reference))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def _wait_for_steps(workdir, procs, steps):
+  deadline = time.time() + 300
+  while len(_jsonl_steps(workdir)) < steps and all(p.poll() is None for p in procs) and time.time() < deadline:
+    time.sleep(0.01)
+  assert all(p.poll() is None for p in procs), "a process ended before the signal"
+
+
+def _params_on_one_device(workdir):
+  """The newest parameters of a two-process run, read onto one device here (their saved shardings name the two
+  processes' devices)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory, step = checkpoint.find_step_directory(workdir)
+  saved = ocp.StandardCheckpointer().metadata(directory / str(step) / "params").item_metadata.tree
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return checkpoint.restore_params(workdir, target=jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), saved))[0]
+
+
+def test_ctrl_c_in_one_process_makes_both_save_the_same_step(tmp_path):
+  """The first Ctrl-C is handed to JAX's preemption sync manager as a SIGTERM of its own process: the other process
+  saves the same step and exits 0, the interrupted one exits with 130."""
+  workdir = tmp_path / "run"
+  procs = _start_two_processes(workdir, "--config.total_steps=1000", "--config.checkpoint_every=1000")
+  _wait_for_steps(workdir, procs, 3)
+  procs[0].send_signal(signal.SIGINT)
+  codes, outs = _wait(procs)
+  assert codes == [130, 0], "\n".join(out[-3000:] for out in outs)
+  stopped = [re.findall(r"Preempted: checkpoint of step (\d+) written", out) for out in outs]
+  assert stopped[0] == stopped[1] and len(stopped[0]) == 1, "\n".join(out[-3000:] for out in outs)
+  assert checkpoint.find_step_directory(workdir)[1] == int(stopped[0][0])

@@ -1,6 +1,8 @@
 """Shared helpers of the training and reliability tests."""
 import os
 import socket
+import subprocess
+import sys
 
 from configs import test_tiny
 from dtm_jax import metrics
@@ -32,3 +34,30 @@ def free_port():
     return s.getsockname()[1]
 
 
+
+
+def main_env(devices):
+  """Environment of a `main.py` subprocess with `devices` fake CPU devices."""
+  env = dict(os.environ)
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  return env
+
+
+def run_main(workdir, *flags, num_processes=1, devices=2, timeout=300):
+  """Runs configs/test_tiny.py through `main.py` as one job of `num_processes` processes on 127.0.0.1 with `devices`
+  fake CPU devices each; returns (exit codes, outputs), one per process. A hung job is killed and fails the test."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  command = [sys.executable, os.path.join(REPO, "main.py"), "--config=" + os.path.join(REPO, "configs/test_tiny.py"),
+             f"--workdir={workdir}", *flags]
+  if num_processes > 1:
+    command += [f"--coordinator_address=127.0.0.1:{free_port()}", f"--num_processes={num_processes}"]
+  procs = [subprocess.Popen(command + ([f"--process_id={i}"] if num_processes > 1 else []), env=main_env(devices),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(num_processes)]
+  try:
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    outs = [p.communicate()[0] for p in procs]
+    pytest.fail("the processes hung:\n" + "\n".join(out[-3000:] for out in outs))
+  return [p.returncode for p in procs], outs

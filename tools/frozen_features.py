@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from configs import linear_probe_demo
 from dtm_jax import metrics, sharding
+from dtm_jax import images as images_lib
 from dtm_jax.evaluate import common, knn, linear_probe
 
 
@@ -39,6 +40,8 @@ def load_split(input_cfg: ml_collections.ConfigDict, split: str, num_examples: i
     images.append(batch["image"][batch["valid"]])
     labels.append(batch["label"][batch["valid"]])
   images, labels = np.concatenate(images)[:num_examples], np.concatenate(labels)[:num_examples]
+  mean, std = (np.asarray(v, np.float32) for v in images_lib.normalization_of(input_cfg))
+  images = (images.astype(np.float32) / 255.0 - mean) / std  # decoded once, normalised once (the pipeline sends uint8)
   if len(labels) < num_examples:
     raise ValueError(f"The {split!r} split has only {len(labels)} examples; ask for at most that many.")
   return Split(images, labels.astype(np.int32))

@@ -19,7 +19,9 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from dtm_jax import checkpoint, metrics, sharding
+from dtm_jax import checkpoint, errors, metrics, sharding
+from dtm_jax import images as images_lib
+from dtm_jax import preemption as preemption_lib
 from dtm_jax.models import convert, functional, vit
 
 PyTree = Any
@@ -88,11 +90,22 @@ def abstract_student(config: vit.ViTConfig, mesh: Mesh, min_fsdp_size: int = 2 *
   return Student(config=config, model=model, params=params, checkpoint="(shapes only)", step=None)
 
 
-def abstract_images(batch_size: int, config: vit.ViTConfig, batch_sharding, dtype=None) -> jax.ShapeDtypeStruct:
-  """A batch of images as the input pipeline sends them: float32 (normalised) unless `dtype` says uint8."""
+def student_config_of(config: ml_collections.ConfigDict) -> vit.ViTConfig:
+  """The student an evaluation config names in `config.pretrained.architecture` (default ViT-B/16) with the config's
+  model overrides: what `--mode=compile` builds (runs read the architecture from the checkpoint), and the trunk of
+  a from-scratch segmentation baseline."""
+  architecture = dict(config.pretrained.get("architecture") or {"variant": "base"})
+  fields = {**architecture, **dict(config.get("model", {}))}
+  variant = fields.pop("variant")
+  if "dtype" in fields:
+    fields["dtype"] = jnp.dtype(fields["dtype"])
+  return vit.get_config(variant, **fields)
+
+
+def abstract_images(batch_size: int, config: vit.ViTConfig, batch_sharding) -> jax.ShapeDtypeStruct:
+  """A batch of images as the input pipeline sends them: uint8, normalised on the device (dtm_jax.images)."""
   size = config.image_size
-  return jax.ShapeDtypeStruct((batch_size, size, size, config.in_channels), dtype or jnp.float32,
-                              sharding=batch_sharding)
+  return jax.ShapeDtypeStruct((batch_size, size, size, config.in_channels), jnp.uint8, sharding=batch_sharding)
 
 
 def encoder_flops(config: vit.ViTConfig) -> float:
@@ -122,8 +135,12 @@ def _restore_converted(pretrained, mesh, min_fsdp_size, overrides) -> Student:
 # ---------------------------------------------------------------------------------------------------------------------
 # Features.
 # ---------------------------------------------------------------------------------------------------------------------
-def feature_fn(student: Student, *, pooling: str = "mean", num_blocks: int = 1) -> EncodeFn:
+def feature_fn(student: Student, *, normalization: images_lib.Normalization | None = None, pooling: str = "mean",
+               num_blocks: int = 1) -> EncodeFn:
   """`encode(params, images) -> [B, width]` float32 features of the frozen student (jittable).
+
+  uint8 images (what the input pipeline sends) are normalised on the device with `normalization` = (mean, std)
+  (`images.normalization_of(config.input)`); float images are taken as already normalised.
 
   Tokens after the final LayerNorm, pooled by `pooling` ("mean" of the patch tokens or the "cls" token). With
   `num_blocks` = k > 1, the outputs of the last k blocks each go through the final LayerNorm and their pooled
@@ -139,6 +156,10 @@ def feature_fn(student: Student, *, pooling: str = "mean", num_blocks: int = 1) 
     return tokens[:, 1:].mean(axis=1) if pooling == "mean" else tokens[:, 0]
 
   def encode(params, images):
+    if images.dtype == jnp.uint8:
+      if normalization is None:
+        raise ValueError("uint8 images need feature_fn(..., normalization=images.normalization_of(config.input)).")
+      images = images_lib.to_model_input(images, *normalization)
     module = student.model.bind(params)
     if num_blocks == 1:
       return pool(module.encode(images)).astype(jnp.float32)
@@ -162,6 +183,11 @@ class FeatureSet:
   @property
   def num_valid(self) -> int:
     return int(jnp.sum(self.valid))
+
+
+def training_batch(host_batch: dict) -> dict:
+  """The arrays of a labelled training batch that the devices use (what `images.training_images` reads)."""
+  return {k: host_batch[k] for k in ("image", "label", "erase_box") if k in host_batch}
 
 
 def take_batches(batches: Iterable[dict], global_batch_size: int, max_examples: int | None) -> Iterable[dict]:
@@ -256,6 +282,58 @@ def make_classifier_evaluator(predict_fn: Callable[..., jax.Array], mesh: Mesh):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The training loop of fine-tuning and segmentation.
+# ---------------------------------------------------------------------------------------------------------------------
+def run_training_steps(state: PyTree, *, what: str, step: int, total_steps: int, train_step: Callable,
+                       next_batch: Callable[[], PyTree], rng: jax.Array, is_eval_step: Callable[[int], bool],
+                       evaluate: Callable[[PyTree, int], None], save: Callable[[PyTree, int], None],
+                       checkpointer: checkpoint.Checkpointer, writer: metrics.MetricsWriter,
+                       progress: metrics.Progress, log_every: int, stop_after: int | None = None) -> tuple[PyTree, int]:
+  """Steps `step` → `total_steps` of `train_step(state, batch, rng) -> (state, scalars)`; returns (state, step).
+
+  Evaluates (`evaluate(state, step)`) and checkpoints (`save(state, step)`) at each `is_eval_step`, and checkpoints
+  and stops at a preemption (SIGTERM, Ctrl-C, JAX's preemption notice) or at `stop_after`. Double buffering: the next
+  batch (`next_batch()`, already sent to the devices) is read while they run a step, never past a step that saves,
+  so a saved input position is exactly the steps taken. Closes `checkpointer` (waits for the last save) and
+  `writer`. A preemption before `total_steps` raises `errors.Interrupted` (exit 0 after SIGTERM, 130 after Ctrl-C).
+  """
+  preemption = preemption_lib.PreemptionFlag().install()
+  batch = None  # the next step's batch, when it is already on its way to the devices
+  stopped = False
+  try:
+    while step < total_steps:
+      state, scalars = train_step(state, batch if batch is not None else next_batch(), rng)
+      step += 1
+      evaluating = is_eval_step(step) or step == total_steps
+      stopped = preemption.should_stop() or step == stop_after  # every step on every process: all stop together
+      batch = None if (evaluating or stopped) else next_batch()
+      progress(step, done=scalars)
+      if step % log_every == 0:
+        writer.write_scalars(step, jax.device_get(scalars))
+      if evaluating:
+        evaluate(state, step)
+      if evaluating or stopped:  # a mid-epoch step when stopped: resumable
+        writer.flush()  # the lines up to a checkpoint's step survive a kill (they are not computed again)
+        save(state, step)
+      if stopped:
+        logging.warning("Stopped at step %d of %d: its checkpoint is written; rerunning the same command resumes "
+                        "from it.", step, total_steps)
+        break
+  finally:
+    preemption.uninstall()
+    try:
+      checkpointer.close()  # waits for the last save; a failed one raises CheckpointSaveError
+    finally:
+      writer.close()
+  if stopped and step < total_steps and preemption.requested:
+    raise errors.Interrupted(
+        f"{what} stopped ({'Ctrl-C' if preemption.interrupted else 'SIGTERM'}) at step {step} of {total_steps}; its "
+        f"checkpoint is in {checkpointer.directory}. Rerun the same command to resume from it.",
+        exit_code=errors.EXIT_INTERRUPTED if preemption.interrupted else 0)
+  return state, step
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Results.
 # ---------------------------------------------------------------------------------------------------------------------
 def write_results(workdir: str | epath.Path, results: dict) -> None:
@@ -264,7 +342,7 @@ def write_results(workdir: str | epath.Path, results: dict) -> None:
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=_json_default) + "\n")
-  scores = ", ".join(f"{k}={v:.2f}%" for k, v in results.items() if k.endswith(("top1", "top5")))
+  scores = ", ".join(f"{k}={v:.2f}%" for k, v in results.items() if k.endswith(("top1", "top5", "miou", "aacc")))
   line = f"{results.get('mode', 'eval')} of {results.get('checkpoint')} (step {results.get('step')}): {scores}"
   logging.info(line)
   print(line, flush=True)

@@ -21,8 +21,7 @@ from etils import epath
 from flax import nnx
 
 from dtm_jax import checkpoint as checkpoint_lib
-from dtm_jax import config_checks, errors, workdir_lock
-from dtm_jax import preemption as preemption_lib
+from dtm_jax import config_checks, workdir_lock
 from dtm_jax import images as images_lib
 from dtm_jax import metrics, optim, sharding
 from dtm_jax.evaluate import common, mixup
@@ -43,10 +42,22 @@ def _classifier_constructor(config: vit.ViTConfig, run_config: ml_collections.Co
   return lambda: vit.ViTClassifier(config, run_config.num_classes, pooling=run_config.pooling, rngs=nnx.Rngs(seed))
 
 
+def student_overrides(config: ml_collections.ConfigDict) -> dict:
+  """`config.model` without `image_size`: the student is restored at the size it was pretrained at, and only the
+  classifier takes `config.model.image_size` (`classifier_config`)."""
+  return {k: v for k, v in config.model.items() if k != "image_size"}
+
+
+def classifier_config(student_config: vit.ViTConfig, config: ml_collections.ConfigDict) -> vit.ViTConfig:
+  """The classifier fine-tuned from a student: `vit.finetune_config`, at `config.model.image_size` when set (its
+  position tables are resized from the student's: `vit.init_classifier_from_pretrained`)."""
+  return vit.finetune_config(student_config, image_size=config.model.get("image_size", student_config.image_size))
+
+
 def classifier_from_student(student: common.Student, config: ml_collections.ConfigDict,
                             shardings_of: Callable[[PyTree], PyTree]) -> tuple[Classifier, PyTree]:
   """A classifier initialised from the student (born sharded: the copy runs under jit)."""
-  clf_config = vit.finetune_config(student.config)
+  clf_config = classifier_config(student.config, config)
   model, abstract = functional.abstract_split(_classifier_constructor(clf_config, config))
 
   def init(student_params):
@@ -67,17 +78,18 @@ def make_optimizer(config: ml_collections.ConfigDict, params: PyTree, *, total_s
 
 def make_train_step(classifier: functional.FunctionalModule, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, num_classes: int, mix: mixup.MixConfig, ema_decay: float,
-                    mix_shards: int = 1, pixel_mean=(0.0,), pixel_std=(1.0,)):
+                    mix_shards: int = 1, normalization: images_lib.Normalization = ((0.0,), (1.0,))):
   """`step(state, batch, rng) -> (state, metrics)`; state = {"step", "params", "opt_state"[, "ema_params"]}.
 
-  uint8 images are normalised on the device with `pixel_mean`/`pixel_std` (dtm_jax.images) before mixing.
+  uint8 images are normalised on the device with `normalization` = (mean, std) and erased where the batch's
+  "erase_box" says (dtm_jax.images), before mixing.
 
   `mix_shards`: the devices the batch is split over; Mixup/CutMix pair images within each device's shard.
   """
 
   def train_step(state, batch, rng):
-    mix_rng, drop_rng = jax.random.split(jax.random.fold_in(rng, state["step"]))
-    images = images_lib.to_model_input(batch["image"], pixel_mean, pixel_std)
+    mix_rng, drop_rng, erase_rng = jax.random.split(jax.random.fold_in(rng, state["step"]), 3)
+    images = images_lib.training_images(batch, normalization, erase_rng)
     images, targets, _ = mixup.mix_batch(mix_rng, images, batch["label"], num_classes=num_classes,
                                          config=mix, num_shards=mix_shards)
 
@@ -118,13 +130,14 @@ class FinetuneProgram:
   flops_per_image: float  # analytic: forward + backward of the classifier
   batch_size: int
   image_size: int
-  image_dtype: Any  # of the images the input sends: uint8, or float32 normalised when random erasing is on
+  random_erasing: bool  # the input sends "erase_box" with every batch
 
   def abstract_inputs(self) -> tuple[PyTree, dict, jax.ShapeDtypeStruct]:
     size, rep = self.image_size, self.state_shardings["step"]
-    batch = {"image": jax.ShapeDtypeStruct((self.batch_size, size, size, 3), self.image_dtype,
-                                           sharding=self.batch_sharding),
+    batch = {"image": jax.ShapeDtypeStruct((self.batch_size, size, size, 3), jnp.uint8, sharding=self.batch_sharding),
              "label": jax.ShapeDtypeStruct((self.batch_size,), jnp.int32, sharding=self.batch_sharding)}
+    if self.random_erasing:
+      batch["erase_box"] = jax.ShapeDtypeStruct((self.batch_size, 4), jnp.int32, sharding=self.batch_sharding)
     return self.abstract_state, batch, jax.ShapeDtypeStruct(jax.random.key(0).shape, jax.random.key(0).dtype,
                                                             sharding=rep)
 
@@ -148,7 +161,7 @@ def build_program(config: ml_collections.ConfigDict, clf_config: vit.ViTConfig, 
   batch_sh = sharding.batch_sharding(mesh)
   step = jax.jit(make_train_step(model, tx, schedule, num_classes=config.num_classes, mix=mixup.MixConfig(**config.mix),
                                  ema_decay=config.ema_decay, mix_shards=mesh.size,  # the batch spans every device
-                                 pixel_mean=tuple(config.input.mean), pixel_std=tuple(config.input.std)),
+                                 normalization=images_lib.normalization_of(config.input)),
                  in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep), donate_argnums=(0,))
   flops = 3 * metrics.transformer_forward_flops(
       width=clf_config.width, depth=clf_config.depth, tokens=clf_config.num_patches + 1, mlp_dim=clf_config.mlp_dim,
@@ -157,8 +170,7 @@ def build_program(config: ml_collections.ConfigDict, clf_config: vit.ViTConfig, 
       model=model, tx=tx, init_state=init_state, state_shardings=state_sh,
       abstract_state=sharding.with_shardings(abstract_state, state_sh),
       batch_sharding=batch_sh, step=step, flops_per_image=flops, batch_size=config.batch_size,
-      image_size=clf_config.image_size,
-      image_dtype=jnp.float32 if config.input.random_erase_prob else jnp.uint8)  # see input_pipeline
+      image_size=clf_config.image_size, random_erasing=bool(config.input.random_erase_prob))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -211,8 +223,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info("Resumed fine-tuning at step %d of %d from %s.", step, total_steps, checkpointer.directory)
 
   # ----- Loop.
-  train_step = program.step
-  evaluate = common.make_classifier_evaluator(lambda params, images: classifier.model.apply(params, images), mesh)
+  normalization = images_lib.normalization_of(config.input)
+  evaluate = common.make_classifier_evaluator(
+      lambda params, images: classifier.model.apply(params, images_lib.to_model_input(images, *normalization)), mesh)
   rng = jax.random.key(config.seed)
   metadata = {"model_config": checkpoint_lib.model_config_to_json(classifier.config),
               "pretrained": classifier.source, "config": config.to_dict(),
@@ -222,45 +235,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                  flush_every_secs=config.get("metrics_flush_secs", metrics.FLUSH_EVERY_SECS))
   progress = metrics.Progress(total_steps, every_secs=config.progress_every_secs)
   result: dict[str, float] = {}
-  preemption = preemption_lib.PreemptionFlag().install()  # SIGTERM / Ctrl-C: save the step reached, then stop
-  stopped = False
-  try:
-    while step < total_steps:
-      host_batch = next(train_data)
-      batch = sharding.to_global({"image": host_batch["image"], "label": host_batch["label"]}, mesh)
-      state, scalars = train_step(state, batch, rng)
-      step += 1
-      progress(step, done=scalars)
-      if step % config.log_every == 0:
-        writer.write_scalars(step, jax.device_get(scalars))
-      stopped = preemption.any_process() if (jax.process_count() == 1 or step % 10 == 0) else False
-      if step % eval_every == 0 or step == total_steps:
-        result = evaluate(state["params"], eval_data())
-        if use_ema:
-          ema = evaluate(state["ema_params"], eval_data())
-          result.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
-        best_top1 = max(best_top1, result["top1"])
-        writer.write_scalars(step, {k: v for k, v in result.items() if k != "num_examples"} | {
-            "best_top1": best_top1, "epoch": step / steps_per_epoch})
-      if step % eval_every == 0 or step == total_steps or stopped:  # a mid-epoch step when stopped: resumable
-        writer.flush()  # the lines up to a checkpoint's step survive a kill (they are not computed again)
-        checkpointer.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
-                          data_iterator=train_data, metadata={**metadata, "step": step, "best_top1": best_top1})
-      if stopped:
-        logging.warning("Stopped at step %d of %d: its checkpoint is written; rerunning the same command resumes "
-                        "from it.", step, total_steps)
-        break
-  finally:
-    preemption.uninstall()
-    try:
-      checkpointer.close()
-    finally:
-      writer.close()
-  if stopped and step < total_steps:
-    raise errors.Interrupted(
-        f"Fine-tuning stopped ({'Ctrl-C' if preemption.interrupted else 'SIGTERM'}) at step {step} of "
-        f"{total_steps}; its checkpoint is in {checkpointer.directory}. Rerun the same command to resume from it.",
-        exit_code=errors.EXIT_INTERRUPTED if preemption.interrupted else 0)
+
+  def evaluate_and_record(state, step):
+    nonlocal result, best_top1
+    result = evaluate(state["params"], eval_data())
+    if use_ema:
+      ema = evaluate(state["ema_params"], eval_data())
+      result.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+    best_top1 = max(best_top1, result["top1"])
+    writer.write_scalars(step, {k: v for k, v in result.items() if k != "num_examples"} | {
+        "best_top1": best_top1, "epoch": step / steps_per_epoch})
+
+  def save(state, step):
+    checkpointer.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
+                      data_iterator=train_data, metadata={**metadata, "step": step, "best_top1": best_top1})
+
+  state, step = common.run_training_steps(
+      state, what="Fine-tuning", step=step, total_steps=total_steps, train_step=program.step,
+      next_batch=lambda: sharding.to_global(common.training_batch(next(train_data)), mesh), rng=rng,
+      is_eval_step=lambda step: step % eval_every == 0, evaluate=evaluate_and_record, save=save,
+      checkpointer=checkpointer, writer=writer, progress=progress, log_every=config.log_every)
   if not result:  # Resumed a run that had already finished.
     result = evaluate(state["params"], eval_data())
   return {"mode": "finetune", **classifier.source, "top1": result["top1"], "top5": result["top5"],
@@ -284,7 +278,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _run_locked(config: ml_collections.ConfigDict, workdir: str, input_pipeline) -> dict:
   mesh = common.make_mesh(config)
   student_fn = lambda: common.restore_student(config.pretrained, mesh, min_fsdp_size=config.mesh.min_fsdp_size,
-                                              model_overrides=config.model)
+                                              model_overrides=student_overrides(config))
   train_data_fn = lambda size: input_pipeline.build_finetune_train(
       config.input, image_size=size, global_batch_size=config.batch_size, seed=config.seed, augment=True)
   eval_data_fn = lambda size: input_pipeline.build_eval(config.input, image_size=size,

@@ -16,6 +16,7 @@ import ml_collections
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dtm_jax import config_checks, metrics, sharding
+from dtm_jax import images as images_lib
 from dtm_jax.evaluate import common
 
 PyTree = Any
@@ -84,7 +85,8 @@ def build_programs(config: ml_collections.ConfigDict, student_config, mesh: Mesh
   from dtm_jax import aot  # pylint: disable=g-import-not-at-top
   cfg = config.knn
   student = common.abstract_student(student_config, mesh, config.mesh.min_fsdp_size)
-  encode = common.feature_fn(student, pooling=config.features.pooling, num_blocks=config.features.num_blocks)
+  encode = common.feature_fn(student, normalization=images_lib.normalization_of(config.input),
+                             pooling=config.features.pooling, num_blocks=config.features.num_blocks)
   rows = sharding.batch_sharding(mesh)
   bank_rows = -(-(cfg.num_train_examples or config.num_train_examples) // cfg.batch_size) * cfg.batch_size
   bank = common.FeatureSet(jax.ShapeDtypeStruct((bank_rows, student_config.width), jnp.float32, sharding=rows),
@@ -189,7 +191,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = common.make_mesh(config)
   student = common.restore_student(config.pretrained, mesh, min_fsdp_size=config.mesh.min_fsdp_size,
                                    model_overrides=config.model)
-  encode = common.feature_fn(student, pooling=config.features.pooling, num_blocks=config.features.num_blocks)
+  encode = common.feature_fn(student, normalization=images_lib.normalization_of(config.input),
+                             pooling=config.features.pooling, num_blocks=config.features.num_blocks)
   result = knn_evaluate(encode, student.params, config.knn, mesh, input_config=config.input,
                         image_size=student.config.image_size)
   writer = metrics.MetricsWriter(workdir)

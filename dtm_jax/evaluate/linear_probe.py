@@ -3,7 +3,9 @@
 The student never changes, so its features can be computed once (`config.precompute_features`) and the classifier
 trained on them for all epochs in one jitted scan per epoch: minutes on a CPU for small data. Without
 precomputation the student encodes every augmented training batch (MAE's ImageNet setting). LARS (MAE) or SGD with
-momentum, lr = base_lr × batch / 256, linear warm-up then cosine.
+momentum, lr = base_lr × batch / 256, linear warm-up then cosine. `run` checkpoints the probe (weights, BatchNorm
+statistics, optimizer state, the training input's position) at each evaluation and when stopped (SIGTERM, Ctrl-C):
+rerunning the same command resumes after the epoch reached, with the result of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
+from dtm_jax import checkpoint as checkpoint_lib
 from dtm_jax import config_checks, errors, metrics, optim, sharding, workdir_lock
 from dtm_jax import images as images_lib
 from dtm_jax import preemption as preemption_lib
@@ -97,9 +100,15 @@ def make_train_step(tx: optax.GradientTransformation, bn_momentum: float):
 # Training: on precomputed features, or on features of augmented images computed every step.
 # ---------------------------------------------------------------------------------------------------------------------
 def _fit(config: ml_collections.ConfigDict, *, feature_dim: int, steps_per_epoch: int, mesh: Mesh,
-         writer: metrics.MetricsWriter, train_epoch: Callable, evaluate: Callable) -> dict:
+         writer: metrics.MetricsWriter, train_epoch: Callable, evaluate: Callable,
+         checkpointer: checkpoint_lib.Checkpointer | None = None,
+         train_data: checkpoint_lib.SavableIterator | None = None) -> dict:
   """The epoch loop both ways share: `train_epoch(state, epoch, train_step) -> (state, mean loss)`,
-  `evaluate(state) -> accuracy` every `config.eval_every_epochs` and at the end."""
+  `evaluate(state) -> accuracy` every `config.eval_every_epochs` and at the end.
+
+  With a `checkpointer` it resumes after the newest saved epoch and saves the probe (and `train_data`'s position) at
+  each evaluation and when a SIGTERM or Ctrl-C stops it after an epoch; every epoch's shuffle or batches follow
+  from the epoch number or the saved position, so a resumed run ends as an uninterrupted one."""
   if steps_per_epoch <= 0:
     raise ValueError(f"config.batch_size={config.batch_size} exceeds the number of training examples; lower it.")
   total_steps = config.epochs * steps_per_epoch
@@ -110,36 +119,70 @@ def _fit(config: ml_collections.ConfigDict, *, feature_dim: int, steps_per_epoch
     probe = init_probe(rng, feature_dim, config.num_classes)
     return {**probe, "opt_state": tx.init(probe["params"])}
 
-  state = jax.jit(init_state, out_shardings=sharding.replicated(mesh))(jax.random.key(config.seed))
-  best_top1, result = 0.0, {}
-  preemption = preemption_lib.PreemptionFlag().install()  # SIGTERM / Ctrl-C: stop after the current epoch
+  rep = sharding.replicated(mesh)
+  config_hash = checkpoint_lib.config_hash(config.to_dict())
+  best_top1, result, epoch = 0.0, {}, 0
+  restored = None
+  if checkpointer is not None and checkpointer.latest_step() is not None:
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                            jax.eval_shape(init_state, jax.random.key(config.seed)))
+    restored = checkpointer.restore_latest_good(
+        params=abstract["params"], train={k: v for k, v in abstract.items() if k != "params"},
+        data_iterator=train_data, required_metadata=("epoch", "best_top1"))
+  if restored is None:
+    state = jax.jit(init_state, out_shardings=rep)(jax.random.key(config.seed))
+  else:
+    _, params, train_items, metadata = restored
+    state, epoch, best_top1 = {"params": params, **train_items}, metadata["epoch"], metadata["best_top1"]
+    if metadata.get("config_hash") != config_hash:
+      logging.warning("Resuming the linear probe in %s with a config that differs from the one it started with.",
+                      checkpointer.directory)
+    logging.info("Resumed the linear probe after epoch %d of %d from %s.", epoch, config.epochs,
+                 checkpointer.directory)
+  stopped = False
+  preemption = preemption_lib.PreemptionFlag().install()  # SIGTERM / Ctrl-C: save after the current epoch, stop
   try:
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(epoch + 1, config.epochs + 1):
       state, loss = train_epoch(state, epoch, train_step)
       step = epoch * steps_per_epoch
       scalars = {"train_loss": loss, "lr": schedule(step - 1)}
-      if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
+      evaluating = epoch % config.eval_every_epochs == 0 or epoch == config.epochs
+      if evaluating:
         result = evaluate(state)
         best_top1 = max(best_top1, result["top1"])
         scalars.update(top1=result["top1"], top5=result["top5"])
       writer.write_scalars(step, scalars)
-      if epoch < config.epochs and preemption.any_process():
-        raise errors.Interrupted(
-            f"Linear probe stopped ({'Ctrl-C' if preemption.interrupted else 'SIGTERM'}) after epoch {epoch} of "
-            f"{config.epochs}; a probe keeps no checkpoint (it is cheap to redo): rerun the same command.",
-            exit_code=errors.EXIT_INTERRUPTED if preemption.interrupted else 0)
+      stopped = preemption.should_stop() and epoch < config.epochs  # asked every epoch on every process
+      if checkpointer is not None and (evaluating or stopped):
+        writer.flush()  # the lines up to a checkpoint's epoch survive a kill (they are not computed again)
+        checkpointer.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
+                          data_iterator=train_data, metadata={"step": step, "epoch": epoch, "best_top1": best_top1,
+                                                              "config_hash": config_hash})
+      if stopped:
+        break
   finally:
     preemption.uninstall()
+    if checkpointer is not None:
+      checkpointer.close()  # waits for the last save; a failed one raises CheckpointSaveError
+  if stopped:
+    raise errors.Interrupted(
+        f"Linear probe stopped ({'Ctrl-C' if preemption.interrupted else 'SIGTERM'}) after epoch {epoch} of "
+        f"{config.epochs}; " + (f"its checkpoint is in {checkpointer.directory}. Rerun the same command to resume "
+                                "from it." if checkpointer is not None else "rerun it to start again."),
+        exit_code=errors.EXIT_INTERRUPTED if preemption.interrupted else 0)
+  if not result:  # Resumed a probe that had already finished.
+    result = evaluate(state)
   writer.flush()
   return {"top1": result["top1"], "top5": result["top5"], "best_top1": best_top1,
           "num_eval_examples": result["num_examples"], "epochs": config.epochs, "steps": total_steps}
 
 
 def train_on_features(config: ml_collections.ConfigDict, train: common.FeatureSet, test: common.FeatureSet,
-                      mesh: Mesh, writer: metrics.MetricsWriter) -> dict:
+                      mesh: Mesh, writer: metrics.MetricsWriter,
+                      checkpointer: checkpoint_lib.Checkpointer | None = None) -> dict:
   """Train the probe on fixed features; each epoch is one jitted scan over the valid rows in a fresh random order
   (the last incomplete batch is dropped). Returns {"top1", "top5", "best_top1", "num_eval_examples", "epochs",
-  "steps"}."""
+  "steps"}. With a `checkpointer`: resumable (see _fit)."""
   batch_size = config.batch_size
   steps_per_epoch = train.num_valid // batch_size
   rows = sharding.batch_sharding(mesh)
@@ -161,20 +204,20 @@ def train_on_features(config: ml_collections.ConfigDict, train: common.FeatureSe
   accuracy = jax.jit(lambda state, test: common.accuracy_counts(probe_logits(state, test.features), test.labels,
                                                                 test.valid))
   return _fit(config, feature_dim=train.features.shape[-1], steps_per_epoch=steps_per_epoch, mesh=mesh,
-              writer=writer,
+              writer=writer, checkpointer=checkpointer,
               train_epoch=lambda state, epoch, step: scan_epoch(state, train, jax.random.fold_in(rng, epoch), step),
               evaluate=lambda state: common.accuracy_from_counts(accuracy(state, test)))
 
 
 def make_step_on_images(encode_fn: common.EncodeFn, input_config: ml_collections.ConfigDict):
-  """The online probe step, jitted: `(state, student_params, batch, train_step) -> (state, loss)` on the frozen
-  student's features of a batch of images ({"image", "label"}; uint8 ones are normalised with the input block's
-  mean/std on the device); `train_step` (from make_train_step) is static."""
-  mean, std = tuple(input_config.mean), tuple(input_config.std)
+  """The online probe step, jitted: `(state, student_params, batch, rng, train_step) -> (state, loss)` on the frozen
+  student's features of a batch of training images ({"image", "label"[, "erase_box"]}: normalised, and erased with
+  `rng`, on the device); `train_step` (from make_train_step) is static."""
+  normalization = images_lib.normalization_of(input_config)
 
-  @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
-  def step_on_images(state, student_params, batch, train_step):
-    images = images_lib.to_model_input(batch["image"], mean, std)
+  @functools.partial(jax.jit, static_argnums=4, donate_argnums=0)
+  def step_on_images(state, student_params, batch, rng, train_step):
+    images = images_lib.training_images(batch, normalization, rng)
     features = jax.lax.stop_gradient(encode_fn(student_params, images))
     return train_step(state, features, batch["label"], jnp.ones_like(batch["label"], jnp.bool_))
 
@@ -186,7 +229,8 @@ def build_programs(config: ml_collections.ConfigDict, student_config, mesh: Mesh
   precomputed features) the student's encoder over an eval batch and the probe step on a batch of features."""
   from dtm_jax import aot  # pylint: disable=g-import-not-at-top
   student = common.abstract_student(student_config, mesh, config.mesh.min_fsdp_size)
-  encode = common.feature_fn(student, pooling=config.features.pooling, num_blocks=config.features.num_blocks)
+  encode = common.feature_fn(student, normalization=images_lib.normalization_of(config.input),
+                             pooling=config.features.pooling, num_blocks=config.features.num_blocks)
   rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   tx, _ = make_optimizer(config.optimizer, total_steps=1000, warmup_steps=10, global_batch_size=config.batch_size)
   train_step = make_train_step(tx, config.bn_momentum)
@@ -201,10 +245,13 @@ def build_programs(config: ml_collections.ConfigDict, student_config, mesh: Mesh
   labels = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=rows)
   encoder_flops = common.encoder_flops(student_config)
   if not config.precompute_features:  # augmented training batches travel as uint8 (input_pipeline)
-    images = common.abstract_images(config.batch_size, student_config, rows,
-                                    jnp.uint8 if config.augment and not config.input.random_erase_prob else None)
+    batch = {"image": common.abstract_images(config.batch_size, student_config, rows), "label": labels}
+    if config.augment and config.input.random_erase_prob:
+      batch["erase_box"] = jax.ShapeDtypeStruct((config.batch_size, 4), jnp.int32, sharding=rows)
+    key = jax.random.key(0)
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
     return [aot.Program("probe_step_on_images", make_step_on_images(encode, config.input),
-                        (state, student.params, {"image": images, "label": labels}, train_step),
+                        (state, student.params, batch, rng, train_step),
                         encoder_flops * config.batch_size)]
   features = jax.ShapeDtypeStruct((config.batch_size, width), jnp.float32, sharding=rows)
   valid = jax.ShapeDtypeStruct((config.batch_size,), jnp.bool_, sharding=rows)
@@ -216,25 +263,32 @@ def build_programs(config: ml_collections.ConfigDict, student_config, mesh: Mesh
 
 def train_online(config: ml_collections.ConfigDict, encode_fn: common.EncodeFn, student_params: PyTree,
                  train_data: Iterator[dict], eval_data: Callable[[], Iterable[dict]], mesh: Mesh,
-                 writer: metrics.MetricsWriter, *, feature_dim: int) -> dict:
-  """Train the probe on the frozen student's features of every training batch (augmented by the input pipeline)."""
+                 writer: metrics.MetricsWriter, *, feature_dim: int,
+                 checkpointer: checkpoint_lib.Checkpointer | None = None) -> dict:
+  """Train the probe on the frozen student's features of every training batch (augmented by the input pipeline).
+  With a `checkpointer`: resumable, `train_data`'s position included (see _fit)."""
   steps_per_epoch = config.num_train_examples // config.batch_size
   step_on_images = make_step_on_images(encode_fn, config.input)
 
+  erase_rng = jax.random.key(config.seed)
+
+  next_batch = lambda: sharding.to_global(common.training_batch(next(train_data)), mesh)
+
   def train_epoch(state, epoch, train_step):
-    del epoch
     losses = []
-    for _ in range(steps_per_epoch):
-      host_batch = next(train_data)
-      batch = sharding.to_global({"image": host_batch["image"], "label": host_batch["label"]}, mesh)
-      state, loss = step_on_images(state, student_params, batch, train_step)
+    batch = next_batch()
+    for i in range(steps_per_epoch):
+      rng = jax.random.fold_in(erase_rng, epoch * steps_per_epoch + i)
+      state, loss = step_on_images(state, student_params, batch, rng, train_step)
       losses.append(loss)
+      if i + 1 < steps_per_epoch:  # double buffering: read the next batch while the devices run this step (never
+        batch = next_batch()       # past the epoch's end, where the probe may save its input position)
     return state, jnp.mean(jnp.stack(losses))
 
   evaluator = common.make_classifier_evaluator(
       lambda both, images: probe_logits(both["probe"], encode_fn(both["student"], images)), mesh)
   return _fit(config, feature_dim=feature_dim, steps_per_epoch=steps_per_epoch, mesh=mesh, writer=writer,
-              train_epoch=train_epoch,
+              checkpointer=checkpointer, train_data=train_data, train_epoch=train_epoch,
               evaluate=lambda state: evaluator({"probe": state, "student": student_params}, eval_data()))
 
 
@@ -254,27 +308,30 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, input_pipeline)
   mesh = common.make_mesh(config)
   student = common.restore_student(config.pretrained, mesh, min_fsdp_size=config.mesh.min_fsdp_size,
                                    model_overrides=config.model)
-  encode = common.feature_fn(student, pooling=config.features.pooling, num_blocks=config.features.num_blocks)
+  encode = common.feature_fn(student, normalization=images_lib.normalization_of(config.input),
+                             pooling=config.features.pooling, num_blocks=config.features.num_blocks)
   image_size = student.config.image_size
 
   def eval_data(split=None):
     return input_pipeline.build_eval(config.input, split=split, image_size=image_size,
                                      global_batch_size=config.eval_batch_size)
 
-  writer = metrics.MetricsWriter(workdir, resume_step=0)  # the probe starts afresh: an earlier attempt's lines go
+  checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=2)
+  # Lines of epochs past the newest checkpoint go: the resumed probe logs them again.
+  writer = metrics.MetricsWriter(workdir, resume_step=checkpointer.latest_step() or 0)
   try:
     if config.precompute_features:
       logging.info("Encoding %r and %r once with the frozen student.", config.input.train_split,
                    config.input.eval_split)
       train = common.extract_features(encode, student.params, eval_data(config.input.train_split), mesh)
       test = common.extract_features(encode, student.params, eval_data(), mesh)
-      result = train_on_features(config, train, test, mesh, writer)
+      result = train_on_features(config, train, test, mesh, writer, checkpointer)
     else:
       train_data = input_pipeline.build_finetune_train(config.input, image_size=image_size,
                                                        global_batch_size=config.batch_size, seed=config.seed,
                                                        augment=config.augment)
       result = train_online(config, encode, student.params, train_data, eval_data, mesh, writer,
-                            feature_dim=student.config.width)
+                            feature_dim=student.config.width, checkpointer=checkpointer)
   finally:
     writer.close()
   results = {"mode": "linear_probe", **student.source(), **result}

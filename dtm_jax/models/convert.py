@@ -35,6 +35,7 @@ from flax.nnx import traversals
 
 from dtm_jax.models import clip
 from dtm_jax.models import layers
+from dtm_jax.models import position_resize
 from dtm_jax.models import vit
 
 FORMATS = ("openai_clip", "open_clip", "hf_clip", "beit")
@@ -381,21 +382,17 @@ def _finish_clip(weights, rules, config, image_size, ignored, source):
 
 
 def _with_image_size(converted, image_size):
-  """A CLIP conversion for another image size: the position embedding is resized bicubically (CLS kept).
-
-  BEiT relative-position tables are not resized, so a student must be used at the size it was trained at.
-  """
+  """A conversion for another image size: CLIP's position embedding is resized bicubically (CLS kept); a BEiT
+  model's relative-position tables and absolute position embedding go to the new patch grid as in
+  `position_resize.resize_position_params`."""
   config = converted.config
   if not image_size or image_size == config.image_size:
     return converted
-  if converted.kind != "clip":
-    raise ConversionError(f"The {converted.kind} checkpoint was trained at {config.image_size}²; resizing BEiT "
-                          f"relative-position tables to image size {image_size} is not supported.")
   if image_size % config.patch_size:
     raise ConversionError(f"Image size {image_size} is not a multiple of the patch size {config.patch_size}.")
-  pos_embed = clip.resize_pos_embed(jnp.asarray(converted.params["pos_embed"]), image_size // config.patch_size)
-  return dataclasses.replace(converted, config=dataclasses.replace(config, image_size=image_size),
-                             params=dict(converted.params, pos_embed=np.asarray(pos_embed)))
+  params = jax.tree.map(np.asarray, position_resize.resize_position_params(  # other leaves pass through as they are
+      converted.params, config.grid_size, image_size // config.patch_size))
+  return dataclasses.replace(converted, config=dataclasses.replace(config, image_size=image_size), params=params)
 
 
 def _beit_grid(weights, image_size, patch_size):
@@ -414,11 +411,7 @@ def _beit_grid(weights, image_size, patch_size):
       raise ConversionError("This BEiT checkpoint has no position tables to infer the image size from; pass "
                             "--image_size.")
     return image_size // patch_size
-  grid = sides.pop()
-  if image_size and image_size != grid * patch_size:
-    raise ConversionError(f"The checkpoint was trained at {grid * patch_size}² (patch grid {grid}); resizing BEiT "
-                          f"relative-position tables to --image_size={image_size} is not supported.")
-  return grid
+  return sides.pop()  # the trained grid; a different --image_size resizes the tables afterwards (_with_image_size)
 
 
 def _convert_beit(weights, source, num_heads, image_size, ignored):
@@ -452,15 +445,16 @@ def _convert_beit(weights, source, num_heads, image_size, ignored):
   rules = _beit_rules(config, kind, module_kwargs.get("pooling"))
   flat = _apply_rules(weights, rules, ignored_beit, source)
   _check_shapes(flat, rules, kind, config, module_kwargs)
-  return Converted(kind, config, traversals.unflatten_mapping(flat), module_kwargs)
+  return _with_image_size(Converted(kind, config, traversals.unflatten_mapping(flat), module_kwargs), image_size)
 
 
 def convert_weights(weights, fmt, *, source="checkpoint", path=None, image_size=None, num_heads=None,
                     activation=None, ignore_keys=None):
   """Maps flat PyTorch-named weights (numpy) onto our module's parameters; see the module docstring for formats.
 
-  image_size: CLIP — resize the position embedding to it; BEiT — needed only when the checkpoint has no position
-  tables. num_heads: when the checkpoint does not record it (CLIP default width // 64, OpenAI's rule).
+  image_size: resize the position tables to it (CLIP's position embedding; BEiT's relative-position tables and
+  any absolute embedding: dtm_jax/models/position_resize.py); for a BEiT checkpoint without position tables, the
+  size it was trained at. num_heads: when the checkpoint does not record it (CLIP default width // 64, OpenAI's rule).
   activation: "gelu" or "quick_gelu" for CLIP. ignore_keys: regex of checkpoint keys to drop on purpose.
   """
   if fmt not in FORMATS:
@@ -534,7 +528,7 @@ def load_converted(directory, *, dtype=None, attention_impl=None, image_size=Non
   """Rebuilds the converted module (CLIPVision, PretrainViT or ViTClassifier) with its weights.
 
   dtype / attention_impl override the saved compute settings (e.g. bfloat16 and "cudnn" for a frozen teacher);
-  parameters stay float32. image_size resizes a CLIP tower's position embedding for another input size.
+  parameters stay float32. image_size resizes the position tables for another input size (`_with_image_size`).
   """
   directory = _path(directory)  # local or gs://…
   config_path = directory / CONFIG_FILE
@@ -562,8 +556,8 @@ def _parse_args(argv):
   parser.add_argument("--format", required=True, choices=FORMATS)
   parser.add_argument("--input", required=True, help="checkpoint file (or Hugging Face model directory)")
   parser.add_argument("--output", required=True, help="new directory for params/ and model_config.json")
-  parser.add_argument("--image_size", type=int, help="CLIP: resize the position embedding to this image size; "
-                      "BEiT: needed only when the checkpoint has no position tables")
+  parser.add_argument("--image_size", type=int, help="resize the position tables to this image size (BEiT: also "
+                      "the trained size of a checkpoint without position tables)")
   parser.add_argument("--num_heads", type=int, help="attention heads when the checkpoint does not record them")
   parser.add_argument("--activation", choices=layers.ACTIVATIONS, help="CLIP MLP activation")
   parser.add_argument("--ignore_keys", help="regex of checkpoint keys to drop on purpose")

@@ -43,3 +43,42 @@ def split_module(module: nnx.Module) -> tuple[FunctionalModule, PyTree]:
 def abstract_split(constructor: Callable[[], nnx.Module]) -> tuple[FunctionalModule, PyTree]:
   """Like split_module, without allocating: params are ShapeDtypeStructs (for sharded init and restore)."""
   return split_module(nnx.eval_shape(constructor))
+
+
+@dataclasses.dataclass(frozen=True)
+class StatefulModule:
+  """Like FunctionalModule, for modules that also hold `nnx.BatchStat` state (BatchNorm's running statistics).
+
+  `apply(params, batch_stats, ...)` returns (output, new batch_stats): the statistics a training-mode call updated,
+  so a jitted step carries them in its state beside the parameters.
+  """
+  graphdef: Any
+  params_template: Any
+  stats_template: Any
+
+  def bind(self, params: PyTree, batch_stats: PyTree) -> nnx.Module:
+    params_state = jax.tree.map(lambda v: v, self.params_template)
+    stats_state = jax.tree.map(lambda v: v, self.stats_template)
+    nnx.replace_by_pure_dict(params_state, params)
+    nnx.replace_by_pure_dict(stats_state, batch_stats)
+    return nnx.merge(self.graphdef, params_state, stats_state)
+
+  def apply(self, params: PyTree, batch_stats: PyTree, *args, method: str | None = None, **kwargs):
+    module = self.bind(params, batch_stats)
+    fn: Callable = getattr(module, method) if method else module
+    out = fn(*args, **kwargs)
+    return out, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
+
+
+def split_stateful(module: nnx.Module) -> tuple[StatefulModule, PyTree, PyTree]:
+  """(functional view, params, batch_stats) as nested dicts. The module must hold only Param and BatchStat state."""
+  graphdef, params, stats, rest = nnx.split(module, nnx.Param, nnx.BatchStat, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError("Module holds state other than nnx.Param and nnx.BatchStat; the functional view supports only "
+                     "those.")
+  return StatefulModule(graphdef, params, stats), nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+
+def abstract_split_stateful(constructor: Callable[[], nnx.Module]) -> tuple[StatefulModule, PyTree, PyTree]:
+  """Like split_stateful, without allocating: params and batch_stats are ShapeDtypeStructs."""
+  return split_stateful(nnx.eval_shape(constructor))

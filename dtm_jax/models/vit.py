@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dtm_jax.models import layers
+from dtm_jax.models import position_resize
 
 # (width, depth, num_heads) per variant; "test" keeps unit tests fast.
 VARIANTS = {
@@ -129,6 +130,11 @@ class _ViTTrunk(nnx.Module):
 
   def _trunk(self, images, mask, dropout_rng):
     """Tokens [B, 1+N, width] after the last block (before any final norm)."""
+    return self._trunk_outputs(images, mask, dropout_rng, (self.config.depth - 1,))[0]
+
+  def _trunk_outputs(self, images, mask, dropout_rng, block_indices):
+    """Tokens [B, 1+N, width] after each block of `block_indices` (0-based, increasing), as BEiT's segmentation
+    backbone takes them; the blocks after the last one named are not run."""
     self._check_images(images)
     cfg = self.config
     x = self.patch_embed(images.astype(cfg.dtype))
@@ -144,10 +150,13 @@ class _ViTTrunk(nnx.Module):
     shared_bias = None
     if self.shared_rel_pos_bias is not None:
       shared_bias = layers.relative_position_bias(self.shared_rel_pos_bias[...], cfg.grid_size)
-    for i, block in enumerate(self.blocks):
+    outputs = []
+    for i, block in enumerate(self.blocks[:block_indices[-1] + 1]):
       block_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
       x = layers.run_block(block, x, shared_bias, block_rng, remat=cfg.remat)
-    return x
+      if i in block_indices:
+        outputs.append(x)
+    return outputs
 
 
 class PretrainViT(_ViTTrunk):
@@ -192,18 +201,27 @@ class ViTClassifier(_ViTTrunk):
     return self.head(pooled)
 
 
-_STRUCTURE_FIELDS = ("image_size", "patch_size", "in_channels", "width", "depth", "num_heads", "mlp_ratio",
-                     "abs_pos_emb")
+# Fields a classifier shares with the student it starts from; image_size may differ (position tables are resized).
+_STRUCTURE_FIELDS = ("patch_size", "in_channels", "width", "depth", "num_heads", "mlp_ratio", "abs_pos_emb")
 
 
 def init_classifier_from_pretrained(classifier, pretrained):
-  """Copies a pretrained student's weights into a fresh classifier, keeping its function.
+  """Copies a pretrained student's weights into a fresh classifier, keeping its function: everything but the mask
+  token, `lm_head` and (for mean pooling) the final `norm` (`init_trunk_from_pretrained`)."""
+  init_trunk_from_pretrained(classifier, pretrained, also_copy=("norm",) if classifier.pooling == "cls" else ())
 
-  Everything but the mask token, `lm_head` and (for mean pooling) the final `norm` is copied. When the pretrained
+
+def init_trunk_from_pretrained(model, pretrained, *, also_copy=()):
+  """Copies a pretrained student's trunk (and the top-level parameters `also_copy`) into a fresh fine-tuning model
+  (`ViTClassifier`, `segmentation.UperNetSegmenter`), keeping the trunk's function; the rest keeps its init.
+
+  The mask token and `lm_head` are never copied. When the pretrained
   model has a shared relative-position table that the classifier lacks, each block's table becomes
-  per-block + shared, so the attention logits are unchanged (build the classifier from `finetune_config`).
+  per-block + shared, so the attention logits are unchanged (build the classifier from `finetune_config`). A
+  classifier of another image_size (fine-tuning at 384² a student trained at 224²) gets the relative-position
+  tables and the absolute position embedding resized to its patch grid (`position_resize.resize_position_params`).
   """
-  src_cfg, dst_cfg = pretrained.config, classifier.config
+  src_cfg, dst_cfg = pretrained.config, model.config
   different = [f for f in _STRUCTURE_FIELDS if getattr(src_cfg, f) != getattr(dst_cfg, f)]
   if bool(src_cfg.layer_scale_init) != bool(dst_cfg.layer_scale_init):
     different.append("layer_scale_init (on/off)")
@@ -218,7 +236,10 @@ def init_classifier_from_pretrained(classifier, pretrained):
                      "block_rel_pos_bias=True to keep them.")
 
   src = nnx.state(pretrained, nnx.Param).to_pure_dict()
-  dst_state = nnx.state(classifier, nnx.Param)
+  # Resizing is linear in the table, so resizing the per-block and shared tables before folding them equals
+  # resizing their sum.
+  src = position_resize.resize_position_params(src, src_cfg.grid_size, dst_cfg.grid_size)
+  dst_state = nnx.state(model, nnx.Param)
   dst = dst_state.to_pure_dict()
   for name in ("patch_embed", "cls_token", "pos_embed"):
     if name in dst:
@@ -237,7 +258,7 @@ def init_classifier_from_pretrained(classifier, pretrained):
     dst["blocks"][i] = {**src_block, "attn": src_attn}
   if dst_cfg.shared_rel_pos_bias and src_cfg.shared_rel_pos_bias:
     dst["shared_rel_pos_bias"] = src["shared_rel_pos_bias"]
-  if classifier.pooling == "cls":
-    dst["norm"] = src["norm"]
+  for name in also_copy:
+    dst[name] = src[name]
   nnx.replace_by_pure_dict(dst_state, dst)
-  nnx.update(classifier, dst_state)
+  nnx.update(model, dst_state)
