@@ -2,6 +2,7 @@
 
 Modes: pretrain (DTM pretraining, resumes from DIR), linear_probe, finetune, knn (evaluate a pretrained student),
 segment (UperNet semantic segmentation fine-tuning of a pretrained student, dtm_jax/evaluate/segment.py),
+compare (kNN and linear probe of a pretrained student beside the untrained student and raw pixels),
 compile (compile the config's programs for a TPU slice on any machine: `--mode=compile --topology=v5p-128`, see
 dtm_jax/aot.py; needs `pip install "jax[tpu]==<jax version>"`, no TPU).
 Multi-host: `jax.distributed.initialize()` runs when the job has several processes (TPU pods and SLURM/Kubernetes
@@ -17,7 +18,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "linear_probe", "finetune", "knn", "segment", "compile"],
+_MODE = flags.DEFINE_enum("mode", "pretrain",
+                          ["pretrain", "linear_probe", "finetune", "knn", "segment", "compare", "compile"],
                           "What to run.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "--mode=compile: TPU slice, e.g. v4-32, v5e-256, v5p-128, v6e-64 "
                                 "or v5p:4x4x4.")

@@ -1,11 +1,12 @@
-"""kNN accuracy (DINO protocol) of the demo student on Fashion-MNIST; `make demo` runs it after pretraining.
+"""kNN accuracy (DINO protocol) of the demo student on Fashion-MNIST; `make demo` ends with the same kNN inside
+configs/compare_demo.py (beside the untrained student and raw pixels, and a linear probe).
 
 Command (after `make demo`, which pretrains into workdirs/demo):
   python main.py --mode=knn --config=configs/knn_demo.py --workdir=workdirs/demo/knn \
       --config.pretrained.workdir=workdirs/demo
 Expected result: top-1 61.1%, top-5 96.0% on the 10,000 test images for the step-500 checkpoint of `make demo`
 (measured 2026-12-03; 58.8% with the code of 2026-11-28, before images travelled as uint8; the student at
-initialisation gives ~50%, raw pixels ~80%: see docs/RESULTS.md).
+initialisation gives 53.7%, raw pixels 82.0% with this bank: configs/compare_demo.py, docs/RESULTS.md).
 """
 import ml_collections
 from ml_collections import config_dict

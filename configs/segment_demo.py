@@ -8,10 +8,14 @@ Command (after `make demo`, which pretrains into workdirs/demo):
 From-scratch baseline (the same model and recipe from a random initialisation):
   python main.py --mode=segment --config=configs/segment_demo.py --workdir=workdirs/demo/segment_scratch \
       --config.pretrained.workdir=
-Rerunning the same command resumes (or, once finished, just reports). UperNet (64 channels) on the 4 blocks of the
-demo student at 32×32 crops (its 7×7 relative-position tables resized to the 8×8 grid), AdamW with layer decay 0.9,
-poly schedule with warm-up; evaluation by 32×32 windows with stride 24 over the whole 56×56 test canvases.
-Expected result: to be measured (mIoU / aAcc after 300 steps, pretrained vs from scratch, and the time on 2 cores).
+Rerunning the same command resumes (or, once finished, just reports). UperNet (32 channels) on the 4 blocks of the
+demo student at 32×32 crops (its 7×7 relative-position tables resized to the 8×8 grid; 4-pixel patches put the
+pyramid at 1/1 … 1/8), AdamW with layer decay 0.9, poly schedule with warm-up, 300 steps of 32 crops; evaluation by
+32×32 windows with stride 24 over all 2,500 56×56 test canvases at the end.
+Expected result (2026-12-03, the step-500 checkpoint of `make demo`, 2 shared cores of an AMD EPYC VM, 4.5–7 min per
+run while other jobs ran; --config.seed=0, 1, 2): pretrained mIoU 20.02 / 18.17 / 16.60% (aAcc 65.8 / 64.3 /
+64.2%), from scratch 15.99 / 16.70 / 15.23% (aAcc 63.1 / 63.8 / 62.8%): 18.3 ± 1.7 vs 16.0 ± 0.7 mIoU, the pretrained
+student ahead on every seed by +2.3 ± 1.5 (paired). A UperNet of 64 channels reached 24.9% pretrained (seed 0, 8 min).
 """
 import ml_collections
 from ml_collections import config_dict

@@ -162,6 +162,9 @@ class Program:
 
 def mode_of(config: ml_collections.ConfigDict) -> str:
   """The mode a config is written for, from the blocks only that mode's configs have."""
+  if "compare" in config:
+    raise ValueError("--mode=compile does not cover --mode=compare, which runs the kNN and the linear probe on a "
+                     "small student: compile configs/knn_demo.py and configs/linear_probe_demo.py instead.")
   if "dtm" in config:
     return "pretrain"
   if "segmenter" in config:
@@ -453,8 +456,8 @@ def format_report(report: dict[str, Any], topo: Topology) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str | None, *, topology_name: str, num_slices: int = 1,
         search: bool = False, hbm_limit: float = DEFAULT_HBM_LIMIT) -> dict[str, Any]:
   """`main.py --mode=compile`: compile (or `search` for the cheapest fitting setting), print, write JSON."""
+  mode = mode_of(config)  # before the TPU runtime: a config it cannot compile is refused at once
   topo = topology(topology_name, num_slices)
-  mode = mode_of(config)
   setting = None
   if search:
     setting, reports = fit(config, topo, hbm_limit=hbm_limit, mode=mode)

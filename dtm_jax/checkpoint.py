@@ -100,6 +100,24 @@ def written_by_other_process_count(metadata: dict) -> int | None:
   return int(written) if written is not None and int(written) != jax.process_count() else None
 
 
+def rebuilt_input_warning(step: int, saved: dict, data) -> str:
+  """What a resume on another process count does (one warning): what is resharded, and what the input repeats or
+  skips (`data.start_note`, which the input pipeline knows)."""
+  def layout(processes, devices):
+    return f"{processes} process{'' if processes == 1 else 'es'}" + (f" ({devices} devices)" if devices else "")
+  written_by = layout(saved.get("process_count"), saved.get("device_count"))
+  return (f"The checkpoint of step {step} was written by {written_by}; this run has "
+          f"{layout(jax.process_count(), jax.device_count())}. Parameters and optimizer state are resharded onto "
+          "this run's mesh; the input-iterator states, one per old process, fit no process of this run, so the input "
+          f"is rebuilt at global batch {step}, where {data.start_note}.")
+
+
+def layout_metadata() -> dict:
+  """What a checkpoint records of the job that wrote it, so that a resume can tell another slice
+  (`written_by_other_process_count`)."""
+  return {"process_count": jax.process_count(), "device_count": jax.device_count()}
+
+
 def assert_processes_agree(step: int, config_digest: str) -> None:
   """All processes must resume at the same step with the same config; a mismatch would silently corrupt training."""
   if jax.process_count() == 1:

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 from dtm_jax import errors
 
-MODES = ("pretrain", "finetune", "linear_probe", "knn", "segment")
+MODES = ("pretrain", "finetune", "linear_probe", "knn", "segment", "compare")
 _MISSING = object()
 DTYPES = ("float32", "bfloat16", "float16")
 POOLINGS = ("mean", "cls")
@@ -426,6 +426,34 @@ def _knn(c: _Checker, num_devices: int, check_paths: bool = True) -> None:
   _mesh(c, num_devices)
 
 
+def _compare(c: _Checker, num_devices: int, check_paths: bool = True) -> None:
+  _pretrained(c, check_paths)
+  _model_overrides(c)
+  _input(c, pretraining=False)
+  _run_basics(c)  # seed: the probe's
+  c.integer("num_classes", 1)
+  c.string("features.pooling", POOLINGS)
+  c.integer("features.num_blocks", 1)
+  c.integer("knn.k", 1)
+  c.number("knn.temperature", 0.0, min_open=True)
+  c.batch("compare.batch_size", num_devices)
+  c.integer("compare.num_train_examples", 0)
+  c.integer("compare.num_eval_examples", 0)
+  epochs = c.integer("probe.epochs", 1)
+  warmup = c.number("probe.warmup_epochs", 0.0)
+  if epochs is not None and warmup is not None and warmup > epochs:
+    c.add("probe.warmup_epochs", warmup, f"must not exceed probe.epochs={epochs}.")
+  c.batch("probe.batch_size", num_devices)
+  c.string("probe.optimizer.name", ("lars", "sgd"))
+  c.number("probe.optimizer.base_lr", 0.0, min_open=True)
+  c.integer("probe.optimizer.lr_reference_batch", 1)
+  c.number("probe.optimizer.momentum", 0.0, 1.0, max_open=True)
+  c.number("probe.optimizer.weight_decay", 0.0)
+  c.number("probe.optimizer.min_lr", 0.0)
+  c.number("probe.bn_momentum", 0.0, 1.0, max_open=True)
+  _mesh(c, num_devices)
+
+
 def _segment(c: _Checker, num_devices: int, check_paths: bool = True) -> None:
   _run_basics(c)
   c.string("pretrained.workdir")  # "" trains from a random initialisation (the from-scratch baseline)
@@ -512,7 +540,8 @@ def _student_patch_size(c: _Checker) -> int | None:
 
 
 _MODES: dict[str, Callable[..., None]] = {
-    "pretrain": _pretrain, "finetune": _finetune, "linear_probe": _linear_probe, "knn": _knn, "segment": _segment}
+    "pretrain": _pretrain, "finetune": _finetune, "linear_probe": _linear_probe, "knn": _knn, "segment": _segment,
+    "compare": _compare}
 
 
 def problems(mode: str, config, *, num_devices: int | None = None, check_paths: bool = True) -> list[str]:

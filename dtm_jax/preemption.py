@@ -25,6 +25,11 @@ from jax.experimental import multihost_utils
 
 from dtm_jax import errors
 
+# should_stop() calls of every PreemptionFlag of this process: the sync point's step counter. It never goes back
+# (a pretraining run and the evaluation that follows it count on), and every process runs the same loops, so the
+# processes' counters agree.
+_sync_calls = 0
+
 
 class PreemptionFlag:
   """When a training loop should save the step reached and stop: `should_stop()`, asked once per step (or epoch) by
@@ -35,14 +40,12 @@ class PreemptionFlag:
     self.interrupted = False  # Ctrl-C among them
     self._previous = {}
     self._synced = False  # several processes: JAX's preemption sync point decides
-    self._calls = 0  # should_stop() calls since install(): the sync point's step counter (the same on all processes)
 
   def install(self) -> "PreemptionFlag":
     self._synced = jax.process_count() > 1
     if self._synced:
-      self._calls = 0
-      try:  # registers counter 0: a notice that came before the loop (while compiling) stops it at its first step
-        multihost_utils.reached_preemption_sync_point(self._calls)
+      try:  # registers the counter: a notice that came before the loop (while compiling) stops it at its first step
+        multihost_utils.reached_preemption_sync_point(_sync_calls)
       except RuntimeError as e:
         raise errors.RunError(
             "This run has several processes but JAX's preemption service is off (jax_enable_preemption_service="
@@ -58,10 +61,11 @@ class PreemptionFlag:
 
   def should_stop(self) -> bool:
     """True when this step is to be saved and the loop stopped; call it exactly once per step on every process."""
+    global _sync_calls
     if not self._synced:
       return self.requested
-    self._calls += 1
-    if not multihost_utils.reached_preemption_sync_point(self._calls):
+    _sync_calls += 1
+    if not multihost_utils.reached_preemption_sync_point(_sync_calls):
       return False
     logging.warning("A process received a preemption notice (SIGTERM%s): every process saves this step and stops.",
                     " or Ctrl-C" if self.interrupted else "")

@@ -399,7 +399,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path) -> dic
         required_metadata=("config",))
     if restored is not None and other_layout:
       data = build_pretrain_data(config, model_cfg, start_step=restored[0])
-      logging.warning("%s", _rebuilt_input_warning(restored[0], restored[3], data))
+      logging.warning("%s", checkpoint_lib.rebuilt_input_warning(restored[0], restored[3], data))
   if data is None:
     data = build_pretrain_data(config, model_cfg)
   if restored is None:
@@ -483,18 +483,6 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path) -> dic
     raise errors.Interrupted(f"Interrupted (Ctrl-C) at step {step}; its checkpoint is in {checkpointer.directory}. "
                              "Rerun the same command to resume from it.")
   return {**last_metrics, "step": step, "preempted": float(step < total_steps), "step_compilations": len(traces)}
-
-
-def _rebuilt_input_warning(step: int, saved: dict, data) -> str:
-  """What a resume on another process count does (one warning): what is resharded, and what the input repeats or
-  skips (`data.start_note`, which the input pipeline knows)."""
-  def layout(processes, devices):
-    return f"{processes} process{'' if processes == 1 else 'es'}" + (f" ({devices} devices)" if devices else "")
-  written_by = layout(saved.get("process_count"), saved.get("device_count"))
-  return (f"The checkpoint of step {step} was written by {written_by}; this run has "
-          f"{layout(jax.process_count(), jax.device_count())}. Parameters and optimizer state are resharded onto "
-          "this run's mesh; the input-iterator states, one per old process, fit no process of this run, so the input "
-          f"is rebuilt at global batch {step}, where {data.start_note}.")
 
 
 def build_pretrain_data(config: ml_collections.ConfigDict, model_cfg: vit.ViTConfig, start_step: int = 0):

@@ -88,11 +88,12 @@ def build_pretrain(input_cfg, *, image_size, patch_size, global_batch_size, seed
 
 
 def build_finetune_train(input_cfg, *, image_size, global_batch_size, seed, augment=True,
-                         process_index=None, process_count=None):
+                         process_index=None, process_count=None, start_step=0):
   """Endless labelled batches of this host for fine-tuning: {"image", "label"}.
 
   augment=True: RandomResizedCrop, flip, RandAugment and random erasing (BEiT v2's recipe).
   augment=False: the evaluation crop (for linear probes), still shuffled and endless.
+  start_step: begin at that global batch (a resume on another process count; see build_pretrain).
   image: uint8 (normalised on the device: dtm_jax.images). With random erasing, "erase_box" int32 [4] (top, left,
   height, width; height 0 = none): the device fills it with normalised noise, which no 8-bit image holds.
   """
@@ -125,7 +126,8 @@ def build_finetune_train(input_cfg, *, image_size, global_batch_size, seed, augm
   source = sources.get_source(input_cfg)
   _require_labels(source, input_cfg, "fine-tuning")
   batches, examples = _training_batches(input_cfg, source, view, local_batch=local_batch, seed=seed,
-                                        process_index=process_index, process_count=process_count)
+                                        process_index=process_index, process_count=process_count,
+                                        start_position=start_step * local_batch)
   return _finish_training(input_cfg, source, batches, examples)
 
 

@@ -34,10 +34,12 @@ _SATURATION_RANGE = (0.5, 1.5)
 _HUE_DELTA = 18   # OpenCV hue units (2 degrees); the shift is an integer in [-18, 18), as numpy's randint draws.
 
 
-def build_segment_train(input_cfg, *, crop_size, global_batch_size, seed, process_index=None, process_count=None):
+def build_segment_train(input_cfg, *, crop_size, global_batch_size, seed, process_index=None, process_count=None,
+                        start_step=0):
   """Endless batches of this host: {"image": uint8 [b, crop, crop, 3], "label": uint8 [b, crop, crop]}, resumable.
 
-  `input_cfg` is a `segment_config()` block; b = global_batch_size / process_count.
+  `input_cfg` is a `segment_config()` block; b = global_batch_size / process_count. start_step: begin at that global
+  batch (a resume on another process count; see pipeline.build_pretrain).
   """
   process_index, process_count = pipeline._process(process_index, process_count)
   local_batch = pipeline._local_batch_size(global_batch_size, process_count)
@@ -65,7 +67,7 @@ def build_segment_train(input_cfg, *, crop_size, global_batch_size, seed, proces
   source = segment_sources.get_segment_source(input_cfg)
   batches, examples = pipeline._training_batches(input_cfg, source, view, local_batch=local_batch, seed=seed,
                                                  process_index=process_index, process_count=process_count,
-                                                 example_view=True)
+                                                 start_position=start_step * local_batch, example_view=True)
   return pipeline._finish_training(input_cfg, source, batches, examples)
 
 

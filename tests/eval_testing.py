@@ -19,8 +19,9 @@ def tiny_student_config(**overrides):
   return vit.get_config("test", image_size=IMAGE_SIZE, patch_size=4, out_dim=8, **overrides)
 
 
-def save_pretraining_checkpoints(workdir, steps, config=None):
-  """Random students saved as a pretraining run would (one per step, different weights); returns their params."""
+def save_pretraining_checkpoints(workdir, steps, config=None, run_config=None):
+  """Random students saved as a pretraining run would (one per step, different weights); returns their params.
+  `run_config`: the pretraining config the metadata records (a dict, e.g. {"seed": 3}), as dtm_jax.train saves it."""
   config = config or tiny_student_config()
   saved = {}
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=len(steps), async_save=False)
@@ -28,7 +29,8 @@ def save_pretraining_checkpoints(workdir, steps, config=None):
   for step in steps:
     params = init(jax.random.key(step))
     ckpt.save(step, params=params, train={"step": np.int32(step)}, data_iterator=None,
-              metadata={"model_config": checkpoint.model_config_to_json(config), "step": step})
+              metadata={"model_config": checkpoint.model_config_to_json(config), "step": step,
+                        **({"config": run_config} if run_config is not None else {})})
     saved[step] = jax.device_get(params)
   ckpt.close()
   return saved

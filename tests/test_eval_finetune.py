@@ -1,4 +1,6 @@
 """Fine-tuning: BEiT layer-wise lr decay, and a run from a restored pretraining checkpoint that learns and resumes."""
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from dtm_jax.evaluate import common, finetune
 from dtm_jax.models import functional, vit
 
 import eval_testing
+from train_testing import as_if_written_by_two_processes
 
 
 def beit_layer_id(torch_name, num_max_layer):
@@ -137,6 +140,36 @@ def test_finetune_from_a_restored_checkpoint_learns_and_resumes(tmp_path):
   assert result["best_top1"] == max(r["top1"] for r in evals)
   losses = [r["train_loss"] for r in rows if "train_loss" in r]
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_finetuning_resumes_a_checkpoint_of_another_process_count_at_its_step(tmp_path, caplog):
+  """Another slice (issue 17): the input-iterator states of a 2-process job fit no process here, so the step is
+  restored without them (none is read) and the input is rebuilt at that step, with one warning."""
+  one_block = eval_testing.tiny_student_config(depth=1)
+  eval_testing.save_pretraining_checkpoints(tmp_path / "pretrain", steps=(5,), config=one_block)
+  mesh = sharding.make_mesh(data=4, fsdp=2)
+  config = finetune_config(tmp_path / "pretrain")
+  student = lambda: common.restore_student(config.pretrained, mesh, model_overrides=config.model)
+  with pytest.raises(Preempted):  # after the checkpoint of step 8 (the first epoch's evaluation)
+    run_finetune(config, tmp_path / "finetune", mesh, PreemptedStream(stop_at=STEPS_PER_EPOCH + 3), student)
+  as_if_written_by_two_processes(tmp_path / "finetune" / "checkpoints" / str(STEPS_PER_EPOCH))
+  starts = []
+
+  def train_data_fn(image_size, start_step=0):
+    del image_size
+    starts.append(start_step)
+    stream = PreemptedStream()
+    stream.step, stream.start_note = start_step, "the test stream goes on from that batch"
+    return stream
+
+  with caplog.at_level(logging.WARNING):
+    result = finetune.train_and_evaluate(
+        config, str(tmp_path / "finetune"), student_fn=student, train_data_fn=train_data_fn,
+        eval_data_fn=lambda image_size: eval_testing.tinted_eval_batches(200, config.eval_batch_size), mesh=mesh)
+  assert starts == [STEPS_PER_EPOCH]  # built once, at the restored step; no iterator state was tried
+  warnings = [r.getMessage() for r in caplog.records if "written by 2 processes" in r.getMessage()]
+  assert len(warnings) == 1 and f"rebuilt at global batch {STEPS_PER_EPOCH}" in warnings[0], caplog.text
+  assert result["steps"] == EPOCHS * STEPS_PER_EPOCH
 
 
 def test_finetune_step_mixes_images_without_moving_them_between_devices():

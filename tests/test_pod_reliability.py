@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dtm_jax import checkpoint, metrics
-from train_testing import REPO, free_port, losses_by_step
+from train_testing import REPO, free_port, losses_by_step, wait_for
 
 
 def _env(devices=2):
@@ -174,20 +174,7 @@ def _start_two_processes(workdir, *flags):
 
 
 def _two_processes(workdir, *flags, timeout=300):
-  return _wait(_start_two_processes(workdir, *flags), timeout)
-
-
-def _wait(procs, timeout=300):
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=timeout)[0])
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    outs = [p.communicate()[0] for p in procs]
-    pytest.fail("the processes hung:\n" + "\n".join(out[-3000:] for out in outs))
-  return [p.returncode for p in procs], outs
+  return wait_for(_start_two_processes(workdir, *flags), timeout)
 
 
 @pytest.mark.parametrize("broken", [0, 1])
@@ -249,7 +236,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_the_rerun_equals
   procs = _start_two_processes(workdir, *flags)
   _wait_for_steps(workdir, procs, 3)
   procs[1].send_signal(signal.SIGTERM)  # the other process is never signalled
-  codes, outs = _wait(procs)
+  codes, outs = wait_for(procs)
   assert codes == [0, 0], "\n".join(out[-3000:] for out in outs)
   stopped = [re.findall(r"Preempted: checkpoint of step (\d+) written", out) for out in outs]
   assert stopped[0] == stopped[1] and len(stopped[0]) == 1, "\n".join(out[-3000:] for out in outs)
@@ -300,7 +287,7 @@ def test_ctrl_c_in_one_process_makes_both_save_the_same_step(tmp_path):
   procs = _start_two_processes(workdir, "--config.total_steps=1000", "--config.checkpoint_every=1000")
   _wait_for_steps(workdir, procs, 3)
   procs[0].send_signal(signal.SIGINT)
-  codes, outs = _wait(procs)
+  codes, outs = wait_for(procs)
   assert codes == [130, 0], "\n".join(out[-3000:] for out in outs)
   stopped = [re.findall(r"Preempted: checkpoint of step (\d+) written", out) for out in outs]
   assert stopped[0] == stopped[1] and len(stopped[0]) == 1, "\n".join(out[-3000:] for out in outs)

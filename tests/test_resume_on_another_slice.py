@@ -4,25 +4,15 @@ Parameters and optimizer state reshard through the abstract shardings; the per-p
 be restored, so the input is rebuilt at the checkpoint's step, with one warning. The synthetic source's global
 batches depend on the step alone, so there the resumed run must take exactly the step an uninterrupted run takes.
 """
-import json
 import logging
 import shutil
 
 import numpy as np
 
 from dtm_jax import checkpoint, train
-from train_testing import losses_by_step, run_main, tiny_config
+from train_testing import as_if_written_by_two_processes, losses_by_step, run_main, tiny_config
 
 _FLAGS = ("--config.log_every=1", "--config.checkpoint_every=4", "--config.total_steps=12")
-
-
-def _as_if_written_by_two_processes(step_dir):
-  """What a 2-process job leaves in a step: its metadata says so and each process has its own iterator state."""
-  path = step_dir / "metadata" / "metadata"
-  path.write_text(json.dumps({**json.loads(path.read_text()), "process_count": 2, "device_count": 8}))
-  states = step_dir / "data_iterator"
-  (states / "process_0_of_1").rename(states / "process_0_of_2")
-  shutil.copyfile(states / "process_0_of_2", states / "process_1_of_2")
 
 
 def test_another_process_count_restores_the_newest_step_without_trying_its_iterator_state(tmp_path, monkeypatch,
@@ -33,7 +23,7 @@ def test_another_process_count_restores_the_newest_step_without_trying_its_itera
   reference = losses_by_step(tmp_path)
   shutil.rmtree(tmp_path / "checkpoints" / "9")  # as if the job was lost before saving step 9
   for step in (4, 8):
-    _as_if_written_by_two_processes(tmp_path / "checkpoints" / str(step))
+    as_if_written_by_two_processes(tmp_path / "checkpoints" / str(step))
   tried = []
   restore = checkpoint.DataIteratorHandler.restore
   monkeypatch.setattr(checkpoint.DataIteratorHandler, "restore",

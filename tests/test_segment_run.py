@@ -1,6 +1,7 @@
 """--mode=segment: a tiny UperNet run from a restored student learns, resumes and survives preemption exactly, runs
 end to end on the real input pipeline from a random initialisation, and compiles for a TPU slice."""
 import json
+import logging
 import os
 import signal
 
@@ -14,6 +15,7 @@ from dtm_jax.evaluate import common, segment
 from dtm_jax.models import vit
 
 import eval_testing
+from train_testing import as_if_written_by_two_processes
 
 CROP, CANVAS, BATCH, NUM_CLASSES = 32, 48, 16, 4
 TOTAL_STEPS, EVAL_EVERY = 6, 3
@@ -152,6 +154,32 @@ def test_segment_learns_and_resumes_and_preempts_like_an_uninterrupted_run(pretr
   assert eval_rows(pretrained / "interrupted") == eval_rows(pretrained / "whole")
   jax.tree.map(np.testing.assert_array_equal, final_params(pretrained / "interrupted"),
                final_params(pretrained / "whole"))
+
+
+def test_segmentation_resumes_a_checkpoint_of_another_process_count_at_its_step(pretrained, caplog):
+  """Another slice (issue 17): the step is restored without the 2-process job's iterator states, and the input is
+  rebuilt at that step, with one warning."""
+  mesh = sharding.make_mesh(data=4, fsdp=2)
+  student = lambda: common.restore_student(tiny_config(pretrained / "pretrain").pretrained, mesh)
+  workdir = pretrained / "other_slice"
+  run_segment(tiny_config(pretrained / "pretrain", stop_after_step=EVAL_EVERY), workdir, mesh, SceneStream(), student)
+  as_if_written_by_two_processes(workdir / "checkpoints" / str(EVAL_EVERY))
+  starts = []
+
+  def train_data_fn(crop, start_step=0):
+    del crop
+    starts.append(start_step)
+    stream = SceneStream()
+    stream.step, stream.start_note = start_step, "the test stream goes on from that batch"
+    return stream
+
+  with caplog.at_level(logging.WARNING):
+    result = segment.train_and_evaluate(tiny_config(pretrained / "pretrain"), str(workdir), student_fn=student,
+                                        train_data_fn=train_data_fn, eval_data_fn=scene_eval_batches, mesh=mesh)
+  assert starts == [EVAL_EVERY]  # built once, at the restored step; no iterator state was tried
+  warnings = [r.getMessage() for r in caplog.records if "written by 2 processes" in r.getMessage()]
+  assert len(warnings) == 1 and f"rebuilt at global batch {EVAL_EVERY}" in warnings[0], caplog.text
+  assert result["steps"] == TOTAL_STEPS
 
 
 def test_poly_schedule_is_mmcv_poly_with_linear_warmup():

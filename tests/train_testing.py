@@ -1,5 +1,7 @@
 """Shared helpers of the training and reliability tests."""
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -46,13 +48,18 @@ def main_env(devices):
 def run_main(workdir, *flags, num_processes=1, devices=2, timeout=300):
   """Runs configs/test_tiny.py through `main.py` as one job of `num_processes` processes on 127.0.0.1 with `devices`
   fake CPU devices each; returns (exit codes, outputs), one per process. A hung job is killed and fails the test."""
-  import pytest  # pylint: disable=g-import-not-at-top
   command = [sys.executable, os.path.join(REPO, "main.py"), "--config=" + os.path.join(REPO, "configs/test_tiny.py"),
              f"--workdir={workdir}", *flags]
   if num_processes > 1:
     command += [f"--coordinator_address=127.0.0.1:{free_port()}", f"--num_processes={num_processes}"]
   procs = [subprocess.Popen(command + ([f"--process_id={i}"] if num_processes > 1 else []), env=main_env(devices),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(num_processes)]
+  return wait_for(procs, timeout)
+
+
+def wait_for(procs, timeout=300):
+  """(exit codes, outputs) of started processes; a hung one is killed (all are) and fails the test."""
+  import pytest  # pylint: disable=g-import-not-at-top
   try:
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
   except subprocess.TimeoutExpired:
@@ -61,3 +68,12 @@ def run_main(workdir, *flags, num_processes=1, devices=2, timeout=300):
     outs = [p.communicate()[0] for p in procs]
     pytest.fail("the processes hung:\n" + "\n".join(out[-3000:] for out in outs))
   return [p.returncode for p in procs], outs
+
+
+def as_if_written_by_two_processes(step_dir):
+  """What a 2-process job leaves in a step: its metadata says so and each process has its own iterator state."""
+  path = step_dir / "metadata" / "metadata"
+  path.write_text(json.dumps({**json.loads(path.read_text()), "process_count": 2, "device_count": 8}))
+  states = step_dir / "data_iterator"
+  (states / "process_0_of_1").rename(states / "process_0_of_2")
+  shutil.copyfile(states / "process_0_of_2", states / "process_1_of_2")

@@ -29,13 +29,11 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 
 from configs import demo
 from dtm_jax import checkpoint as checkpoint_lib
 from dtm_jax import metrics, sharding, train
 from dtm_jax.evaluate import common
-from dtm_jax.models import functional, vit
 from tools import frozen_features, study_summary
 
 _OUT = flags.DEFINE_string("out", None, "Directory of the study's runs and summaries.")
@@ -131,18 +129,14 @@ def planned_runs(grid: dict[str, list[str]], seeds: int) -> list[tuple[str, str,
 # ----------------------------------------------------------------------------------------------------------------
 def run_floors(out, data, mesh, *, seeds: int, probe_epochs: int) -> None:
   """The student at initialisation (one per seed) and raw pixels (probe seeds only): the numbers to beat."""
-  train_split, test_split = data
   model_cfg = train.student_config(demo.get_config())
-  grey = lambda split: frozen_features.feature_set(split.images[..., 0].reshape(len(split), -1), split.labels, mesh)
-  pixels_train, pixels_test = grey(train_split), grey(test_split)
+  pixels_train, pixels_test = (frozen_features.pixel_features(split, mesh) for split in data)
   for seed in range(seeds):
     path = out / "floors" / f"random_init-s{seed}" / "eval.json"
     if not path.exists():
-      module = vit.PretrainViT(model_cfg, rngs=nnx.Rngs(seed))
-      model, params = functional.split_module(module)
-      student = common.Student(model_cfg, model, params, checkpoint="random init", step=None)
+      student = common.initial_student(model_cfg, mesh, seed=seed)
       encode = common.feature_fn(student)
-      features = [frozen_features.encoder_features(encode, params, s, mesh) for s in data]
+      features = [frozen_features.encoder_features(encode, student.params, s, mesh) for s in data]
       result = frozen_features.scores(*features, mesh, seed=seed, probe_epochs=probe_epochs)
       study_summary.write_json(path, {"kind": "random_init", "variant": "-", "seed": seed, **result})
       print(f"floor random_init s{seed}: {result}", flush=True)

@@ -57,6 +57,11 @@ def _read_metadata(step_dir: epath.Path) -> dict:
   return json.loads(path.read_text())
 
 
+def pretraining_config(step_dir: epath.Path) -> dict:
+  """The config of the pretraining run that saved the checkpoint in `step_dir` (as its metadata holds it)."""
+  return _read_metadata(step_dir).get("config", {})
+
+
 def restore_student(pretrained: ml_collections.ConfigDict, mesh: Mesh, *, min_fsdp_size: int = 2 ** 18,
                     model_overrides: Mapping[str, Any] | None = None) -> Student:
   """Only the student, restored straight into its shardings on `mesh`.
@@ -80,6 +85,14 @@ def restore_student(pretrained: ml_collections.ConfigDict, mesh: Mesh, *, min_fs
   params, _, step = checkpoint.restore_params(step_dir, step, target)
   logging.info("Evaluating the student of %s (step %d).", step_dir, step)
   return Student(config=config, model=model, params=params, checkpoint=str(step_dir), step=step)
+
+
+def initial_student(config: vit.ViTConfig, mesh: Mesh, *, seed: int, min_fsdp_size: int = 2 ** 18) -> Student:
+  """The student of `config` as pretraining with `seed` initialises it (dtm_jax.train): the untrained baseline."""
+  model, abstract = functional.abstract_split(lambda: vit.PretrainViT(config, rngs=nnx.Rngs(0)))
+  _, host_params = functional.split_module(vit.PretrainViT(config, rngs=nnx.Rngs(seed)))
+  params = sharding.put_global(host_params, sharding.param_shardings(abstract, mesh, min_fsdp_size))
+  return Student(config=config, model=model, params=params, checkpoint=f"initialisation (seed {seed})", step=0)
 
 
 def abstract_student(config: vit.ViTConfig, mesh: Mesh, min_fsdp_size: int = 2 ** 18) -> Student:

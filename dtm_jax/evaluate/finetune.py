@@ -179,8 +179,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Fine-tune and evaluate; resumes from `<workdir>/checkpoints` when it holds a checkpoint.
 
   `student_fn()` restores the pretrained student (only called when starting afresh). For the classifier's image
-  size, `train_data_fn(size)` gives an infinite iterator of labelled host batches {"image", "label"} with
-  save/restore, and `eval_data_fn(size)` one pass of {"image", "label", "valid"}.
+  size, `train_data_fn(size[, start_step])` gives an infinite iterator of labelled host batches {"image", "label"}
+  with save/restore (starting at global batch `start_step` when resuming a checkpoint of another process count),
+  and `eval_data_fn(size)` one pass of {"image", "label", "valid"}.
   """
   workdir = epath.Path(workdir)
   steps_per_epoch, total_steps = _steps(config)
@@ -204,7 +205,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     classifier = Classifier(clf_config, model, metadata["pretrained"])
     if metadata.get("config_hash") != checkpoint_lib.config_hash(config.to_dict()):
       logging.warning("Resuming %s with a config that differs from the one it started with.", workdir)
-  train_data = train_data_fn(classifier.config.image_size)
+  # A checkpoint of another process count holds no input-iterator state that fits: restore without it, then build
+  # the input at the restored step (checkpoint.written_by_other_process_count).
+  other_layout = readable is not None and checkpoint_lib.written_by_other_process_count(readable[1]) is not None
+  train_data = None if other_layout else train_data_fn(classifier.config.image_size)
   eval_data = lambda: eval_data_fn(classifier.config.image_size)
   program = build_program(config, classifier.config, mesh)
   abstract_state, state_sh = program.abstract_state, program.state_shardings
@@ -221,6 +225,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = {"params": params, **train_items}
     best_top1 = metadata["best_top1"]
     logging.info("Resumed fine-tuning at step %d of %d from %s.", step, total_steps, checkpointer.directory)
+    if other_layout:
+      train_data = train_data_fn(classifier.config.image_size, start_step=step)
+      logging.warning("%s", checkpoint_lib.rebuilt_input_warning(step, metadata, train_data))
 
   # ----- Loop.
   normalization = images_lib.normalization_of(config.input)
@@ -229,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   rng = jax.random.key(config.seed)
   metadata = {"model_config": checkpoint_lib.model_config_to_json(classifier.config),
               "pretrained": classifier.source, "config": config.to_dict(),
-              "config_hash": checkpoint_lib.config_hash(config.to_dict())}
+              "config_hash": checkpoint_lib.config_hash(config.to_dict()), **checkpoint_lib.layout_metadata()}
   step = int(state["step"])
   writer = metrics.MetricsWriter(workdir, resume_step=step,  # drops lines past the checkpoint (computed again)
                                  flush_every_secs=config.get("metrics_flush_secs", metrics.FLUSH_EVERY_SECS))
@@ -279,8 +286,9 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, input_pipeline)
   mesh = common.make_mesh(config)
   student_fn = lambda: common.restore_student(config.pretrained, mesh, min_fsdp_size=config.mesh.min_fsdp_size,
                                               model_overrides=student_overrides(config))
-  train_data_fn = lambda size: input_pipeline.build_finetune_train(
-      config.input, image_size=size, global_batch_size=config.batch_size, seed=config.seed, augment=True)
+  train_data_fn = lambda size, start_step=0: input_pipeline.build_finetune_train(
+      config.input, image_size=size, global_batch_size=config.batch_size, seed=config.seed, augment=True,
+      start_step=start_step)
   eval_data_fn = lambda size: input_pipeline.build_eval(config.input, image_size=size,
                                                         global_batch_size=config.eval_batch_size)
   results = train_and_evaluate(config, workdir, student_fn=student_fn, train_data_fn=train_data_fn,

@@ -266,7 +266,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Train the segmenter and evaluate it; resumes from `<workdir>/checkpoints` when it holds a checkpoint.
 
   `student_fn()` restores the pretrained student (only called when starting afresh; None: random initialisation).
-  `train_data_fn(crop_size)` gives an infinite iterator of host batches {"image", "label"} with save/restore, and
+  `train_data_fn(crop_size[, start_step])` gives an infinite iterator of host batches {"image", "label"} with
+  save/restore (starting at global batch `start_step` when resuming a checkpoint of another process count), and
   `eval_data_fn()` one pass of {"image", "label", "valid"} on the eval canvas (the first `eval.num_images` of them
   when that is not 0).
   """
@@ -288,7 +289,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     segmenter = Segmenter(vit_config, model, metadata["pretrained"])
     if metadata.get("config_hash") != checkpoint_lib.config_hash(config.to_dict()):
       logging.warning("Resuming %s with a config that differs from the one it started with.", workdir)
-  train_data = train_data_fn(config.crop_size)
+  # A checkpoint of another process count holds no input-iterator state that fits: restore without it, then build
+  # the input at the restored step (checkpoint.written_by_other_process_count).
+  other_layout = readable is not None and checkpoint_lib.written_by_other_process_count(readable[1]) is not None
+  train_data = None if other_layout else train_data_fn(config.crop_size)
   program = build_program(config, mesh, segmenter.vit_config)
 
   best_miou = 0.0
@@ -304,6 +308,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     best_miou = metadata["best_miou"]
     logging.info("Resumed segmentation fine-tuning at step %d of %d from %s.", step, total_steps,
                  checkpointer.directory)
+    if other_layout:
+      train_data = train_data_fn(config.crop_size, start_step=step)
+      logging.warning("%s", checkpoint_lib.rebuilt_input_warning(step, metadata, train_data))
 
   # ----- Loop.
   eval_batches = lambda: common.take_batches(eval_data_fn(), config.eval_batch_size, config.eval.num_images)
@@ -311,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   rng = jax.random.key(config.seed)
   metadata = {"model_config": checkpoint_lib.model_config_to_json(segmenter.vit_config),
               "pretrained": segmenter.source, "config": config.to_dict(),
-              "config_hash": checkpoint_lib.config_hash(config.to_dict())}
+              "config_hash": checkpoint_lib.config_hash(config.to_dict()), **checkpoint_lib.layout_metadata()}
   step = int(state["step"])
   writer = metrics.MetricsWriter(workdir, resume_step=step,  # drops lines past the checkpoint (computed again)
                                  flush_every_secs=config.get("metrics_flush_secs", metrics.FLUSH_EVERY_SECS))
@@ -376,8 +383,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.pretrained.workdir:
       student_fn = lambda: common.restore_student(config.pretrained, mesh, min_fsdp_size=config.mesh.min_fsdp_size,
                                                   model_overrides=config.model)
-    train_data_fn = lambda crop: segment_input.build_segment_train(
-        config.input, crop_size=crop, global_batch_size=config.batch_size, seed=config.seed)
+    train_data_fn = lambda crop, start_step=0: segment_input.build_segment_train(
+        config.input, crop_size=crop, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
     eval_data = segment_input.build_segment_eval(config.input, canvas_size=config.eval.canvas_size,
                                                  global_batch_size=config.eval_batch_size)
     results = train_and_evaluate(config, workdir, student_fn=student_fn, train_data_fn=train_data_fn,
