@@ -179,12 +179,6 @@ def mode_of(config: ml_collections.ConfigDict) -> str:
                    "ones `mix`, probes `optimizer` + `features`, kNN `knn`, segmentation `segmenter`).")
 
 
-def _student_config(config: ml_collections.ConfigDict):
-  """The pretrained student an evaluation config would restore (no checkpoint is read)."""
-  from dtm_jax.evaluate import common  # pylint: disable=g-import-not-at-top
-  return common.student_config_of(config)
-
-
 def build_programs(config: ml_collections.ConfigDict, mesh, mode: str | None = None) -> list[Program]:
   """The programs `mode` (default: the config's own) runs on `mesh`, built from abstract inputs."""
   mode = mode or mode_of(config)
@@ -193,18 +187,19 @@ def build_programs(config: ml_collections.ConfigDict, mesh, mode: str | None = N
     program = train.build_program(config, mesh, abstract_target=True)
     return [Program("train_step", program.step, program.abstract_inputs(),
                     program.flops_per_image * config.batch_size)]
+  from dtm_jax.evaluate import common  # pylint: disable=g-import-not-at-top  # the student an evaluation restores
   if mode == "finetune":
     from dtm_jax.evaluate import finetune  # pylint: disable=g-import-not-at-top
     from dtm_jax.models import vit  # pylint: disable=g-import-not-at-top
-    program = finetune.build_program(config, vit.finetune_config(_student_config(config)), mesh)
+    program = finetune.build_program(config, vit.finetune_config(common.student_config_of(config)), mesh)
     return [Program("train_step", program.step, program.abstract_inputs(),
                     program.flops_per_image * config.batch_size)]
   if mode == "linear_probe":
     from dtm_jax.evaluate import linear_probe  # pylint: disable=g-import-not-at-top
-    return linear_probe.build_programs(config, _student_config(config), mesh)
+    return linear_probe.build_programs(config, common.student_config_of(config), mesh)
   if mode == "knn":
     from dtm_jax.evaluate import knn  # pylint: disable=g-import-not-at-top
-    return knn.build_programs(config, _student_config(config), mesh)
+    return knn.build_programs(config, common.student_config_of(config), mesh)
   if mode == "segment":
     from dtm_jax.evaluate import segment  # pylint: disable=g-import-not-at-top
     program = segment.build_program(config, mesh)

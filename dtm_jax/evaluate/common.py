@@ -297,6 +297,14 @@ def make_classifier_evaluator(predict_fn: Callable[..., jax.Array], mesh: Mesh):
 # ---------------------------------------------------------------------------------------------------------------------
 # The training loop of fine-tuning and segmentation.
 # ---------------------------------------------------------------------------------------------------------------------
+def checkpoint_metadata(model_config: vit.ViTConfig, source: dict, config: ml_collections.ConfigDict) -> dict:
+  """What a fine-tuning or segmentation checkpoint records besides its step: the trunk's architecture, the pretrained
+  checkpoint it started from, the run's config (and its hash), and the job's layout (a resume on another slice)."""
+  return {"model_config": checkpoint.model_config_to_json(model_config), "pretrained": source,
+          "config": config.to_dict(), "config_hash": checkpoint.config_hash(config.to_dict()),
+          **checkpoint.layout_metadata()}
+
+
 def run_training_steps(state: PyTree, *, what: str, step: int, total_steps: int, train_step: Callable,
                        next_batch: Callable[[], PyTree], rng: jax.Array, is_eval_step: Callable[[int], bool],
                        evaluate: Callable[[PyTree, int], None], save: Callable[[PyTree, int], None],

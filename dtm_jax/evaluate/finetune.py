@@ -234,9 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   evaluate = common.make_classifier_evaluator(
       lambda params, images: classifier.model.apply(params, images_lib.to_model_input(images, *normalization)), mesh)
   rng = jax.random.key(config.seed)
-  metadata = {"model_config": checkpoint_lib.model_config_to_json(classifier.config),
-              "pretrained": classifier.source, "config": config.to_dict(),
-              "config_hash": checkpoint_lib.config_hash(config.to_dict()), **checkpoint_lib.layout_metadata()}
+  metadata = common.checkpoint_metadata(classifier.config, classifier.source, config)
   step = int(state["step"])
   writer = metrics.MetricsWriter(workdir, resume_step=step,  # drops lines past the checkpoint (computed again)
                                  flush_every_secs=config.get("metrics_flush_secs", metrics.FLUSH_EVERY_SECS))

@@ -316,9 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   eval_batches = lambda: common.take_batches(eval_data_fn(), config.eval_batch_size, config.eval.num_images)
   run_eval = lambda state: evaluate(program.eval_step, state["params"], state["batch_stats"], eval_batches(), mesh)
   rng = jax.random.key(config.seed)
-  metadata = {"model_config": checkpoint_lib.model_config_to_json(segmenter.vit_config),
-              "pretrained": segmenter.source, "config": config.to_dict(),
-              "config_hash": checkpoint_lib.config_hash(config.to_dict()), **checkpoint_lib.layout_metadata()}
+  metadata = common.checkpoint_metadata(segmenter.vit_config, segmenter.source, config)
   step = int(state["step"])
   writer = metrics.MetricsWriter(workdir, resume_step=step,  # drops lines past the checkpoint (computed again)
                                  flush_every_secs=config.get("metrics_flush_secs", metrics.FLUSH_EVERY_SECS))
