@@ -12,7 +12,7 @@ from flax import nnx
 
 from configs import test_tiny
 from dtm_jax import checkpoint as checkpoint_lib
-from dtm_jax import sharding, targets, train
+from dtm_jax import config_checks, sharding, targets, train
 from dtm_jax.models import functional, vit
 from tools import figures, frozen_features, spatial_measures, study, study_summary, teachers
 
@@ -31,6 +31,22 @@ def test_study_configs_are_valid_and_match_their_target(kind):
   assert config.target.kind == kind and config.dtm.enabled and not config.dtm.fixed_schedule
   if kind == "ema":
     assert config.target.ema_momentum == 0.98
+
+
+def test_study_config_of_the_trained_clip_teacher_reads_its_directory(tmp_path):
+  from tools import semantic_teacher  # pylint: disable=g-import-not-at-top
+  tower = semantic_teacher.tower_config(width=32, depth=1, num_heads=2, mlp_dim=64, proj_dim=24)
+  semantic_teacher.save(tmp_path / "teacher", tower, semantic_teacher.init_teacher(tower, 10, seed=0)[1], {})
+  config = study.study_config("clip_fmnist", "tokenwise", 1, steps=20, batch_size=16, ema_momentum=0.99,
+                              fixed_schedule=(24, 4), clip_teacher=str(tmp_path / "teacher"))
+  train.validate_config(config)
+  assert config.target.kind == "clip" and config.target.checkpoint == str(tmp_path / "teacher")
+  assert config.model.out_dim == 24 and not config.dtm.enabled
+  target = targets.build_target(config.target, image_size=28, patch_size=4, student_config=train.student_config(config))
+  assert target.out_dim == 24
+  with pytest.raises(FileNotFoundError, match="tools.train_teacher"):
+    study.study_config("clip_fmnist", "dtm", 0, steps=20, batch_size=16, ema_momentum=0.99, fixed_schedule=(24, 4),
+                       clip_teacher=str(tmp_path / "nowhere"))
 
 
 def test_study_variants_set_tokenwise_and_fixed_schedules():
@@ -52,6 +68,7 @@ def test_grid_parsing_and_run_order():
   runs = study.planned_runs(grid, seeds=2)
   assert runs[-2:] == [("checkpoint", "dtm", 0), ("checkpoint", "dtm", 1)]  # the taught kind runs last
   assert len(runs) == 6 and len(set(runs)) == 6
+  assert runs[:2] == [("pixels", "dtm", 0), ("pixels", "tokenwise", 0)]  # seed by seed: pairs complete early
   for bad in (["pixels"], ["pixels:dtm+warp"], ["mae:dtm"]):
     with pytest.raises(ValueError, match="--grid entry"):
       study.parse_grid(bad)
@@ -91,7 +108,8 @@ def test_report_rebuilds_the_generated_block_from_run_files(tmp_path):
   study_summary.record_call(out, argv=["--grid=ema:dtm"], wall_seconds=30.0, runs=1)
   study_summary.record_call(out, argv=["--seeds=1"], wall_seconds=150.0, runs=2)
   results = tmp_path / "RESULTS.md"
-  results.write_text(f"# Title\nprose\n{study_summary.BEGIN_MARK}\nold table\n{study_summary.END_MARK}\nmore prose\n")
+  begin, end = study_summary.markers()
+  results.write_text(f"# Title\nprose\n{begin}\nold table\n{end}\nmore prose\n")
   study_summary.write_report(out, str(results))
   text = results.read_text()
   assert "old table" not in text and text.startswith("# Title\nprose\n") and text.endswith("more prose\n")
@@ -101,6 +119,67 @@ def test_report_rebuilds_the_generated_block_from_run_files(tmp_path):
   results.write_text("no markers here\n")
   with pytest.raises(ValueError, match="no generated block"):
     study_summary.write_report(out, str(results))
+
+
+def test_fine_tuning_scores_get_their_own_columns_and_paired_differences(tmp_path):
+  records = [dict(record("clip_fmnist", v, seed, 60.0 + seed, 70.0, 0.1), finetune_top1=80.0 + seed + (v == "dtm"))
+             for v in ("dtm", "tokenwise") for seed in (0, 1, 2)] + [record("random_init", "-", 0, 50.0, 49.0)]
+  summary = study_summary.summarise(records)
+  (diff,) = summary["dtm_minus"]
+  np.testing.assert_allclose(diff["finetune_top1"], (1.0, 0.0), atol=1e-12)
+  table = study_summary.markdown(summary, {"steps": [500], "batch_size": [128]})
+  assert "| kNN top-1 (%) | linear probe top-1 (%) | fine-tuned top-1 (%) | final train loss | runs |" in table
+  assert "| clip (tower trained on labelled Fashion-MNIST) | DTM (dynamic) | 61.00 ± 1.00 | 70.00 ± 0.00 | " \
+         "82.00 ± 1.00 |" in table
+  assert "| floor: student at init | — | 50.00 ± 0.00 | 49.00 ± 0.00 | — |" in table
+  assert "| +0.00 ± 0.00 | +0.00 ± 0.00 | +1.00 ± 0.00 | 3 |" in table
+  # Two studies keep two generated blocks in one results file; each report replaces only its own.
+  results = tmp_path / "RESULTS.md"
+  first, semantic = study_summary.markers(), study_summary.markers("semantic study")
+  results.write_text(f"{first[0]}\nfirst\n{first[1]}\nprose\n{semantic[0]}\nsecond\n{semantic[1]}\n")
+  text = study_summary.replace_block(results.read_text(), table, "semantic study")
+  assert "\nfirst\n" in text and "second" not in text and table in text
+
+
+def test_run_one_resumes_a_study_run_part_by_part(tmp_path, monkeypatch):
+  """Pretraining and scoring are skipped once eval.json exists; fine-tuning runs once and is added to it."""
+  out = epath.Path(tmp_path)
+  calls = []
+  monkeypatch.setattr(study.train, "train", lambda config, workdir: calls.append(("train", config.seed)))
+  monkeypatch.setattr(study.finetune, "run", lambda config, workdir: (
+      calls.append(("finetune", config.pretrained.workdir, config.epochs, config.seed, workdir)),
+      {"last_top1": 77.5})[1])
+  run = out / "runs" / "pixels-dtm-s1"
+  study_summary.write_json(run / "eval.json", record("pixels", "dtm", 1, 55.0, 66.0, 0.3))
+  kwargs = dict(probe_epochs=1, steps=10, batch_size=16, ema_momentum=0.99, fixed_schedule=(24, 4))
+  assert study.run_one(out, "pixels", "dtm", 1, None, None, **kwargs)["knn_top1"] == 55.0
+  assert calls == []
+  result = study.run_one(out, "pixels", "dtm", 1, None, None, finetune_epochs=2, **kwargs)
+  assert calls == [("finetune", str(run), 2, 1, str(run / "finetune"))]
+  assert result["finetune_top1"] == 77.5 and json.loads((run / "eval.json").read_text())["finetune_top1"] == 77.5
+  study.run_one(out, "pixels", "dtm", 1, None, None, finetune_epochs=2, **kwargs)
+  assert len(calls) == 1
+  config = study.finetune_config(run, seed=1, epochs=2)
+  assert config.warmup_epochs == 0.5 and config.num_classes == 10
+  config_checks.validate("finetune", config, check_paths=False)
+
+
+def test_floors_include_the_teacher_reference_and_are_computed_once(tmp_path, monkeypatch):
+  from tools import semantic_teacher  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  split = lambda n: frozen_features.Split(rng.normal(size=(n, 28, 28, 3)).astype(np.float32),
+                                          (np.arange(n) % 10).astype(np.int32))
+  tower = semantic_teacher.tower_config(width=32, depth=1, num_heads=2, mlp_dim=64, proj_dim=24)
+  semantic_teacher.save(tmp_path / "teacher", tower, semantic_teacher.init_teacher(tower, 10, seed=0)[1], {})
+  teacher = targets.build_target(ml_collections.ConfigDict(dict(kind="clip", checkpoint=str(tmp_path / "teacher"),
+                                                                dtype="float32")), image_size=28, patch_size=4)
+  out, mesh = epath.Path(tmp_path / "study"), sharding.make_mesh(-1, 1)
+  study.run_floors(out, (split(40), split(20)), mesh, seeds=1, probe_epochs=1, teacher=teacher)
+  records = {r["kind"]: r for r in study_summary.collect(out)}
+  assert sorted(records) == ["random_init", "raw_pixels", "teacher"]
+  assert all(0 <= r["knn_top1"] <= 100 and 0 <= r["probe_top1"] <= 100 for r in records.values())
+  monkeypatch.setattr(study.frozen_features, "scores", lambda *a, **k: pytest.fail("a finished floor was redone"))
+  study.run_floors(out, (split(40), split(20)), mesh, seeds=1, probe_epochs=1, teacher=teacher)
 
 
 # ----- frozen-feature scores -----------------------------------------------------------------------------------------

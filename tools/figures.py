@@ -77,20 +77,24 @@ def loss_curves(losses: dict[str, dict[int, float]], path: epath.Path, smooth: i
 
 
 def probe_bars(summary: dict, path: epath.Path) -> None:
-  """kNN and probe top-1 per (target, variant) with std error bars; the floors as horizontal lines."""
+  """kNN and probe top-1 (and fine-tuned top-1 when every run has it) per (target, variant) with std error bars; the
+  floors as horizontal lines."""
   rows = [r for r in summary["rows"] if r["kind"] not in study_summary.FLOORS]
   floors = {r["kind"]: r for r in summary["rows"] if r["kind"] in study_summary.FLOORS}
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+  panels = [("knn_top1", "kNN top-1 (%)"), ("probe_top1", "linear probe top-1 (%)")]
+  if all("finetune_top1" in r for r in rows):
+    panels.append(("finetune_top1", "fine-tuned top-1 (%)"))
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.4))
   x = np.arange(len(rows))
-  for ax, key, title in zip(axes, ("knn_top1", "probe_top1"), ("kNN top-1 (%)", "linear probe top-1 (%)")):
+  for ax, (key, title) in zip(axes, panels):
     means = [r[key][0] for r in rows]
     stds = [r[key][1] for r in rows]
     ax.bar(x, means, yerr=stds, capsize=3, color=[VARIANT_COLOURS[r["variant"]] for r in rows])
-    for floor, style in zip(study_summary.FLOORS, ("--", ":")):
-      if floor in floors:
+    for floor, style in zip(study_summary.FLOORS, ("--", ":", "-.")):
+      if floor in floors and key in floors[floor]:
         ax.axhline(floors[floor][key][0], color="black", linestyle=style, linewidth=1,
                    label=study_summary.KIND_LABELS[floor])
-    values = means + [f[key][0] for f in floors.values()]
+    values = means + [f[key][0] for f in floors.values() if key in f]
     ax.set_ylim(max(0.0, min(values) - 8), min(100.0, max(values) + 5))
     ax.set_xticks(x, [f"{r['kind']} · {study_summary.VARIANT_LABELS[r['variant']]}" for r in rows], fontsize=7,
                   rotation=35, ha="right")

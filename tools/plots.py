@@ -7,8 +7,10 @@
                           colour regions, at two schedule sizes (`--schedules`); one picture per run in
                           `--groups_runs` (an `ema` run's teacher is its EMA at the end of training).
 
-Command (the figures in docs/RESULTS.md):
+Commands (the figures in docs/RESULTS.md; `--prefix` keeps a second study's pictures apart):
   python -m tools.plots --study=workdirs/study --out=docs/figures
+  python -m tools.plots --study=workdirs/study_semantic --out=docs/figures --prefix=semantic_ \
+      --groups_runs=clip_fmnist-dtm-s0
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ _OUT = flags.DEFINE_string("out", "docs/figures", "Directory for the PNG files."
 _GROUPS_RUNS = flags.DEFINE_list("groups_runs", ["pixels-dtm-s0", "ema-dtm-s0"],
                                   "Study runs whose teachers' groups are drawn (one picture each).")
 _SCHEDULES = flags.DEFINE_list("schedules", ["16:2", "40:7"], "Two schedules num_merge:num_iters for the groups.")
+_PREFIX = flags.DEFINE_string("prefix", "", "Prepended to every file name.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 5, "Test images in the groups picture.")
 
 
@@ -40,12 +43,13 @@ def main(argv):
   if not summary_path.exists():
     raise app.UsageError(f"{summary_path} is missing; run `python -m tools.study --out={study_dir} --report_only`.")
   out.mkdir(parents=True, exist_ok=True)
-  figures.loss_curves(figures.losses_by_run(study_dir), out / "loss_curves.png")
-  figures.probe_bars(json.loads(summary_path.read_text()), out / "probe_bars.png")
+  prefix = _PREFIX.value
+  written = [f"{prefix}loss_curves.png", f"{prefix}probe_bars.png"]
+  figures.loss_curves(figures.losses_by_run(study_dir), out / written[0])
+  figures.probe_bars(json.loads(summary_path.read_text()), out / written[1])
   schedules = [tuple(int(v) for v in s.split(":")) for s in _SCHEDULES.value]
-  written = ["loss_curves.png", "probe_bars.png"]
   for run in _GROUPS_RUNS.value:
-    written.append(f"morph_groups_{run}.png")
+    written.append(f"{prefix}morph_groups_{run}.png")
     figures.draw_groups(study_dir, run, schedules, _NUM_IMAGES.value, out / written[-1])
   print(f"Wrote {', '.join(written)} to {out}.", flush=True)
 

@@ -7,13 +7,18 @@ is read from a run's checkpoint with --run) and that config's dataset, this repo
   * neighbour cosine: the mean cosine similarity of 4-neighbouring target tokens, per token and after morphing
     (every token replaced by its group's mean), and the share of neighbouring pairs that morphing puts in one group;
   * token probe: top-1 of a linear probe that classifies single tokens (each labelled with its image's class) from
-    per-token features, from morphed features, and, as a control, from groups of the same sizes with random members.
+    per-token features, from morphed features, and, as a control, from groups of the same sizes with random members;
+  * zero-shot token top-1, for a teacher trained with class embeddings (tools/train_teacher.py): each token labelled
+    with its most similar class embedding, as the paper's pilot labels CLIP's tokens with its text embeddings
+    (per token, morphed, random groups).
 Only object tokens count by default (patches with some ink: Fashion-MNIST's background is exactly zero), as the
 paper's pilot scores the pixels of objects.
 
 Command (the demo's teacher; the table in docs/RESULTS.md):
   python -m tools.spatial_consistency --config=configs/demo.py --out=workdirs/spatial/demo.json
   python -m tools.spatial_consistency --run=workdirs/study/runs/ema-dtm-s0 --out=workdirs/spatial/ema.json
+  python -m tools.spatial_consistency --run=workdirs/study_semantic/runs/clip_fmnist-dtm-s0 \
+      --out=workdirs/spatial/clip_fmnist.json
 """
 from __future__ import annotations
 

@@ -53,6 +53,13 @@ def object_tokens(images01: np.ndarray, patch_size: int, ink: float) -> np.ndarr
   return patches.max(axis=(2, 4)).reshape(m, -1) > ink
 
 
+def zero_shot_top1(tokens: np.ndarray, labels: np.ndarray, keep: np.ndarray, class_embeddings: np.ndarray) -> float:
+  """Top-1 (%) of labelling each kept token [M, N, D] with its most similar class embedding [C, D] (unit rows, so
+  the token's norm does not matter), against its image's label: the paper's zero-shot pilot, token by token."""
+  predicted = np.einsum("mnd,cd->mnc", tokens, class_embeddings).argmax(-1)
+  return float(100.0 * (predicted == labels[:, None])[keep].mean())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The analysis.
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,6 +89,9 @@ def analyse(config: ml_collections.ConfigDict, run_dir: str | None, *, schedules
   pairs = neighbour_pairs(grid)
   test_pair_keep = keeps[1][:, pairs[:, 0]] & keeps[1][:, pairs[:, 1]]
   rng = np.random.default_rng(seed)
+  embeddings = teachers.class_embeddings(config)  # only a teacher trained with class embeddings has them
+  zero_shot = lambda features: ({} if embeddings is None else
+                                {"zero_shot": zero_shot_top1(features[1], splits[1].labels, keeps[1], embeddings)})
   probe = lambda features: token_probe(features[0], splits[0].labels, keeps[0], features[1], splits[1].labels,
                                        keeps[1], mesh, seed=seed, epochs=probe_epochs)
   result = {
@@ -90,6 +100,7 @@ def analyse(config: ml_collections.ConfigDict, run_dir: str | None, *, schedules
       "test_images": test_images,
       "neighbour_cosine_per_token": neighbour_cosine(tokens[1], pairs, test_pair_keep),
       "probe_top1_per_token": probe(tokens), "schedules": [],
+      **{f"{k}_top1_per_token": v for k, v in zero_shot(tokens).items()},
   }
   for num_merge, num_iters in schedules:
     groups = [teachers.morph_groups(t, num_merge, num_iters, max_iters=max(num_iters, config.dtm.max_iters),
@@ -104,20 +115,29 @@ def analyse(config: ml_collections.ConfigDict, run_dir: str | None, *, schedules
         "joined_pairs_cosine_before": neighbour_cosine(tokens[1], pairs, test_pair_keep & same_group(groups[1], pairs)),
         "probe_top1_morphed": probe(morphed),
         "probe_top1_random_groups": probe(control),
+        **{f"{k}_top1_morphed": v for k, v in zero_shot(morphed).items()},
+        **{f"{k}_top1_random_groups": v for k, v in zero_shot(control).items()},
     })
   return result
 
 
 def table(result: dict) -> str:
+  """Markdown table of `analyse`'s result; zero-shot columns when the teacher has class embeddings."""
+  zero_shot = "zero_shot_top1_per_token" in result
+  extra_head = " zero-shot token top-1 (%) | zero-shot, random groups (%) |" if zero_shot else ""
   lines = [f"Target: {result['target']}; {result['tokens']} tokens ({result['kept_tokens_per_image']:.1f} per image), "
            f"probe fitted on {result['train_images']} images, scored on {result['test_images']}.", "",
            "| schedule (merge:rounds) | groups / image | neighbour cosine | same-group neighbours | their cosine "
-           "before | token probe top-1 (%) | random groups, same sizes (%) |", "|---|---|---|---|---|---|---|",
+           "before | token probe top-1 (%) | random groups, same sizes (%) |" + extra_head,
+           "|---|---|---|---|---|---|---|" + ("---|---|" if zero_shot else ""),
            f"| none (per token) | {result['tokens_per_image']} | {result['neighbour_cosine_per_token']:.3f} | 0 | — | "
-           f"{result['probe_top1_per_token']:.2f} | — |"]
+           f"{result['probe_top1_per_token']:.2f} | — |" +
+           (f" {result['zero_shot_top1_per_token']:.2f} | — |" if zero_shot else "")]
   for s in result["schedules"]:
     lines.append(f"| {s['num_merge']}:{s['num_iters']} | {s['groups_per_image']:.1f} | "
                  f"{s['neighbour_cosine_morphed']:.3f} | {s['neighbour_same_group']:.2f} | "
                  f"{s['joined_pairs_cosine_before']:.3f} | {s['probe_top1_morphed']:.2f} | "
-                 f"{s['probe_top1_random_groups']:.2f} |")
+                 f"{s['probe_top1_random_groups']:.2f} |" +
+                 (f" {s['zero_shot_top1_morphed']:.2f} | {s['zero_shot_top1_random_groups']:.2f} |"
+                  if zero_shot else ""))
   return "\n".join(lines) + "\n"

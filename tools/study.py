@@ -8,16 +8,27 @@ The demo-size student (configs/demo.py: Fashion-MNIST 28², patch 4, width 96, d
 once per seed in `--seeds` (the seed sets the student's initialisation, the data order and the schedules). Every
 student is then scored on frozen, mean-pooled patch tokens: DINO's kNN (k = 20) and a linear probe, both fitted on the
 first `--train_examples` Fashion-MNIST training images and tested on the first `--test_examples` test images (the
-same images for every run). Floors: the student at initialisation and raw pixels.
+same images for every run). Floors: the student at initialisation and raw pixels. With `--finetune_epochs` > 0 each
+student is also fine-tuned (configs/finetune_demo.py for that many epochs, same seed) and scored on the whole test
+split.
+
+Target kinds: pixels, ema, clip (a randomly initialised CLIP-style tower), checkpoint (the student of
+`--teacher_run`), and clip_fmnist: the semantic teacher of tools/train_teacher.py (a CLIP-style tower trained on
+labelled Fashion-MNIST), read from `--clip_teacher`.
 
 Runs live in `--out`: `runs/<kind>-<variant>-s<seed>/` (the pretraining workdir: config.json, metrics.jsonl,
 checkpoint) with `eval.json`, and `floors/<name>-s<seed>/eval.json`. Finished runs are skipped, so an interrupted
 study resumes where it stopped. `--report_only` rebuilds `summary.json`, `summary.md` and, with `--results_md`, the
 generated block of docs/RESULTS.md from those files alone.
 
-Command (the numbers in docs/RESULTS.md; its header gives the measured wall time):
+Commands (the numbers in docs/RESULTS.md; its headers give the measured wall times). The first study (300 steps):
   python -m tools.study --out=workdirs/study --results_md=docs/RESULTS.md
   python -m tools.plots --study=workdirs/study --out=docs/figures
+The semantic-teacher study (the demo's 500 steps at batch 128, 1.07 epochs; fine-tuning 1 epoch):
+  python -m tools.train_teacher --out=workdirs/teacher_fmnist
+  python -m tools.study --out=workdirs/study_semantic --grid=clip_fmnist:dtm+tokenwise+fixed --steps=500 \
+      --batch_size=128 --train_examples=10000 --test_examples=10000 --finetune_epochs=1 \
+      --clip_teacher=workdirs/teacher_fmnist --results_md=docs/RESULTS.md --results_block="semantic study"
 """
 from __future__ import annotations
 
@@ -30,11 +41,11 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from configs import demo
+from configs import demo, finetune_demo
 from dtm_jax import checkpoint as checkpoint_lib
-from dtm_jax import metrics, sharding, train
-from dtm_jax.evaluate import common
-from tools import frozen_features, study_summary
+from dtm_jax import metrics, sharding, targets, train
+from dtm_jax.evaluate import common, finetune
+from tools import frozen_features, study_summary, teachers
 
 _OUT = flags.DEFINE_string("out", None, "Directory of the study's runs and summaries.")
 _GRID = flags.DEFINE_list(
@@ -49,19 +60,26 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Pretraining batch size.")
 _EMA_MOMENTUM = flags.DEFINE_float("ema_momentum", 0.99, "Start of the EMA teacher's momentum (cosine to 1.0).")
 _TEACHER_RUN = flags.DEFINE_string("teacher_run", "pixels-dtm-s0",
                                    "The study run whose student teaches the 'checkpoint' kind (its encoder tokens).")
+_CLIP_TEACHER = flags.DEFINE_string("clip_teacher", "workdirs/teacher_fmnist",
+                                    "The clip_fmnist kind's teacher: a directory written by tools/train_teacher.py.")
+_FINETUNE_EPOCHS = flags.DEFINE_integer("finetune_epochs", 0,
+                                        "Fine-tune every student for this many epochs (0: no fine-tuning).")
 _TRAIN_EXAMPLES = flags.DEFINE_integer("train_examples", 5000, "kNN bank / probe training images (train split).")
 _TEST_EXAMPLES = flags.DEFINE_integer("test_examples", 2000, "Evaluation images (test split).")
 _PROBE_EPOCHS = flags.DEFINE_integer("probe_epochs", 100, "Linear-probe epochs on the frozen features.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild the summaries from the runs already in --out.")
 _RESULTS_MD = flags.DEFINE_string("results_md", None,
                                   "Markdown file whose block between the study markers is replaced by the tables.")
+_RESULTS_BLOCK = flags.DEFINE_string("results_block", study_summary.DEFAULT_BLOCK,
+                                     "Name in the markers of that block (one block per study).")
 flags.mark_flag_as_required("out")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Run configs.
 # ----------------------------------------------------------------------------------------------------------------
-def target_settings(kind: str, *, width: int, ema_momentum: float, teacher_dir: str) -> tuple[dict, int]:
+def target_settings(kind: str, *, width: int, ema_momentum: float, teacher_dir: str,
+                    clip_teacher: str = "") -> tuple[dict, int]:
   """(config.target fields, the student's out_dim) of one target kind for the demo-size student."""
   if kind == "pixels":
     return dict(kind="pixels", normalize_patches=True), 4 * 4 * 3
@@ -72,11 +90,13 @@ def target_settings(kind: str, *, width: int, ema_momentum: float, teacher_dir: 
                 overrides=dict(patch_size=4, width=96, depth=4, num_heads=3, mlp_dim=384, proj_dim=64)), 64
   if kind == "checkpoint":
     return dict(kind="checkpoint", checkpoint=teacher_dir, features="encoder", dtype="float32"), width
+  if kind == "clip_fmnist":
+    return dict(kind="clip", checkpoint=clip_teacher, dtype="float32"), teachers.clip_proj_dim(clip_teacher)
   raise ValueError(f"Unknown target kind {kind!r}; choose from {study_summary.KINDS}.")
 
 
 def study_config(kind: str, variant: str, seed: int, *, steps: int, batch_size: int, ema_momentum: float,
-                 fixed_schedule: tuple[int, int], teacher_dir: str = ""):
+                 fixed_schedule: tuple[int, int], teacher_dir: str = "", clip_teacher: str = ""):
   """configs/demo.py with the study's target, variant, seed and run length."""
   c = demo.get_config()
   c.seed = seed
@@ -88,7 +108,8 @@ def study_config(kind: str, variant: str, seed: int, *, steps: int, batch_size: 
   c.keep_checkpoints = 1
   c.async_checkpointing = False
   c.progress_every_secs = 120.0
-  target, out_dim = target_settings(kind, width=c.model.width, ema_momentum=ema_momentum, teacher_dir=teacher_dir)
+  target, out_dim = target_settings(kind, width=c.model.width, ema_momentum=ema_momentum, teacher_dir=teacher_dir,
+                                    clip_teacher=clip_teacher)
   c.target.update(target)
   c.model.out_dim = out_dim
   if variant == "tokenwise":
@@ -119,16 +140,18 @@ def parse_grid(grid: list[str]) -> dict[str, list[str]]:
 
 
 def planned_runs(grid: dict[str, list[str]], seeds: int) -> list[tuple[str, str, int]]:
-  """(kind, variant, seed) in the order they run: the checkpoint kind last (it is taught by another run)."""
-  return [(kind, variant, seed) for kind in sorted(grid, key=lambda k: k == "checkpoint") for variant in grid[kind]
-          for seed in range(seeds)]
+  """(kind, variant, seed) in the order they run: the checkpoint kind last (it is taught by another run); within a
+  kind seed by seed, so a study stopped early already holds complete pairs of variants."""
+  return [(kind, variant, seed) for kind in sorted(grid, key=lambda k: k == "checkpoint") for seed in range(seeds)
+          for variant in grid[kind]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Running and scoring.
 # ----------------------------------------------------------------------------------------------------------------
-def run_floors(out, data, mesh, *, seeds: int, probe_epochs: int) -> None:
-  """The student at initialisation (one per seed) and raw pixels (probe seeds only): the numbers to beat."""
+def run_floors(out, data, mesh, *, seeds: int, probe_epochs: int, teacher: targets.Target | None = None) -> None:
+  """The student at initialisation (one per seed) and raw pixels (probe seeds only): the numbers to beat; with a
+  `teacher`, its mean-pooled target tokens (what the students regress, scored like them)."""
   model_cfg = train.student_config(demo.get_config())
   pixels_train, pixels_test = (frozen_features.pixel_features(split, mesh) for split in data)
   for seed in range(seeds):
@@ -145,29 +168,59 @@ def run_floors(out, data, mesh, *, seeds: int, probe_epochs: int) -> None:
       result = frozen_features.scores(pixels_train, pixels_test, mesh, seed=seed, probe_epochs=probe_epochs)
       study_summary.write_json(path, {"kind": "raw_pixels", "variant": "-", "seed": seed, **result})
       print(f"floor raw_pixels s{seed}: {result}", flush=True)
+    path = out / "floors" / f"teacher-s{seed}" / "eval.json"
+    if teacher is not None and not path.exists():
+      encode = lambda params, images: teacher.tokens(params, images).mean(axis=1)
+      features = [frozen_features.encoder_features(encode, teacher.params, s, mesh) for s in data]
+      result = frozen_features.scores(*features, mesh, seed=seed, probe_epochs=probe_epochs)
+      study_summary.write_json(path, {"kind": "teacher", "variant": "-", "seed": seed, **result})
+      print(f"reference teacher s{seed}: {result}", flush=True)
 
 
-def run_one(out, kind: str, variant: str, seed: int, data, mesh, *, probe_epochs: int, **config_kwargs) -> dict:
-  """Pretrain one student, score it, write `eval.json`; skipped when that exists. A run is checkpointed only at its
-  end, so an interrupted one starts over (its metrics.jsonl then holds both attempts; readers keep the last)."""
+def run_one(out, kind: str, variant: str, seed: int, data, mesh, *, probe_epochs: int, finetune_epochs: int = 0,
+            **config_kwargs) -> dict:
+  """Pretrain one student, score it, write `eval.json`, then (finetune_epochs > 0) fine-tune it and add the result.
+
+  Each part is skipped when its result is in `eval.json`. Pretraining is checkpointed only at its end, so an
+  interrupted one starts over (its metrics.jsonl then holds both attempts; readers keep the last); fine-tuning
+  resumes from its own checkpoints (`<run>/finetune`)."""
   workdir = out / "runs" / run_name(kind, variant, seed)
   path = workdir / "eval.json"
   if path.exists():
-    return json.loads(path.read_text())
-  config = study_config(kind, variant, seed, **config_kwargs)
-  start = time.time()
-  train.train(config, str(workdir))
-  train_seconds = time.time() - start
-  losses = [row["loss"] for row in metrics.read_jsonl(workdir / "metrics.jsonl") if "loss" in row]
-  student = common.restore_student(ml_collections.ConfigDict({"workdir": str(workdir), "step": None}), mesh)
-  encode = common.feature_fn(student)
-  features = [frozen_features.encoder_features(encode, student.params, split, mesh) for split in data]
-  result = frozen_features.scores(*features, mesh, seed=seed, probe_epochs=probe_epochs)
-  record = {"kind": kind, "variant": variant, "seed": seed, "steps": config.total_steps,
-            "batch_size": config.batch_size, "final_loss": float(np.mean(losses[-3:])), **result,
-            "train_seconds": train_seconds, "eval_seconds": time.time() - start - train_seconds}
-  study_summary.write_json(path, record)
+    record = json.loads(path.read_text())
+  else:
+    config = study_config(kind, variant, seed, **config_kwargs)
+    start = time.time()
+    train.train(config, str(workdir))
+    train_seconds = time.time() - start
+    losses = [row["loss"] for row in metrics.read_jsonl(workdir / "metrics.jsonl") if "loss" in row]
+    student = common.restore_student(ml_collections.ConfigDict({"workdir": str(workdir), "step": None}), mesh)
+    encode = common.feature_fn(student)
+    features = [frozen_features.encoder_features(encode, student.params, split, mesh) for split in data]
+    result = frozen_features.scores(*features, mesh, seed=seed, probe_epochs=probe_epochs)
+    record = {"kind": kind, "variant": variant, "seed": seed, "steps": config.total_steps,
+              "batch_size": config.batch_size, "final_loss": float(np.mean(losses[-3:])), **result,
+              "train_seconds": train_seconds, "eval_seconds": time.time() - start - train_seconds}
+    study_summary.write_json(path, record)
+  if finetune_epochs and "finetune_top1" not in record:
+    start = time.time()
+    result = finetune.run(finetune_config(workdir, seed, finetune_epochs), str(workdir / "finetune"))
+    record.update(finetune_top1=result["last_top1"], finetune_epochs=finetune_epochs,
+                  finetune_seconds=time.time() - start)
+    study_summary.write_json(path, record)
   return record
+
+
+def finetune_config(workdir, seed: int, epochs: int) -> ml_collections.ConfigDict:
+  """configs/finetune_demo.py for the student of `workdir`: `epochs` epochs (a quarter of them warm-up), `seed`."""
+  c = finetune_demo.get_config()
+  c.pretrained.workdir = str(workdir)
+  c.seed = seed
+  c.epochs = epochs
+  c.warmup_epochs = epochs / 4
+  c.keep_checkpoints = 1
+  c.progress_every_secs = 120.0
+  return c
 
 
 def run_study(out) -> None:
@@ -179,6 +232,10 @@ def run_study(out) -> None:
   planned = {run_name(*run) for run in planned_runs(grid, _SEEDS.value) if run[0] != "checkpoint"}
   if "checkpoint" in grid and _TEACHER_RUN.value not in planned and not (teacher_dir / "eval.json").exists():
     raise app.UsageError(f"--teacher_run={_TEACHER_RUN.value} is neither in this study's grid nor finished in {out}.")
+  clip_teacher = checkpoint_lib.absolute_path(_CLIP_TEACHER.value)
+  if "clip_fmnist" in grid and not (clip_teacher / "model_config.json").exists():
+    raise app.UsageError(f"--clip_teacher={_CLIP_TEACHER.value} holds no teacher; train one first: "
+                         f"python -m tools.train_teacher --out={_CLIP_TEACHER.value}")
   metrics.quiet_library_logs()
   # Every run compiles the same evaluation programs (and a resumed study the same train steps): cache them on disk.
   if not jax.config.jax_compilation_cache_dir:
@@ -189,15 +246,24 @@ def run_study(out) -> None:
   start = time.time()
   data = (frozen_features.load_split(base.input, "train", _TRAIN_EXAMPLES.value, image_size=base.model.image_size),
           frozen_features.load_split(base.input, "test", _TEST_EXAMPLES.value, image_size=base.model.image_size))
-  run_floors(out, data, mesh, seeds=_SEEDS.value, probe_epochs=_PROBE_EPOCHS.value)
+  teacher = None
+  if "clip_fmnist" in grid:
+    teacher = targets.build_target(ml_collections.ConfigDict(dict(kind="clip", checkpoint=str(clip_teacher),
+                                                                  dtype="float32")),
+                                   image_size=base.model.image_size, patch_size=base.model.patch_size)
+  run_floors(out, data, mesh, seeds=_SEEDS.value, probe_epochs=_PROBE_EPOCHS.value, teacher=teacher)
   runs = planned_runs(grid, _SEEDS.value)
   config_kwargs = dict(steps=_STEPS.value, batch_size=_BATCH_SIZE.value, ema_momentum=_EMA_MOMENTUM.value,
-                       fixed_schedule=tuple(int(v) for v in _FIXED_SCHEDULE.value), teacher_dir=str(teacher_dir))
+                       fixed_schedule=tuple(int(v) for v in _FIXED_SCHEDULE.value), teacher_dir=str(teacher_dir),
+                       clip_teacher=str(clip_teacher))
   for i, (kind, variant, seed) in enumerate(runs, 1):
     run_start = time.time()
-    record = run_one(out, kind, variant, seed, data, mesh, probe_epochs=_PROBE_EPOCHS.value, **config_kwargs)
+    record = run_one(out, kind, variant, seed, data, mesh, probe_epochs=_PROBE_EPOCHS.value,
+                     finetune_epochs=_FINETUNE_EPOCHS.value, **config_kwargs)
+    finetuned = f", fine-tuned {record['finetune_top1']:.2f}%" if "finetune_top1" in record else ""
     print(f"[{i}/{len(runs)}] {run_name(kind, variant, seed)}: kNN {record['knn_top1']:.2f}%, probe "
-          f"{record['probe_top1']:.2f}%, final loss {record['final_loss']:.4f} ({time.time() - run_start:.0f} s; "
+          f"{record['probe_top1']:.2f}%{finetuned}, final loss {record['final_loss']:.4f} "
+          f"({time.time() - run_start:.0f} s; "
           f"study {(time.time() - start) / 60:.1f} min)", flush=True)
   print(f"Study finished in {(time.time() - start) / 60:.1f} min on {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s).", flush=True)
@@ -211,7 +277,7 @@ def main(argv):
   if not _REPORT_ONLY.value:
     logging.set_verbosity(logging.WARNING)
     run_study(out)
-  print(study_summary.write_report(out, _RESULTS_MD.value), flush=True)
+  print(study_summary.write_report(out, _RESULTS_MD.value, _RESULTS_BLOCK.value), flush=True)
 
 
 if __name__ == "__main__":

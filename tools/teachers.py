@@ -19,7 +19,9 @@ from flax import nnx
 
 from dtm_jax import checkpoint as checkpoint_lib
 from dtm_jax import morphing, targets, train
-from dtm_jax.models import functional, vit
+from dtm_jax.models import convert, functional, vit
+
+CLASS_EMBEDDINGS_FILE = "class_embeddings.npy"  # written by tools/train_teacher.py
 
 PyTree = Any
 
@@ -60,6 +62,28 @@ def load(config: ml_collections.ConfigDict, run_dir: str | None = None) -> tuple
     raise ValueError("The 'ema' teacher lives in a run's checkpoint: pass the run's workdir (--run=...).")
   _, abstract = functional.abstract_split(lambda: vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
   return target, ema_params(run_dir, abstract)
+
+
+def clip_proj_dim(directory: str | epath.Path) -> int:
+  """Width of the tokens of a converted or trained CLIP tower (its `model_config.json`), without loading it."""
+  path = epath.Path(directory) / convert.CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist; train a teacher with `python -m tools.train_teacher` or convert "
+                            "one with `python -m dtm_jax.models.convert`.")
+  return int(json.loads(path.read_text())["config"]["proj_dim"])
+
+
+def class_embeddings(config: ml_collections.ConfigDict) -> np.ndarray | None:
+  """Unit class embeddings [classes, D] of a `clip` target trained by tools/train_teacher.py, else None.
+
+  They play CLIP's text embeddings of the class prompts: a target token's zero-shot class is the nearest one."""
+  if config.target.kind != "clip" or config.target.get("init", "checkpoint") == "random":
+    return None
+  path = epath.Path(config.target.checkpoint) / CLASS_EMBEDDINGS_FILE
+  if not path.exists():
+    return None
+  with path.open("rb") as f:
+    return np.load(f)
 
 
 def target_tokens(target: targets.Target, params: PyTree, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
