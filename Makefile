@@ -37,7 +37,7 @@ demo: venv fashion-mnist
 	$(PY) main.py --config=configs/demo.py --workdir=$(WORKDIR) --config.input.data_dir=$(FASHION_MNIST_DIR)
 
 test: venv-test fashion-mnist
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean-demo:
 	rm -rf $(WORKDIR)

@@ -192,3 +192,21 @@ def mixup_enabled(config):
   from dtm_jax.evaluate import mixup  # pylint: disable=g-import-not-at-top
   mix = mixup.MixConfig(**config.mix)
   return mix.enabled and mix.mixup_alpha > 0 and mix.cutmix_alpha > 0
+
+
+def test_training_loop_stops_at_a_non_finite_loss_before_evaluating_or_saving(tmp_path):
+  """Fine-tuning and segmentation share common.run_training_steps: a diverged state is never evaluated or saved."""
+  from dtm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  losses = [1.0, 0.5, float("nan"), float("nan")]
+  train_step = lambda state, batch, rng: (state + 1, {"train_loss": jnp.float32(losses[int(state)]),
+                                                      "lr": jnp.float32(0.1)})
+  evaluated, saved = [], []
+  writer = metrics.MetricsWriter(tmp_path, flush_every_secs=0.0)
+  with pytest.raises(FloatingPointError, match="non-finite train_loss at step 3; no checkpoint"):
+    common.run_training_steps(
+        jnp.int32(0), what="Fine-tuning", step=0, total_steps=4, train_step=train_step, next_batch=lambda: None,
+        rng=jax.random.key(0), is_eval_step=lambda step: step % 3 == 0 or step == 2,
+        evaluate=lambda state, step: evaluated.append(step), save=lambda state, step: saved.append(step),
+        checkpointer=checkpoint_lib.Checkpointer(tmp_path, async_save=False), writer=writer,
+        progress=metrics.Progress(4), log_every=100)
+  assert evaluated == saved == [2]  # the last good state is the last checkpoint

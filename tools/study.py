@@ -154,6 +154,7 @@ def run_floors(out, data, mesh, *, seeds: int, probe_epochs: int, teacher: targe
   `teacher`, its mean-pooled target tokens (what the students regress, scored like them)."""
   model_cfg = train.student_config(demo.get_config())
   pixels_train, pixels_test = (frozen_features.pixel_features(split, mesh) for split in data)
+  teacher_features = None
   for seed in range(seeds):
     path = out / "floors" / f"random_init-s{seed}" / "eval.json"
     if not path.exists():
@@ -170,9 +171,10 @@ def run_floors(out, data, mesh, *, seeds: int, probe_epochs: int, teacher: targe
       print(f"floor raw_pixels s{seed}: {result}", flush=True)
     path = out / "floors" / f"teacher-s{seed}" / "eval.json"
     if teacher is not None and not path.exists():
-      encode = lambda params, images: teacher.tokens(params, images).mean(axis=1)
-      features = [frozen_features.encoder_features(encode, teacher.params, s, mesh) for s in data]
-      result = frozen_features.scores(*features, mesh, seed=seed, probe_epochs=probe_epochs)
+      if teacher_features is None:  # the same for every seed (only the probe's seed differs)
+        encode = lambda params, images: teacher.tokens(params, images).mean(axis=1)
+        teacher_features = [frozen_features.encoder_features(encode, teacher.params, s, mesh) for s in data]
+      result = frozen_features.scores(*teacher_features, mesh, seed=seed, probe_epochs=probe_epochs)
       study_summary.write_json(path, {"kind": "teacher", "variant": "-", "seed": seed, **result})
       print(f"reference teacher s{seed}: {result}", flush=True)
 

@@ -13,8 +13,11 @@ The model and its training live in tools/semantic_teacher.py. Writes into --out:
 `config.target.kind="clip"` with `config.target.checkpoint=<out>` loads it), `class_embeddings.npy` [10, proj_dim]
 (unit rows, in class-label order) and `teacher.json` (recipe, test top-1, time).
 
-Command (the teacher of docs/RESULTS.md; its header there gives the wall time):
+Command (the teacher of docs/RESULTS.md):
   python -m tools.train_teacher --out=workdirs/teacher_fmnist
+Expected result (2026-12-03, 2 cores of an AMD EPYC VM, partly shared): 6 epochs of 468 steps at batch 128 in 15.0
+min, test top-1 82.04% on the 10,000 test images (train 83.19%: still underfitting; 3 epochs at batch 256 gave 76.4%).
+Its mean-pooled patch tokens score 77.9% kNN / 80.0% linear probe in the study's evaluation, raw pixels 80.6 / 76.3.
 """
 from __future__ import annotations
 

@@ -305,12 +305,23 @@ def checkpoint_metadata(model_config: vit.ViTConfig, source: dict, config: ml_co
           **checkpoint.layout_metadata()}
 
 
+def _require_finite(scalars: dict, step: int, what: str) -> None:
+  bad = sorted(name for name, value in scalars.items() if not np.all(np.isfinite(value)))
+  if bad:
+    raise FloatingPointError(
+        f"{what}: non-finite {', '.join(bad)} at step {step}; no checkpoint of this state was written. Lower the "
+        "learning rate or check the input, then rerun the same command to resume from the last checkpoint.")
+
+
 def run_training_steps(state: PyTree, *, what: str, step: int, total_steps: int, train_step: Callable,
                        next_batch: Callable[[], PyTree], rng: jax.Array, is_eval_step: Callable[[int], bool],
                        evaluate: Callable[[PyTree, int], None], save: Callable[[PyTree, int], None],
                        checkpointer: checkpoint.Checkpointer, writer: metrics.MetricsWriter,
                        progress: metrics.Progress, log_every: int, stop_after: int | None = None) -> tuple[PyTree, int]:
   """Steps `step` → `total_steps` of `train_step(state, batch, rng) -> (state, scalars)`; returns (state, step).
+
+  The scalars are read at log, evaluation and save steps; a non-finite one stops the run with FloatingPointError
+  before anything is evaluated or saved, so the last checkpoint stays the last good state.
 
   Evaluates (`evaluate(state, step)`) and checkpoints (`save(state, step)`) at each `is_eval_step`, and checkpoints
   and stops at a preemption (SIGTERM, Ctrl-C, JAX's preemption notice) or at `stop_after`. Double buffering: the next
@@ -329,8 +340,12 @@ def run_training_steps(state: PyTree, *, what: str, step: int, total_steps: int,
       stopped = preemption.should_stop() or step == stop_after  # every step on every process: all stop together
       batch = None if (evaluating or stopped) else next_batch()
       progress(step, done=scalars)
-      if step % log_every == 0:
-        writer.write_scalars(step, jax.device_get(scalars))
+      logging_step = step % log_every == 0
+      if logging_step or evaluating or stopped:  # never evaluate or save a diverged state
+        fetched = jax.device_get(scalars)
+        _require_finite(fetched, step, what)
+        if logging_step:
+          writer.write_scalars(step, fetched)
       if evaluating:
         evaluate(state, step)
       if evaluating or stopped:  # a mid-epoch step when stopped: resumable
