@@ -20,10 +20,10 @@ KIND_LABELS = {
     "ema": "ema (momentum teacher)",
     "clip": "clip (random-init tower)",
     "checkpoint": "checkpoint (a study run's student)",
-  "clip_fmnist": "clip (tower trained on labelled Fashion-MNIST)",
+    "clip_fmnist": "clip (tower trained on labelled Fashion-MNIST)",
     "random_init": "floor: student at init",
     "raw_pixels": "floor: raw pixels",
-  "teacher": "reference: the trained teacher's target tokens, mean-pooled",
+    "teacher": "reference: the trained teacher's target tokens, mean-pooled",
 }
 VARIANT_LABELS = {"dtm": "DTM (dynamic)", "tokenwise": "token-wise", "fixed": "fixed schedule", "-": "—"}
 
