@@ -410,14 +410,19 @@ def _linear_probe(c: _Checker, num_devices: int, check_paths: bool = True) -> No
   c.number("bn_momentum", 0.0, 1.0, max_open=True)
 
 
-def _knn(c: _Checker, num_devices: int, check_paths: bool = True) -> None:
-  _pretrained(c, check_paths)
-  _model_overrides(c)
-  _input(c, pretraining=False)
+def _knn_scoring(c: _Checker) -> None:
+  """The frozen features and DINO's kNN, shared by --mode=knn and --mode=compare."""
   c.string("features.pooling", POOLINGS)
   c.integer("features.num_blocks", 1)
   c.integer("knn.k", 1)
   c.number("knn.temperature", 0.0, min_open=True)
+
+
+def _knn(c: _Checker, num_devices: int, check_paths: bool = True) -> None:
+  _pretrained(c, check_paths)
+  _model_overrides(c)
+  _input(c, pretraining=False)
+  _knn_scoring(c)
   c.batch("knn.batch_size", num_devices)
   c.integer("knn.num_train_examples", 0)
   c.integer("knn.num_eval_examples", 0)
@@ -432,10 +437,7 @@ def _compare(c: _Checker, num_devices: int, check_paths: bool = True) -> None:
   _input(c, pretraining=False)
   _run_basics(c)  # seed: the probe's
   c.integer("num_classes", 1)
-  c.string("features.pooling", POOLINGS)
-  c.integer("features.num_blocks", 1)
-  c.integer("knn.k", 1)
-  c.number("knn.temperature", 0.0, min_open=True)
+  _knn_scoring(c)
   c.batch("compare.batch_size", num_devices)
   c.integer("compare.num_train_examples", 0)
   c.integer("compare.num_eval_examples", 0)

@@ -13,7 +13,7 @@ from dtm_jax.evaluate import common, finetune
 from dtm_jax.models import functional, vit
 
 import eval_testing
-from train_testing import as_if_written_by_two_processes
+from train_testing import as_if_written_by_two_processes, recording_stream_factory
 
 
 def beit_layer_id(torch_name, num_max_layer):
@@ -154,13 +154,7 @@ def test_finetuning_resumes_a_checkpoint_of_another_process_count_at_its_step(tm
     run_finetune(config, tmp_path / "finetune", mesh, PreemptedStream(stop_at=STEPS_PER_EPOCH + 3), student)
   as_if_written_by_two_processes(tmp_path / "finetune" / "checkpoints" / str(STEPS_PER_EPOCH))
   starts = []
-
-  def train_data_fn(image_size, start_step=0):
-    del image_size
-    starts.append(start_step)
-    stream = PreemptedStream()
-    stream.step, stream.start_note = start_step, "the test stream goes on from that batch"
-    return stream
+  train_data_fn = recording_stream_factory(PreemptedStream, starts)
 
   with caplog.at_level(logging.WARNING):
     result = finetune.train_and_evaluate(

@@ -15,7 +15,7 @@ from dtm_jax.evaluate import common, segment
 from dtm_jax.models import vit
 
 import eval_testing
-from train_testing import as_if_written_by_two_processes
+from train_testing import as_if_written_by_two_processes, recording_stream_factory
 
 CROP, CANVAS, BATCH, NUM_CLASSES = 32, 48, 16, 4
 TOTAL_STEPS, EVAL_EVERY = 6, 3
@@ -165,13 +165,7 @@ def test_segmentation_resumes_a_checkpoint_of_another_process_count_at_its_step(
   run_segment(tiny_config(pretrained / "pretrain", stop_after_step=EVAL_EVERY), workdir, mesh, SceneStream(), student)
   as_if_written_by_two_processes(workdir / "checkpoints" / str(EVAL_EVERY))
   starts = []
-
-  def train_data_fn(crop, start_step=0):
-    del crop
-    starts.append(start_step)
-    stream = SceneStream()
-    stream.step, stream.start_note = start_step, "the test stream goes on from that batch"
-    return stream
+  train_data_fn = recording_stream_factory(SceneStream, starts)
 
   with caplog.at_level(logging.WARNING):
     result = segment.train_and_evaluate(tiny_config(pretrained / "pretrain"), str(workdir), student_fn=student,

@@ -77,3 +77,15 @@ def as_if_written_by_two_processes(step_dir):
   states = step_dir / "data_iterator"
   (states / "process_0_of_1").rename(states / "process_0_of_2")
   shutil.copyfile(states / "process_0_of_2", states / "process_1_of_2")
+
+
+def recording_stream_factory(stream_class, starts: list):
+  """A `train_data_fn(size, start_step=0)` that records each start step in `starts` and returns a fresh
+  `stream_class()` going on from that batch (the resume-on-another-slice tests)."""
+  def train_data_fn(size, start_step=0):
+    del size
+    starts.append(start_step)
+    stream = stream_class()
+    stream.step, stream.start_note = start_step, "the test stream goes on from that batch"
+    return stream
+  return train_data_fn
