@@ -1,9 +1,8 @@
-"""Entry point: `python main.py --config=configs/<file>.py[:arg] --workdir=DIR [--mode=pretrain] [--config.x=y]`.
+"""Entry point: `python main.py --config=configs/<file>.py[:arg] --workdir=DIR [--mode=MODE] [--config.x=y]`.
 
-Modes: pretrain (DTM pretraining, resumes from DIR), linear_probe, finetune, knn (evaluate a pretrained student),
-segment (UperNet semantic segmentation fine-tuning of a pretrained student, dtm_jax/evaluate/segment.py),
-compare (kNN and linear probe of a pretrained student beside the untrained student and raw pixels),
-compile (compile the config's programs for a TPU slice on any machine: `--mode=compile --topology=v5p-128`, see
+The modes are listed in dtm_jax/registry.py (one module each in dtm_jax/modes/: pretrain, finetune, linear_probe,
+knn, compare, segment); every config names its own (`config.mode`), so `--mode` may be left out. `--mode=compile`
+compiles the config's mode's programs for a TPU slice on any machine (`--mode=compile --topology=v5p-128`, see
 dtm_jax/aot.py; needs `pip install "jax[tpu]==<jax version>"`, no TPU).
 Multi-host: `jax.distributed.initialize()` runs when the job has several processes (TPU pods and SLURM/Kubernetes
 GPU jobs are detected by JAX; or pass --coordinator_address, --num_processes and --process_id).
@@ -18,9 +17,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-_MODE = flags.DEFINE_enum("mode", "pretrain",
-                          ["pretrain", "linear_probe", "finetune", "knn", "segment", "compare", "compile"],
-                          "What to run.")
+_MODE = flags.DEFINE_string("mode", None, "What to run: the config's own mode (config.mode) when left out; `compile` "
+                            "compiles it for --topology. The modes: dtm_jax/registry.py.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "--mode=compile: TPU slice, e.g. v4-32, v5e-256, v5p-128, v6e-64 "
                                 "or v5p:4x4x4.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "--mode=compile: number of slices (multi-slice over DCN).")
@@ -28,7 +26,7 @@ _FIT = flags.DEFINE_bool("fit", False, "--mode=compile: search remat, grad_accum
                          "setting that fits, and print it as --config overrides.")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache_dir", None, "Persistent compilation cache (default: $JAX_COMPILATION_CACHE_DIR or "
-    "~/.cache/dtm_jax/jax_compilation_cache; '' turns it off). See dtm_jax/compilation_cache.py.")
+    "~/.cache/dtm_jax/jax_compilation_cache; '' turns it off). See dtm_jax/runtime/compilation_cache.py.")
 _HBM_LIMIT = flags.DEFINE_float("hbm_limit", 0.9, "--mode=compile: fraction of a chip's HBM a program may use.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process jobs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process job.")
@@ -36,9 +34,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 flags.mark_flags_as_required(["config", "workdir"])
 
 def _initialize_distributed():
-  """Joins the job the launcher started (TPU VMs, SLURM, Open MPI, Kubernetes, torchrun-style; dtm_jax/launch.py);
+  """Joins the job the launcher started (TPU VMs, SLURM, Open MPI, Kubernetes, torchrun-style; dtm_jax/runtime/launch.py);
   a launch whose processes cannot or did not join one job is refused (launch.LaunchError, one line)."""
-  from dtm_jax import launch  # pylint: disable=g-import-not-at-top
+  from dtm_jax.runtime import launch  # pylint: disable=g-import-not-at-top
   launch.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
@@ -63,47 +61,31 @@ def main(argv):
   if _MODE.value == "compile":
     _compile(_CONFIG.value, _WORKDIR.value)
     return
-  from dtm_jax import cpu_host  # pylint: disable=g-import-not-at-top
+  from dtm_jax.runtime import cpu_host  # pylint: disable=g-import-not-at-top
   cpu_host.configure()  # before JAX starts its backend and threads
   _initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
-  from dtm_jax import compilation_cache, metrics  # pylint: disable=g-import-not-at-top
+
+  from dtm_jax import registry  # pylint: disable=g-import-not-at-top
+  from dtm_jax.runner import run  # pylint: disable=g-import-not-at-top
+  from dtm_jax.runtime import compilation_cache, metrics  # pylint: disable=g-import-not-at-top
   compilation_cache.enable(_COMPILATION_CACHE.value)
   metrics.quiet_library_logs()
-  config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  mode = registry.mode_of(config, _MODE.value)
   logging.info("Host %s: process %d of %d; %d local / %d global devices (%s); jax %s.", socket.gethostname(),
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind, jax.__version__)
   logging.info("Config (%s):\n%s", mode, config)
-
-  if mode == "pretrain":
-    from dtm_jax import train  # pylint: disable=g-import-not-at-top
-    result = train.train(config, workdir)
-  else:
-    import importlib  # pylint: disable=g-import-not-at-top
-    result = importlib.import_module(f"dtm_jax.evaluate.{mode}").run(config, workdir)
+  result = run.run(mode, config, workdir)
   if jax.process_index() == 0:
     print(f"{mode} finished: " + json.dumps(result, default=float), flush=True)
-  followup = config.get("then_evaluate") if mode == "pretrain" else None
-  if followup and not result.get("preempted"):
-    _run_followup(followup, workdir)
-
-
-def _run_followup(spec, workdir):
-  """The demo's closing evaluation (e.g. a kNN or linear probe of the student just trained)."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  cfg = importlib.import_module(spec.config_module).get_config(spec.get("config_arg", ""))
-  with cfg.unlocked():
-    cfg.pretrained.workdir = workdir
-  result = importlib.import_module(f"dtm_jax.evaluate.{spec.mode}").run(cfg, os.path.join(workdir, spec.mode))
-  if jax.process_index() == 0:
-    print(f"{spec.mode} of the pretrained student: " + json.dumps(result, default=float), flush=True)
 
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from dtm_jax import config_checks, errors  # pylint: disable=g-import-not-at-top  # neither imports JAX
+  from dtm_jax import cli  # pylint: disable=g-import-not-at-top  # imports no JAX
+  from dtm_jax.runtime import errors  # pylint: disable=g-import-not-at-top  # imports no JAX
   # Config override errors, RunErrors (bad config, workdir in use, failed save) and Ctrl-C: one clear line and an
   # exit status instead of a traceback.
-  app.run(errors.cli(main), flags_parser=config_checks.parse_flags)
+  app.run(errors.cli(main), flags_parser=cli.parse_flags)

@@ -28,13 +28,13 @@ if not __package__:
   sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 
-from dtm_jax import checkpoint as checkpoint_lib
-from dtm_jax import sharding, train
+from dtm_jax import sharding
+from dtm_jax.modes import pretrain as train
+from dtm_jax.runtime import checkpoint as checkpoint_lib
 
 _CONFIGS = flags.DEFINE_list("configs", ["dtm_vit_b16_in1k", "dtm_vit_l16_in1k"], "Pretraining configs (configs/).")
 _DIR = flags.DEFINE_string("dir", "/tmp/dtm_ckpt_bench", "Local directory to save into (emptied first).")

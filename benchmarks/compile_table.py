@@ -22,7 +22,10 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from dtm_jax import aot, morphing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dtm_jax import (
+  aot,
+  morphing,  # pylint: disable=g-import-not-at-top,wrong-import-position
+)
 
 # name: (what, config module, overrides, topology[, morphing implementation forced for the comparison row])
 ROWS = {

@@ -24,9 +24,8 @@ if not __package__:
   sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import app
-from absl import flags
 import numpy as np
+from absl import app, flags
 from PIL import Image
 
 import input_pipeline

@@ -8,7 +8,7 @@ between the JAX and PyTorch versions, the share of a ViT-B/16 DTM step's FLOPs t
 the time the token Gram matmul takes at this machine's measured matmul rate.
 
 The PyTorch version follows the released code's algorithm (ToMe-style bipartite soft matching, size-weighted
-merging, a [B, slots, N] source matrix for the groups, one schedule shared by the batch), written from DTM_SPEC §3;
+merging, a [B, slots, N] source matrix for the groups, one schedule shared by the batch), written from docs/METHOD.md §3;
 it runs on 2 threads. The loop reference (tests/morphing_reference.py) runs on a few images and is scaled to B.
 """
 import argparse
@@ -22,17 +22,17 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from dtm_jax import cpu_host  # pylint: disable=g-import-not-at-top
+from dtm_jax.runtime import cpu_host  # pylint: disable=g-import-not-at-top
 
 cpu_host.configure()
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
+import morphing_reference as reference
 import numpy as np
 import torch
 
 from dtm_jax import losses, morphing
-import morphing_reference as reference
 
 
 # ----------------------------------------------------------------------------------------------------------------

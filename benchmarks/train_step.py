@@ -9,7 +9,7 @@ One configuration:
   python benchmarks/train_step.py --student=base --teacher=B/16 --batch=256 --dtype=bfloat16 --dtm=both
 
 Prints per configuration: step time (median over the timed steps), images/s, TFLOP/s per device, MFU (analytic
-FLOPs: student forward+backward = 3× forward, teacher forward, morphing; peak from metrics.PEAK_BF16_FLOPS), peak
+FLOPs: student forward+backward = 3× forward, teacher forward, morphing; peak from flops.PEAK_BF16_FLOPS), peak
 device memory, the number of compilations of the step, and the DTM overhead = step time with DTM ÷ step time of the
 token-wise program (dtm.enabled=False: no morphing in it), both measured in this process, their steps taking turns.
 The step is built by train.build_program, as main.py builds it.
@@ -17,14 +17,14 @@ The step is built by train.build_program, as main.py builds it.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
-import os
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from dtm_jax import cpu_host  # pylint: disable=g-import-not-at-top
+from dtm_jax.runtime import cpu_host  # pylint: disable=g-import-not-at-top
 
 cpu_host.configure()
 
@@ -34,8 +34,9 @@ import ml_collections
 import numpy as np
 
 from configs import common
-from dtm_jax import metrics, sharding, train
+from dtm_jax import flops, sharding
 from dtm_jax.models import clip, vit
+from dtm_jax.modes import pretrain as train
 
 TABLES = {
     "gpu": [dict(student="small", teacher="B/16", batch=256, dtype="bfloat16", image_size=224),
@@ -107,7 +108,7 @@ def time_interleaved(built: list[dict], steps: int) -> list[dict]:
 
 def figures(b: dict, step_time: float) -> dict:
   tflops = b["flops"] / step_time / jax.device_count() / 1e12
-  peak = metrics.peak_flops_per_device(jax.devices()[0].device_kind)
+  peak = flops.peak_flops_per_device(jax.devices()[0].device_kind)
   stats = jax.devices()[0].memory_stats() or {}
   return {
       **b["config"], "step_ms": 1e3 * step_time, "images_per_s": b["config"]["batch"] / step_time,

@@ -1,4 +1,4 @@
-"""The pretraining config every recipe starts from: DTM's ViT-B/16 ImageNet-1K recipe (DTM_SPEC §6).
+"""The pretraining config every recipe starts from: DTM's ViT-B/16 ImageNet-1K recipe (docs/METHOD.md §6).
 
 Recipes override what differs. Values the paper does not publish are marked "unpublished" with the choice made.
 """
@@ -8,9 +8,10 @@ from ml_collections import config_dict
 
 def pretrain_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.mode = "pretrain"  # what main.py runs (dtm_jax/registry.py)
   c.seed = 0
 
-  # Student: BEiT-style ViT (DTM_SPEC §4). dtype is the compute dtype (matmul and attention inputs); parameters, the
+  # Student: BEiT-style ViT (docs/METHOD.md §4). dtype is the compute dtype (matmul and attention inputs); parameters, the
   # residual stream and LayerNorm statistics are float32. attention_impl None picks per platform: cuDNN's fused
   # kernel on GPUs (bf16), XLA on TPUs, the native kernel on CPUs; or "xla" / "cudnn" / "cpu".
   # remat: what the backward pass recomputes — "none", "dots" (keeps the matmul outputs) or "full".
@@ -27,7 +28,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
       normalize_patches=True,  # used by kind="pixels" only
       ema_momentum=0.996, ema_momentum_end=1.0)  # used by kind="ema" only
 
-  # Dynamic token morphing (DTM_SPEC §2–3); enabled=False is token-wise distillation.
+  # Dynamic token morphing (docs/METHOD.md §2–3); enabled=False is token-wise distillation.
   # fixed_schedule=(num_merge, num_iters) replaces the random draw (the paper's "no dynamic schedule" ablation).
   c.dtm = dict(enabled=True, num_schedules=2, max_merge=-1, max_iters=14, per_image=False, protect_first=True,
                loss="smooth_l1", beta=2.0, normalize_target=False, weighting="token",

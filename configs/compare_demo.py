@@ -27,6 +27,7 @@ def get_config(arg: str = ""):
   del arg
   knn = knn_demo.get_config()
   c = ml_collections.ConfigDict()
+  c.mode = "compare"  # what main.py runs (dtm_jax/registry.py)
   c.seed = 0  # The probe's; the untrained student takes the pretraining run's seed from the checkpoint.
   c.pretrained = dict(workdir="workdirs/demo", step=config_dict.placeholder(int))  # step: None = latest.
   c.model = {}  # Overrides of the pretrained student's ViTConfig.

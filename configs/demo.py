@@ -49,5 +49,5 @@ def get_config(arg: str = ""):
   c.log_every = 100
   c.progress_every_secs = 20.0
   c.checkpoint_every = 500
-  c.then_evaluate = ml_collections.ConfigDict(dict(mode="compare", config_module="configs.compare_demo"))
+  c.then_evaluate = ml_collections.ConfigDict(dict(config_module="configs.compare_demo"))
   return c

@@ -1,4 +1,4 @@
-"""DTM ViT-B/16 on ImageNet-1K, 300 epochs, CLIP ViT-B/16 teacher (the paper's main recipe, DTM_SPEC §6).
+"""DTM ViT-B/16 on ImageNet-1K, 300 epochs, CLIP ViT-B/16 teacher (the paper's main recipe, docs/METHOD.md §6).
 
 Command (one host; on a pod run the same command on every host):
   python main.py --config=configs/dtm_vit_b16_in1k.py --workdir=$WORKDIR \

@@ -1,4 +1,4 @@
-"""Fine-tuning a DTM ViT-B/16 student on ImageNet-1K (BEiT v2's recipe, which DTM reuses; DTM_SPEC §6).
+"""Fine-tuning a DTM ViT-B/16 student on ImageNet-1K (BEiT v2's recipe, which DTM reuses; docs/METHOD.md §6).
 
 Command:
   python main.py --mode=finetune --config=configs/finetune_vit_b16_in1k.py --workdir=$WORKDIR/finetune \
@@ -20,6 +20,7 @@ from configs import common
 def get_config(arg: str = ""):
   del arg
   c = ml_collections.ConfigDict()
+  c.mode = "finetune"  # what main.py runs (dtm_jax/registry.py)
   c.seed = 0
   c.pretrained = dict(workdir="", step=config_dict.placeholder(int))  # step: None = latest.
   # The student --mode=compile assumes (it reads no checkpoint; runs take the architecture from the checkpoint).

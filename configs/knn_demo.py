@@ -17,6 +17,7 @@ from configs import demo
 def get_config(arg: str = ""):
   del arg
   c = ml_collections.ConfigDict()
+  c.mode = "knn"  # what main.py runs (dtm_jax/registry.py)
   c.pretrained = dict(workdir="workdirs/demo", step=config_dict.placeholder(int))  # step: None = latest.
   # The student --mode=compile assumes (it reads no checkpoint; runs take the architecture from the checkpoint).
   c.pretrained.architecture = demo.get_config().model.to_dict()

@@ -15,6 +15,7 @@ from configs import common
 def get_config(arg: str = ""):
   del arg
   c = ml_collections.ConfigDict()
+  c.mode = "knn"  # what main.py runs (dtm_jax/registry.py)
   c.pretrained = dict(workdir="", step=config_dict.placeholder(int))
   # The student --mode=compile assumes (it reads no checkpoint; runs take the architecture from the checkpoint).
   c.pretrained.architecture = common.pretrain_config().model.to_dict()

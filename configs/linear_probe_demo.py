@@ -16,6 +16,7 @@ from configs import demo
 def get_config(arg: str = ""):
   del arg
   c = ml_collections.ConfigDict()
+  c.mode = "linear_probe"  # what main.py runs (dtm_jax/registry.py)
   c.seed = 0
   c.pretrained = dict(workdir="workdirs/demo", step=config_dict.placeholder(int))  # step: None = latest.
   # The student --mode=compile assumes (it reads no checkpoint; runs take the architecture from the checkpoint).

@@ -5,7 +5,7 @@ Command:
       --config.pretrained.workdir=$WORKDIR --config.input.data_dir=$TFDS_DATA_DIR
 Frozen student, mean-pooled final patch tokens, BatchNorm without affine + linear head, LARS, lr 0.1 × 16384 / 256,
 90 epochs (10 warm-up), RandomResizedCrop + flip on the training images (features recomputed every step).
-Expected result (paper): none to compare with; DTM_SPEC §7 lists no ImageNet linear probe of the DTM ViT-B/16 (only
+Expected result (paper): none to compare with; docs/METHOD.md §7 lists no ImageNet linear probe of the DTM ViT-B/16 (only
 the pilot study's probe of CLIP tokens, 44.2 → 46.3). We have not run it (no ImageNet here); report your number in
 docs/RESULTS.md.
 """
@@ -18,6 +18,7 @@ from configs import common
 def get_config(arg: str = ""):
   del arg
   c = ml_collections.ConfigDict()
+  c.mode = "linear_probe"  # what main.py runs (dtm_jax/registry.py)
   c.seed = 0
   c.pretrained = dict(workdir="", step=config_dict.placeholder(int))  # step: None = latest.
   # The student --mode=compile assumes (it reads no checkpoint; runs take the architecture from the checkpoint).

@@ -18,7 +18,7 @@ Deviation: evaluation images are resized keep-ratio into 2048×512 and padded on
 side still exceeds it are shrunk to fit; the pipeline logs how many), and scored at that size, not at the original
 annotation size as mmseg does.
 Expected result: 52.7 mIoU for BEiT v2's ViT-B/16 after 300 pretraining epochs (53.1 after 1600; Peng et al. 2022,
-"BEiT v2", Table 1, single scale). DTM reports +0.3 mIoU over prior methods at the same budget (DTM_SPEC §7; the
+"BEiT v2", Table 1, single scale). DTM reports +0.3 mIoU over prior methods at the same budget (docs/METHOD.md §7; the
 paper's exact ADE20K figure is to be checked), i.e. ≈ 53.0.
 Slices (--mode=compile, 2026-12-03, jax 0.10.2 / libtpu 0.0.42.1): on v5p-16 (8 chips, 2 crops each) the train step
 takes 7.22 GiB of 95 per chip (no remat, no FSDP), compiler FLOPs 1.01× the analytic count, roofline ≥ 37 ms
@@ -35,6 +35,7 @@ from input_pipeline import config as input_config
 def get_config(arg: str = ""):
   del arg
   c = ml_collections.ConfigDict()
+  c.mode = "segment"  # what main.py runs (dtm_jax/registry.py)
   c.seed = 0
   c.pretrained = dict(workdir="", step=config_dict.placeholder(int))  # step: None = latest; workdir "": random init.
   # The student --mode=compile assumes (it reads no checkpoint; runs take the architecture from the checkpoint), and

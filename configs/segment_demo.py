@@ -27,6 +27,7 @@ from input_pipeline import config as input_config
 def get_config(arg: str = ""):
   del arg
   c = ml_collections.ConfigDict()
+  c.mode = "segment"  # what main.py runs (dtm_jax/registry.py)
   c.seed = 0
   c.pretrained = dict(workdir="workdirs/demo", step=config_dict.placeholder(int))  # "": random initialisation
   # The student --mode=compile and the from-scratch baseline assume (runs take the architecture from the checkpoint).

@@ -28,7 +28,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -36,30 +36,34 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from dtm_jax import config_checks, platform, sharding
+from dtm_jax import flops, platform, registry, sharding
+from dtm_jax.program import Mode, Program
 
 GiB = 2 ** 30
 # Fraction of a chip's HBM a program may use and still count as fitting (headroom for the runtime and fragmentation).
 DEFAULT_HBM_LIMIT = 0.9
-MODES = ("pretrain", "finetune", "linear_probe", "knn", "segment")
 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """Per-chip figures of a TPU generation (Cloud TPU documentation; bf16 dense peak)."""
+  """Per-chip figures of a TPU generation (Cloud TPU documentation)."""
   hbm_bytes: int
-  peak_flops: float
   hbm_bandwidth: float  # bytes/s
   ici_bandwidth: float  # bytes/s, all links of a chip together
   slice_counts_cores: bool  # "v4-32"/"v5p-128" count TensorCores (2 per chip); "v5e-256"/"v6e-64" count chips
   dims: int  # torus dimensions of the slice shape
+  device_kind: str  # as the chip reports it: its peak FLOP/s are in dtm_jax.flops
+
+  @property
+  def peak_flops(self) -> float:
+    return flops.peak_flops_per_device(self.device_kind)
 
 
 CHIPS = {
-    "v4": Chip(32 * GiB, 275e12, 1.2e12, 300e9, True, 3),
-    "v5e": Chip(16 * GiB, 197e12, 819e9, 200e9, False, 2),
-    "v5p": Chip(95 * GiB, 459e12, 2.765e12, 600e9, True, 3),
-    "v6e": Chip(32 * GiB, 918e12, 1.64e12, 448e9, False, 2),
+    "v4": Chip(32 * GiB, 1.2e12, 300e9, True, 3, "TPU v4"),
+    "v5e": Chip(16 * GiB, 819e9, 200e9, False, 2, "TPU v5e"),
+    "v5p": Chip(95 * GiB, 2.765e12, 600e9, True, 3, "TPU v5p"),
+    "v6e": Chip(32 * GiB, 1.64e12, 448e9, False, 2, "TPU v6e"),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "v5": "v5p"}
 
@@ -151,63 +155,18 @@ def topology(name: str, num_slices: int = 1) -> Topology:
 # ----------------------------------------------------------------------------------------------------------------
 # Programs of each mode, from abstract inputs.
 # ----------------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Program:
-  """One jitted function of a mode with its abstract inputs, and the analytic FLOPs of one call (all chips)."""
-  name: str
-  jitted: Callable
-  args: tuple
-  analytic_flops: float
-
-
-def mode_of(config: ml_collections.ConfigDict) -> str:
-  """The mode a config is written for, from the blocks only that mode's configs have."""
-  if "compare" in config:
-    raise ValueError("--mode=compile does not cover --mode=compare, which runs the kNN and the linear probe on a "
-                     "small student: compile configs/knn_demo.py and configs/linear_probe_demo.py instead.")
-  if "dtm" in config:
-    return "pretrain"
-  if "segmenter" in config:
-    return "segment"
-  if "mix" in config:
-    return "finetune"
-  if "knn" in config:
-    return "knn"
-  if "optimizer" in config and "features" in config:
-    return "linear_probe"
-  raise ValueError("Cannot tell which mode this config is for (pretraining configs have a `dtm` block, fine-tuning "
-                   "ones `mix`, probes `optimizer` + `features`, kNN `knn`, segmentation `segmenter`).")
-
-
 def build_programs(config: ml_collections.ConfigDict, mesh, mode: str | None = None) -> list[Program]:
-  """The programs `mode` (default: the config's own) runs on `mesh`, built from abstract inputs."""
-  mode = mode or mode_of(config)
-  if mode == "pretrain":
-    from dtm_jax import train  # pylint: disable=g-import-not-at-top
-    program = train.build_program(config, mesh, abstract_target=True)
-    return [Program("train_step", program.step, program.abstract_inputs(),
-                    program.flops_per_image * config.batch_size)]
-  from dtm_jax.evaluate import common  # pylint: disable=g-import-not-at-top  # the student an evaluation restores
-  if mode == "finetune":
-    from dtm_jax.evaluate import finetune  # pylint: disable=g-import-not-at-top
-    from dtm_jax.models import vit  # pylint: disable=g-import-not-at-top
-    program = finetune.build_program(config, vit.finetune_config(common.student_config_of(config)), mesh)
-    return [Program("train_step", program.step, program.abstract_inputs(),
-                    program.flops_per_image * config.batch_size)]
-  if mode == "linear_probe":
-    from dtm_jax.evaluate import linear_probe  # pylint: disable=g-import-not-at-top
-    return linear_probe.build_programs(config, common.student_config_of(config), mesh)
-  if mode == "knn":
-    from dtm_jax.evaluate import knn  # pylint: disable=g-import-not-at-top
-    return knn.build_programs(config, common.student_config_of(config), mesh)
-  if mode == "segment":
-    from dtm_jax.evaluate import segment  # pylint: disable=g-import-not-at-top
-    program = segment.build_program(config, mesh)
-    return [Program("train_step", program.step, program.abstract_train_inputs(),
-                    program.train_flops_per_image * config.batch_size),
-            Program("eval_step", program.eval_step, program.abstract_eval_inputs(),
-                    program.eval_flops_per_image * config.eval_batch_size)]
-  raise ValueError(f"Unknown mode {mode!r}; choose one of {MODES}.")
+  """The programs `mode` (default: the config's) runs on `mesh`, built from abstract inputs (the mode's own
+  `programs`)."""
+  return compilable(mode or registry.mode_of(config)).programs(config, mesh)
+
+
+def compilable(mode: str) -> Mode:
+  """The registered mode, if it declares programs; a clear error otherwise."""
+  found = registry.get(mode)
+  if found.programs is None:
+    raise ValueError(found.not_compilable or f"--mode=compile does not cover --mode={mode}.")
+  return found
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,12 +210,13 @@ class DoesNotFitError(RuntimeError):
   """A program needs more HBM than the chip has (or than the allowed fraction of it)."""
 
 
+_KNOB_WORDS = {"model.remat": "--config.model.remat=dots or full", "grad_accum_steps": "--config.grad_accum_steps",
+               "mesh.fsdp": "--config.mesh.fsdp (shard parameters and optimizer state)"}
+
+
 def _knob_advice(mode: str) -> str:
   knobs = ["the per-chip batch (--config.batch_size)"]
-  if mode in ("pretrain", "finetune", "segment"):
-    knobs += ["--config.model.remat=dots or full", "--config.mesh.fsdp (shard parameters and optimizer state)"]
-  if mode == "pretrain":
-    knobs.insert(1, "--config.grad_accum_steps")
+  knobs += [_KNOB_WORDS[knob] for knob in registry.get(mode).memory_knobs]
   return "; ".join(knobs) + ", or run --mode=compile --fit to search them"
 
 
@@ -317,21 +277,21 @@ def analyse(compiled, program: Program, topo: Topology, *, compile_seconds: floa
   hbm["fraction"] = hbm["total_bytes"] / chip.hbm_bytes
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0))
+  compiler_flops = float(cost.get("flops", 0.0))
   bytes_accessed = float(cost.get("bytes accessed", 0.0))
   optimal = cost.get("optimal_seconds")
   hlo = compiled.as_text()
   found = collectives(hlo)
   analytic = program.analytic_flops / topo.num_chips
   collective_bytes = sum(c["bytes"] for c in found.values())
-  times = {"compute": max(flops, analytic) / chip.peak_flops, "hbm": bytes_accessed / chip.hbm_bandwidth,
+  times = {"compute": max(compiler_flops, analytic) / chip.peak_flops, "hbm": bytes_accessed / chip.hbm_bandwidth,
            "collectives": collective_bytes / chip.ici_bandwidth}
   roofline = max(times.values())
   return {
       "program": program.name,
       "hbm": hbm,
-      "flops_per_chip": {"compiler": flops, "analytic": analytic,
-                         "compiler_over_analytic": flops / analytic if analytic else None},
+      "flops_per_chip": {"compiler": compiler_flops, "analytic": analytic,
+                         "compiler_over_analytic": compiler_flops / analytic if analytic else None},
       "bytes_accessed_per_chip": bytes_accessed,
       "collectives": found,
       "custom_calls": custom_calls(hlo),
@@ -348,8 +308,8 @@ def analyse(compiled, program: Program, topo: Topology, *, compile_seconds: floa
 def compile_config(config: ml_collections.ConfigDict, topo: Topology, *, hbm_limit: float = DEFAULT_HBM_LIMIT,
                    mode: str | None = None) -> list[dict[str, Any]]:
   """Builds and compiles every program of the config's mode for the slice; raises DoesNotFitError."""
-  mode = mode or mode_of(config)
-  config_checks.validate(mode, config, num_devices=topo.num_chips, check_paths=False)  # nothing is read
+  mode = mode or registry.mode_of(config)
+  registry.validate(mode, config, num_devices=topo.num_chips, check_paths=False)  # nothing is read
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=list(topo.devices))
   with platform.building_for(mesh):
     programs = build_programs(config, mesh, mode)
@@ -364,22 +324,24 @@ def compile_config(config: ml_collections.ConfigDict, topo: Topology, *, hbm_lim
 
 
 def _candidates(config: ml_collections.ConfigDict, mode: str, num_chips: int) -> list[dict[str, Any]]:
-  """Memory settings to try, cheapest first: remat none < dots < full (≈ +0 / +5 / +33% compute), fewer
-  accumulation steps (smaller matmuls use the chip less well), smaller FSDP (more all-gathers)."""
+  """Settings of the mode's memory knobs to try, cheapest first: remat none < dots < full (≈ +0 / +5 / +33% compute),
+  fewer accumulation steps (smaller matmuls use the chip less well), smaller FSDP (more all-gathers)."""
+  knobs = registry.get(mode).memory_knobs
   remat_cost = {"none": 1.0, "dots": 1.05, "full": 1.33}
+  remats = list(remat_cost) if "model.remat" in knobs else [None]
   accums = [1]
-  if mode == "pretrain":
+  if "grad_accum_steps" in knobs:
     accums = [a for a in (1, 2, 4, 8, 16) if config.batch_size % (num_chips * a) == 0]
-  fsdps = [f for f in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if f <= num_chips and num_chips % f == 0]
+  fsdps = [None]
+  if "mesh.fsdp" in knobs:
+    fsdps = [f for f in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if f <= num_chips and num_chips % f == 0]
   options = []
-  for remat, accum, fsdp in itertools.product(remat_cost, accums, fsdps):
-    cost = remat_cost[remat] * (1 + 0.03 * math.log2(accum)) * (1 + 0.02 * math.log2(fsdp))
-    options.append((cost, {"model.remat": remat, "grad_accum_steps": accum, "mesh.fsdp": fsdp}))
+  for remat, accum, fsdp in itertools.product(remats, accums, fsdps):
+    cost = remat_cost.get(remat, 1.0) * (1 + 0.03 * math.log2(accum)) * (1 + 0.02 * math.log2(fsdp or 1))
+    setting = {"model.remat": remat, "grad_accum_steps": accum, "mesh.fsdp": fsdp}
+    options.append((cost, {k: v for k, v in setting.items() if k in knobs}))
   options.sort(key=lambda option: option[0])
-  settings = [setting for _, setting in options]
-  if mode != "pretrain":
-    settings = [{k: v for k, v in s.items() if k != "grad_accum_steps"} for s in settings]
-  return settings
+  return [setting for _, setting in options]
 
 
 def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -398,7 +360,7 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any])
 def fit(config: ml_collections.ConfigDict, topo: Topology, *, hbm_limit: float = DEFAULT_HBM_LIMIT,
         mode: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """The cheapest memory setting that fits (see _candidates) and its reports; DoesNotFitError if none does."""
-  mode = mode or mode_of(config)
+  mode = mode or registry.mode_of(config)
   tried = []
   for setting in _candidates(config, mode, topo.num_chips):
     print(f"  trying {_as_flags(setting)} ...", flush=True)
@@ -423,7 +385,7 @@ def _size(num_bytes: float) -> str:
 
 
 def format_report(report: dict[str, Any], topo: Topology) -> str:
-  hbm, flops, roofline = report["hbm"], report["flops_per_chip"], report["roofline"]
+  hbm, counts, roofline = report["hbm"], report["flops_per_chip"], report["roofline"]
   lines = [
       f"{report['program']} on {topo.name}{f' × {topo.num_slices} slices' if topo.num_slices > 1 else ''} "
       f"({topo.num_chips} chips of {topo.generation}, {topo.num_hosts} hosts, "
@@ -431,8 +393,8 @@ def format_report(report: dict[str, Any], topo: Topology) -> str:
       f"  HBM per chip: arguments {_size(hbm['argument_bytes'])}, outputs {_size(hbm['output_bytes'])} (aliased "
       f"{_size(hbm['alias_bytes'])}), temporaries {_size(hbm['temp_bytes'])} → total {_size(hbm['total_bytes'])} "
       f"of {hbm['capacity_bytes'] / GiB:.0f} GiB ({hbm['fraction']:.1%})",
-      f"  FLOPs per chip: compiler {flops['compiler'] / 1e9:.2f} G, analytic {flops['analytic'] / 1e9:.2f} G"
-      + (f" (compiler/analytic {flops['compiler_over_analytic']:.3f})" if flops["compiler_over_analytic"] else ""),
+      f"  FLOPs per chip: compiler {counts['compiler'] / 1e9:.2f} G, analytic {counts['analytic'] / 1e9:.2f} G"
+      + (f" (compiler/analytic {counts['compiler_over_analytic']:.3f})" if counts["compiler_over_analytic"] else ""),
       f"  bytes accessed per chip: {_size(report['bytes_accessed_per_chip'])}",
   ]
   if report["collectives"]:
@@ -451,7 +413,7 @@ def format_report(report: dict[str, Any], topo: Topology) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str | None, *, topology_name: str, num_slices: int = 1,
         search: bool = False, hbm_limit: float = DEFAULT_HBM_LIMIT) -> dict[str, Any]:
   """`main.py --mode=compile`: compile (or `search` for the cheapest fitting setting), print, write JSON."""
-  mode = mode_of(config)  # before the TPU runtime: a config it cannot compile is refused at once
+  mode = compilable(registry.mode_of(config)).name  # before the TPU runtime: refused at once if it cannot be
   topo = topology(topology_name, num_slices)
   setting = None
   if search:

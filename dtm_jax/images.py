@@ -50,3 +50,8 @@ def training_images(batch: dict, normalization: Normalization, erase_rng: jax.Ar
   if "erase_box" in batch:
     images = random_erase(images, batch["erase_box"], erase_rng)
   return images
+
+
+def training_batch(host_batch: dict) -> dict:
+  """The arrays of a labelled training batch that the devices use (what `images.training_images` reads)."""
+  return {k: host_batch[k] for k in ("image", "label", "erase_box") if k in host_batch}

@@ -1,11 +1,11 @@
-"""Token regression losses and the DTM loss on morphed tokens (DTM_SPEC §2.5).
+"""Token regression losses and the DTM loss on morphed tokens (docs/METHOD.md §2.5).
 
 The student regresses the teacher through the same groups: both token sets are replaced by their group means
 (groups come from the raw teacher tokens, see dtm_jax.morphing) and a per-token loss compares them. Every token of a
 group then has the same loss, so it is computed once per group and weighted by the group's size.
 """
-from jax import lax
 import jax.numpy as jnp
+from jax import lax
 
 from dtm_jax import morphing
 

@@ -1,4 +1,4 @@
-"""Dynamic token morphing: random schedules, bipartite token grouping and group means (DTM_SPEC §2.4, §3).
+"""Dynamic token morphing: random schedules, bipartite token grouping and group means (docs/METHOD.md §2.4, §3).
 
 Morphing groups contextually similar teacher tokens by repeated bipartite matching (ToMe). Everything here has fixed
 shapes, so any mix of schedules runs through one compiled program inside the jitted training step.
@@ -39,12 +39,10 @@ import math
 from typing import NamedTuple
 
 import jax
-from jax import lax
 import jax.numpy as jnp
+from jax import lax
 
-from dtm_jax import kernels
-from dtm_jax import platform
-from dtm_jax import sharding
+from dtm_jax import kernels, platform, sharding
 
 IMPLEMENTATIONS = ("auto", "cpu_kernel", "pairwise", "scatter", "matmul")
 # Images per matmul of the token Gram matrices on CPUs (see token_gram).
@@ -54,7 +52,7 @@ _MIN_SQUARED_NORM = 1e-24
 
 
 def sample_schedules(rng, batch_size, num_schedules=2, max_merge=196, max_iters=14, per_image=False):
-  """Draws the random morphing schedules of one step (DTM_SPEC §2.4).
+  """Draws the random morphing schedules of one step (docs/METHOD.md §2.4).
 
   num_merge ~ U{0..max_merge} (tokens to remove) and num_iters ~ U{1..max_iters} (rounds), inclusive bounds. The
   released code draws one schedule per step and shares it over the batch (per_image=False); per_image=True draws one
@@ -74,7 +72,7 @@ def sample_schedules(rng, batch_size, num_schedules=2, max_merge=196, max_iters=
 
 
 def merges_per_round(num_merge, num_iters, num_tokens):
-  """Tokens merged away per round, r, as the released code computes it (DTM_SPEC §2.4).
+  """Tokens merged away per round, r, as the released code computes it (docs/METHOD.md §2.4).
 
   r = ceil(num_merge / num_iters), or floor(num_merge / num_iters) when r·num_iters would exceed num_tokens. Every
   round then merges min(r, (slots - protected) // 2), so a schedule may realise fewer merges than it asks for.
@@ -87,7 +85,7 @@ def merges_per_round(num_merge, num_iters, num_tokens):
 
 
 def morph(tokens, num_merge, num_iters, *, max_iters=14, protect_first=True, implementation="auto"):
-  """Groups similar tokens by iterated bipartite soft matching, exactly as DTM_SPEC §3 describes.
+  """Groups similar tokens by iterated bipartite soft matching, exactly as docs/METHOD.md §3 describes.
 
   Each round splits the ordered slots alternately into A (even positions) and B (odd positions), matches every A
   slot to its most cosine-similar B slot, merges the r best-matched A slots into their partners and reorders the
@@ -402,7 +400,7 @@ def _slot_capacities(num_tokens):
 
 
 def _merge_round(slots, active, per_round, protected, capacity, gram_update):
-  """One bipartite merging round (DTM_SPEC §3 steps 1–7) of every image that is `active`; the others are kept.
+  """One bipartite merging round (docs/METHOD.md §3 steps 1–7) of every image that is `active`; the others are kept.
 
   Active images have at most `capacity` slots, so only that prefix of the order is matched and rewritten.
   """

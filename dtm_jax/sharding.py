@@ -10,7 +10,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 PyTree = Any
 BATCH_AXES = ("data", "fsdp")
@@ -41,6 +42,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mes
   return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=axis_types, devices=devices)
 
 
+def config_mesh(config) -> Mesh:
+  """The mesh a run's `config.mesh` block asks for (data × fsdp over all devices)."""
+  return make_mesh(config.mesh.data, config.mesh.fsdp)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over every device."""
   return NamedSharding(mesh, P(BATCH_AXES))
@@ -67,14 +73,6 @@ def param_shardings(abstract_tree: PyTree, mesh: Mesh, min_fsdp_size: int = 2 **
   fsdp_size = mesh.shape["fsdp"]
   return jax.tree.map(
       lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp_size, min_fsdp_size)), abstract_tree)
-
-
-def host_batch_size(global_batch_size: int) -> int:
-  """Examples each process loads per step; checks that every device gets the same number."""
-  if global_batch_size % jax.device_count():
-    raise ValueError(f"The global batch size {global_batch_size} must be divisible by the {jax.device_count()} "
-                     "devices; change config.batch_size.")
-  return global_batch_size // jax.process_count()
 
 
 def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:

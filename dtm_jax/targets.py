@@ -26,10 +26,10 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from dtm_jax import checkpoint as checkpoint_lib
-from dtm_jax import metrics
+from dtm_jax import flops
 from dtm_jax import sharding as sharding_lib
-from dtm_jax.models import clip, functional, vit
+from dtm_jax.models import clip, convert, functional, vit
+from dtm_jax.runtime import checkpoint as checkpoint_lib
 
 PyTree = Any
 KINDS = ("clip", "checkpoint", "ema", "pixels")
@@ -80,20 +80,12 @@ def _pixels_target(cfg: ml_collections.ConfigDict, patch_size: int, in_channels:
   return Target("pixels", patch_size * patch_size * in_channels, {}, apply, "normalised patch pixels")
 
 
-def transformer_flops(cfg: Any, out_dim: int) -> float:
-  """Forward FLOPs per image of a ViT-like module config (student or CLIP tower)."""
-  patches = (cfg.image_size // cfg.patch_size) ** 2
-  return metrics.transformer_forward_flops(
-      width=cfg.width, depth=cfg.depth, tokens=patches + 1, mlp_dim=cfg.mlp_dim, patch_size=cfg.patch_size,
-      in_channels=cfg.in_channels, out_dim=out_dim, out_tokens=patches)
-
-
 def _module_target(kind: str, module: nnx.Module, description: str) -> Target:
   fm, params = functional.split_module(module)
   cfg = module.config
   images = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.in_channels))
   out_dim = jax.eval_shape(fm.apply, params, images).shape[-1]
-  return Target(kind, out_dim, params, fm.apply, description, transformer_flops(cfg, out_dim))
+  return Target(kind, out_dim, params, fm.apply, description, flops.transformer_flops(cfg, out_dim))
 
 
 def random_clip_config(cfg: ml_collections.ConfigDict, image_size: int) -> clip.CLIPVisionConfig:
@@ -112,7 +104,6 @@ def _clip_target(cfg: ml_collections.ConfigDict, image_size: int, abstract: bool
     module = clip.CLIPVision(clip_cfg, rngs=nnx.Rngs(cfg.get("seed", 0)))
     return _module_target("clip", module, f"randomly initialised CLIP tower ({cfg.variant}, width {clip_cfg.width}, "
                           f"depth {clip_cfg.depth}, patch {clip_cfg.patch_size}, seed {cfg.get('seed', 0)})")
-  from dtm_jax.models import convert  # pylint: disable=g-import-not-at-top
   path = epath.Path(cfg.checkpoint)
   module = convert.load_converted(path, dtype=_dtype(cfg.dtype), image_size=image_size)
   return _module_target("clip", module, f"CLIP tower from {path}")
@@ -152,10 +143,10 @@ def _checkpoint_target(cfg: ml_collections.ConfigDict, image_size: int, student_
   if cfg.get("features", "head") == "encoder":
     apply = lambda p, images: fm.apply(p, images, method="encode")[:, 1:]
     return Target("checkpoint", model_cfg.width, params, apply, f"encoder tokens of {directory}/{step}",
-                  transformer_flops(model_cfg, 0))
+                  flops.transformer_flops(model_cfg, 0))
   apply = lambda p, images: fm.apply(p, images, None)
   return Target("checkpoint", model_cfg.out_dim, params, apply, f"lm_head outputs of {directory}/{step}",
-                transformer_flops(model_cfg, model_cfg.out_dim))
+                flops.transformer_flops(model_cfg, model_cfg.out_dim))
 
 
 def _ema_target(cfg: ml_collections.ConfigDict, student_config: vit.ViTConfig) -> Target:
@@ -182,7 +173,7 @@ def _ema_target(cfg: ml_collections.ConfigDict, student_config: vit.ViTConfig) -
 
   which = "final patch tokens" if num_blocks == 1 else f"mean of the last {num_blocks} blocks' patch tokens"
   return Target("ema", student_config.width, {}, apply, f"EMA of the student ({which}, standardised per token)",
-                transformer_flops(teacher_config, 0), is_ema=True)
+                flops.transformer_flops(teacher_config, 0), is_ema=True)
 
 
 def ema_momentum(cfg: ml_collections.ConfigDict, step: jax.Array, total_steps: int) -> jax.Array:

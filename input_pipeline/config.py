@@ -13,7 +13,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def default_config():
-  """ImageNet-1K pretraining and evaluation settings of DTM_SPEC §6."""
+  """ImageNet-1K pretraining and evaluation settings of docs/METHOD.md §6."""
   c = ml_collections.ConfigDict()
 
   # --- Where the images come from.
@@ -32,7 +32,7 @@ def default_config():
   # Folders and IDX files need no buffer: they are read in a fresh permutation every epoch.
   c.shuffle_buffer = 10_000
 
-  # --- Pretraining views (DTM_SPEC §6): RandomResizedCrop -> flip -> colour jitter.
+  # --- Pretraining views (docs/METHOD.md §6): RandomResizedCrop -> flip -> colour jitter.
   c.crop_scale_min = 0.08   # The released code's default; BEiT v2 uses 0.2.
   c.flip = True             # Random horizontal flip (pretraining and fine-tuning).
   c.color_jitter = 0.4      # Brightness, contrast and saturation strength; 0 turns it off.

@@ -1,7 +1,7 @@
 """BEiT block-wise patch masks, vectorised over a batch of masks.
 
 The student sees an image whose masked patches are replaced by a mask token
-(DTM_SPEC §2). BEiT's generator masks rectangular blocks of patches until the
+(docs/METHOD.md §2). BEiT's generator masks rectangular blocks of patches until the
 target count is reached; its released form is a pure-Python loop per mask,
 which is far too slow to feed a pod. Here every step of that loop runs for all
 masks of a batch at once with numpy, and the result is made exact: BEiT stops

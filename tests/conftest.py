@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from dtm_jax import cpu_host  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dtm_jax.runtime import cpu_host  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 cpu_host.configure()
 

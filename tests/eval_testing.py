@@ -6,8 +6,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dtm_jax import checkpoint
+from dtm_jax.evaluators import classification, knn
 from dtm_jax.models import functional, vit
+from dtm_jax.runtime import checkpoint
 
 IMAGE_SIZE = 16
 NUM_CLASSES = 4
@@ -21,7 +22,7 @@ def tiny_student_config(**overrides):
 
 def save_pretraining_checkpoints(workdir, steps, config=None, run_config=None):
   """Random students saved as a pretraining run would (one per step, different weights); returns their params.
-  `run_config`: the pretraining config the metadata records (a dict, e.g. {"seed": 3}), as dtm_jax.train saves it."""
+  `run_config`: the pretraining config the metadata records (a dict, e.g. {"seed": 3}), as dtm_jax.modes.pretrain saves it."""
   config = config or tiny_student_config()
   saved = {}
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=len(steps), async_save=False)
@@ -121,13 +122,12 @@ def multiprocess_eval_worker(port, process_id, num_processes):
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
   from dtm_jax import sharding  # pylint: disable=g-import-not-at-top
-  from dtm_jax.evaluate import common, knn  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(-1, 1)
   bank, bank_labels, queries, query_labels = toy_knn_problem()
   share = lambda x, y: host_batches(x, y, process_index=process_id, process_count=num_processes, local_batch=4)
   identity = lambda params, x: x
   bank_set = knn.build_bank(identity, None, share(bank, bank_labels), mesh)
   result = knn.knn_accuracy(identity, None, bank_set, share(queries, query_labels), mesh, k=5)
-  evaluate = common.make_classifier_evaluator(lambda w, x: x[:, :3] @ w, mesh)
+  evaluate = classification.make_classifier_evaluator(lambda w, x: x[:, :3] @ w, mesh)
   accuracy = evaluate(np.eye(3, dtype=np.float32), share(queries, query_labels))
   print(json.dumps({"knn": result, "bank_size": bank_set.num_valid, "accuracy": accuracy}), flush=True)

@@ -1,4 +1,4 @@
-"""Plain-Python reference for DTM token morphing and the DTM loss, written straight from DTM_SPEC §2.5 and §3.
+"""Plain-Python reference for DTM token morphing and the DTM loss, written straight from docs/METHOD.md §2.5 and §3.
 
 Lists and loops, one slot object per group, numpy only for vector arithmetic. It is slow and meant to be obviously
 right: the tests hold dtm_jax.morphing and dtm_jax.losses to it. Ties are broken as documented in

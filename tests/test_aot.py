@@ -1,8 +1,8 @@
 """--mode=compile: programs compiled for a TPU slice by the real TPU compiler in this CPU-only process, and the same
 programs lowered for CUDA. Needs the TPU runtime (libtpu), which requirements-test.txt installs."""
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import pytest
 
 from configs import finetune_demo, knn_demo, linear_probe_demo, test_tiny
-from dtm_jax import aot, platform, sharding, train
+from dtm_jax import aot, platform, sharding
+from dtm_jax.modes import pretrain as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLICE = "v5e:2x2"  # 4 chips: the smallest slice that shards the batch

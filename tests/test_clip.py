@@ -9,8 +9,7 @@ import torch
 import transformers
 from flax import nnx
 
-from dtm_jax.models import clip
-from dtm_jax.models import convert
+from dtm_jax.models import clip, convert
 from tests import torch_reference as ref
 
 

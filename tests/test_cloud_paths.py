@@ -7,19 +7,19 @@ import os
 import subprocess
 import sys
 
+import eval_testing
+import gcs_emulator
 import jax
 import numpy as np
 import pytest
 from etils import epath
 from flax import nnx
-
-import gcs_emulator
-from configs import common as config_common
-from dtm_jax import metrics, targets
-from dtm_jax.models import clip, convert, functional
-
-import eval_testing
 from train_testing import REPO
+
+from configs import common as config_common
+from dtm_jax import targets
+from dtm_jax.models import clip, convert, functional
+from dtm_jax.runtime import metrics
 
 BUCKET = gcs_emulator.BUCKET
 
@@ -63,6 +63,7 @@ def test_converted_checkpoint_round_trips_through_a_bucket(gcs, tmp_path, monkey
 
 def test_pytorch_and_safetensors_weights_are_read_from_a_bucket(gcs):
   import io  # pylint: disable=g-import-not-at-top
+
   import torch  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
   weights = {"visual.proj": np.arange(6, dtype=np.float32).reshape(2, 3), "visual.ln_post.bias": np.ones(3, np.float32)}
@@ -171,7 +172,9 @@ class _FakeGfile:
 def test_files_written_through_epaths_tf_gfile_backend(tmp_path, monkeypatch):
   """metrics.jsonl, TensorBoard events, the iterator state and study records reach tf.io.gfile as gs:// paths."""
   import types  # pylint: disable=g-import-not-at-top
+
   from etils.epath import backend, gpath  # pylint: disable=g-import-not-at-top
+
   from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
   from tools import study_summary  # pylint: disable=g-import-not-at-top
   errors = types.SimpleNamespace(**{n: type(n, (Exception,), {}) for n in (

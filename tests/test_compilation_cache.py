@@ -6,7 +6,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PROGRAM = """
 import sys, time, jax, jax.numpy as jnp
-from dtm_jax import compilation_cache
+from dtm_jax.runtime import compilation_cache
 compilation_cache.enable(sys.argv[1])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 f = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T + 0.5)

@@ -8,10 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dtm_jax.models import clip
-from dtm_jax.models import convert
-from dtm_jax.models import position_resize
-from dtm_jax.models import vit
+from dtm_jax.models import clip, convert, position_resize, vit
 from tests import torch_reference as ref
 
 

@@ -4,7 +4,7 @@ import subprocess
 import sys
 import textwrap
 
-from dtm_jax import cpu_host
+from dtm_jax.runtime import cpu_host
 
 _ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -13,7 +13,7 @@ _STEP = textwrap.dedent("""
     import resource, sys
     sys.path.insert(0, {root!r})
     if sys.argv[1] == "keep":
-      from dtm_jax import cpu_host
+      from dtm_jax.runtime import cpu_host
       assert cpu_host.keep_freed_memory()
     import jax, jax.numpy as jnp
     x = jnp.ones((64, 196, 512))
@@ -81,7 +81,7 @@ _COMPILED_FUSIONS = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
     if sys.argv[1] == "configure":
-      from dtm_jax import cpu_host
+      from dtm_jax.runtime import cpu_host
       assert cpu_host.configure()
     import jax, jax.numpy as jnp
     x = jnp.ones((16, 3, 197, 197))

@@ -4,15 +4,17 @@ anything runs."""
 import importlib
 import json
 
+import eval_testing
 import numpy as np
 import pytest
 
 from configs import common as config_common
 from configs import compare_demo, demo
-from dtm_jax import aot, config_checks, errors
-from dtm_jax.evaluate import common, compare, frozen_features
-
-import eval_testing
+from dtm_jax import aot, registry, sharding, students
+from dtm_jax.evaluators import encoding, frozen_features
+from dtm_jax.modes import compare
+from dtm_jax.runner import run as runner
+from dtm_jax.runtime import errors
 
 RUN_SEED = 3  # the pretraining seed the checkpoint records: the untrained student's
 
@@ -37,7 +39,7 @@ def setup(tmp_path_factory):
 
 def test_compare_run_prints_and_saves_three_rows(setup, capsys):
   root, config = setup
-  result = compare.run(config, str(root / "compare"))
+  result = runner.run("compare", config, str(root / "compare"))
   printed = capsys.readouterr().out
   saved = json.loads((root / "compare" / "results.json").read_text())
   assert saved == json.loads(json.dumps(result))
@@ -56,16 +58,16 @@ def test_untrained_row_is_the_student_pretraining_initialised(setup):
   """The untrained student is initialised with the run's seed from the checkpoint (a converted checkpoint, which
   records none, takes config.seed) and encodes differently from another seed's."""
   root, config = setup
-  mesh = common.make_mesh(config)
-  student = common.restore_student(config.pretrained, mesh)
+  mesh = sharding.config_mesh(config)
+  student = students.restore_student(config.pretrained, mesh)
   assert compare.pretraining_seed(student, default=11) == RUN_SEED
-  converted = common.Student(student.config, student.model, student.params, checkpoint="converted", step=None)
+  converted = students.Student(student.config, student.model, student.params, checkpoint="converted", step=None)
   assert compare.pretraining_seed(converted, default=11) == 11
   images = np.random.default_rng(0).normal(size=(8, 16, 16, 3)).astype(np.float32)
   split = frozen_features.Split(images, np.zeros(8, np.int32))
   def features(seed):
-    untrained = common.initial_student(student.config, mesh, seed=seed)
-    encode = common.feature_fn(untrained)
+    untrained = students.initial_student(student.config, mesh, seed=seed)
+    encode = encoding.feature_fn(untrained)
     return np.asarray(frozen_features.encoder_features(encode, untrained.params, split, mesh, batch_size=8).features)
 
   assert np.array_equal(features(RUN_SEED), features(RUN_SEED))
@@ -94,7 +96,7 @@ def test_bad_compare_values_are_refused_before_anything_runs(tmp_path, field, va
     node = node[parent]
   node[leaf] = value
   with pytest.raises(errors.ConfigError, match="Invalid config") as error:
-    compare.run(config, str(tmp_path / "run"))
+    runner.run("compare", config, str(tmp_path / "run"))
   assert f"config.{field}={value!r}" in str(error.value)
   assert not (tmp_path / "run").exists()
 
@@ -102,6 +104,6 @@ def test_bad_compare_values_are_refused_before_anything_runs(tmp_path, field, va
 def test_demo_ends_with_a_valid_compare_and_compile_refuses_it():
   followup = demo.get_config().then_evaluate
   config = importlib.import_module(followup.config_module).get_config()
-  assert followup.mode == "compare" and not config_checks.problems(followup.mode, config, num_devices=8)
+  assert config.mode == "compare" and not registry.problems(config.mode, config, num_devices=8)
   with pytest.raises(ValueError, match="does not cover --mode=compare"):
-    aot.mode_of(config)
+    aot.compilable(registry.mode_of(config))

@@ -1,19 +1,20 @@
 """Fine-tuning: BEiT layer-wise lr decay, and a run from a restored pretraining checkpoint that learns and resumes."""
 import logging
 
+import eval_testing
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from train_testing import as_if_written_by_two_processes, recording_stream_factory
 
 from configs import finetune_demo
-from dtm_jax import metrics, optim, sharding
-from dtm_jax.evaluate import common, finetune
+from dtm_jax import optim, sharding, students
 from dtm_jax.models import functional, vit
-
-import eval_testing
-from train_testing import as_if_written_by_two_processes, recording_stream_factory
+from dtm_jax.modes import finetune
+from dtm_jax.runner import loop
+from dtm_jax.runtime import metrics
 
 
 def beit_layer_id(torch_name, num_max_layer):
@@ -114,7 +115,7 @@ def test_finetune_from_a_restored_checkpoint_learns_and_resumes(tmp_path):
   restored = []
 
   def restore_student():
-    restored.append(common.restore_student(config.pretrained, mesh, model_overrides=config.model))
+    restored.append(students.restore_student(config.pretrained, mesh, model_overrides=config.model))
     return restored[-1]
 
   # Preempted during the second epoch, after the checkpoint that follows the first epoch's evaluation.
@@ -149,7 +150,7 @@ def test_finetuning_resumes_a_checkpoint_of_another_process_count_at_its_step(tm
   eval_testing.save_pretraining_checkpoints(tmp_path / "pretrain", steps=(5,), config=one_block)
   mesh = sharding.make_mesh(data=4, fsdp=2)
   config = finetune_config(tmp_path / "pretrain")
-  student = lambda: common.restore_student(config.pretrained, mesh, model_overrides=config.model)
+  student = lambda: students.restore_student(config.pretrained, mesh, model_overrides=config.model)
   with pytest.raises(Preempted):  # after the checkpoint of step 8 (the first epoch's evaluation)
     run_finetune(config, tmp_path / "finetune", mesh, PreemptedStream(stop_at=STEPS_PER_EPOCH + 3), student)
   as_if_written_by_two_processes(tmp_path / "finetune" / "checkpoints" / str(STEPS_PER_EPOCH))
@@ -183,21 +184,21 @@ def test_finetune_step_mixes_images_without_moving_them_between_devices():
 
 
 def mixup_enabled(config):
-  from dtm_jax.evaluate import mixup  # pylint: disable=g-import-not-at-top
+  from dtm_jax import mixup  # pylint: disable=g-import-not-at-top
   mix = mixup.MixConfig(**config.mix)
   return mix.enabled and mix.mixup_alpha > 0 and mix.cutmix_alpha > 0
 
 
 def test_training_loop_stops_at_a_non_finite_loss_before_evaluating_or_saving(tmp_path):
-  """Fine-tuning and segmentation share common.run_training_steps: a diverged state is never evaluated or saved."""
-  from dtm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  """Fine-tuning and segmentation share loop.run_training_steps: a diverged state is never evaluated or saved."""
+  from dtm_jax.runtime import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   losses = [1.0, 0.5, float("nan"), float("nan")]
   train_step = lambda state, batch, rng: (state + 1, {"train_loss": jnp.float32(losses[int(state)]),
                                                       "lr": jnp.float32(0.1)})
   evaluated, saved = [], []
   writer = metrics.MetricsWriter(tmp_path, flush_every_secs=0.0)
   with pytest.raises(FloatingPointError, match="non-finite train_loss at step 3; no checkpoint"):
-    common.run_training_steps(
+    loop.run_training_steps(
         jnp.int32(0), what="Fine-tuning", step=0, total_steps=4, train_step=train_step, next_batch=lambda: None,
         rng=jax.random.key(0), is_eval_step=lambda step: step % 3 == 0 or step == 2,
         evaluate=lambda state, step: evaluated.append(step), save=lambda state, step: saved.append(step),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dtm_jax import sharding
-from dtm_jax.evaluate import common, knn
+from dtm_jax.evaluators import encoding, knn
 
 
 def numpy_knn_votes(bank, bank_labels, queries, num_classes, k, temperature):
@@ -20,7 +20,7 @@ def numpy_knn_votes(bank, bank_labels, queries, num_classes, k, temperature):
 
 def feature_set(features, labels, valid, mesh):
   rows = sharding.batch_sharding(mesh)
-  return common.FeatureSet(*(jax.device_put(x, rows) for x in (features, labels, valid)))
+  return encoding.FeatureSet(*(jax.device_put(x, rows) for x in (features, labels, valid)))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_votes_equal_brute_force(mesh, k):
   valid[-9:] = False  # Padding rows (as at the end of an eval pass) must never be neighbours.
   queries = rng.normal(size=(24, 16)).astype(np.float32)
   bank = feature_set(features, labels, valid, mesh)
-  bank = common.FeatureSet(jax.jit(knn.l2_normalize)(bank.features), bank.labels, bank.valid)
+  bank = encoding.FeatureSet(jax.jit(knn.l2_normalize)(bank.features), bank.labels, bank.valid)
   votes = knn.knn_votes(bank, jax.device_put(queries, sharding.batch_sharding(mesh)), mesh,
                         num_classes=num_classes, k=k, temperature=0.07)
   expected = numpy_knn_votes(features[valid], labels[valid], queries, num_classes, k, 0.07)
@@ -98,9 +98,9 @@ def test_bank_building_moves_no_rows_between_devices(mesh):
   """The bank of many batch-sharded batches compiles to a program without any collective: each device keeps the rows
   it encoded (the concatenation of its own shards), which a plain concatenation along the sharded axis does not."""
   pieces = sharded_batches(mesh, num_batches=12, batch_size=32, dim=6)
-  compiled = common.concatenate_per_device.lower(mesh, pieces).compile().as_text()
+  compiled = encoding.concatenate_per_device.lower(mesh, pieces).compile().as_text()
   assert not collectives_in(compiled), collectives_in(compiled)
-  bank = common.concatenate_per_device(mesh, pieces)
+  bank = encoding.concatenate_per_device(mesh, pieces)
   assert bank["features"].shape == (12 * 32, 6)
   assert bank["features"].sharding.is_equivalent_to(sharding.batch_sharding(mesh), 2)
   for key in ("features", "labels", "valid"):
@@ -119,7 +119,7 @@ def test_extract_features_keeps_every_example_once(mesh):
   valid = np.arange(padded) < 70
   batches = [{"image": host(features)[i:i + 16], "label": host(labels)[i:i + 16], "valid": valid[i:i + 16]}
              for i in range(0, padded, 16)]
-  result = common.extract_features(lambda params, x: 2.0 * x, None, batches, mesh)
+  result = encoding.extract_features(lambda params, x: 2.0 * x, None, batches, mesh)
   got_valid = np.asarray(result.valid)
   got_labels = np.asarray(result.labels)[got_valid]
   np.testing.assert_array_equal(np.sort(got_labels), labels)
@@ -137,12 +137,12 @@ def test_extract_features_compiles_the_encoder_once_per_encoder(mesh):
 
   batches = lambda seed: [{"image": np.full((16, 3), seed, np.float32), "label": np.zeros(16, np.int32),
                            "valid": np.ones(16, bool)}] * 3
-  common.extract_features(encode, 1.0, batches(0), mesh)
-  common.extract_features(encode, 1.0, batches(1), mesh)
+  encoding.extract_features(encode, 1.0, batches(0), mesh)
+  encoding.extract_features(encode, 1.0, batches(1), mesh)
   assert len(traces) == 1
   jitted = jax.jit(encode)
-  common.extract_features(jitted, 1.0, batches(2), mesh)
-  common.extract_features(jitted, 1.0, batches(3), mesh)
+  encoding.extract_features(jitted, 1.0, batches(2), mesh)
+  encoding.extract_features(jitted, 1.0, batches(3), mesh)
   assert len(traces) == 1
 
 
@@ -194,11 +194,13 @@ class _FakeInputPipeline:
 def test_periodic_knn_traces_and_compiles_once(mesh, monkeypatch):
   """The in-training kNN builds its programs once: a second evaluation traces and lowers nothing."""
   import sys  # pylint: disable=g-import-not-at-top
+
+  import eval_testing  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from dtm_jax import train  # pylint: disable=g-import-not-at-top
+
   from dtm_jax.models import functional, vit  # pylint: disable=g-import-not-at-top
-  import eval_testing  # pylint: disable=g-import-not-at-top
+  from dtm_jax.modes import pretrain as train  # pylint: disable=g-import-not-at-top
 
   fake = _FakeInputPipeline()
   monkeypatch.setitem(sys.modules, "input_pipeline", fake)

@@ -3,6 +3,7 @@ are as documented."""
 import os
 import signal
 
+import eval_testing
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +11,10 @@ import pytest
 from flax import nnx
 
 from configs import linear_probe_demo
-from dtm_jax import checkpoint, errors, metrics, sharding
-from dtm_jax.evaluate import common, linear_probe
+from dtm_jax import sharding, students
+from dtm_jax.evaluators import encoding, linear_probe
 from dtm_jax.models import functional, vit
-
-import eval_testing
+from dtm_jax.runtime import checkpoint, errors, metrics
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def clustered_features(rng, num, num_padding, mesh):
   labels = np.concatenate([labels, np.zeros(num_padding, int)]).astype(np.int32)
   valid = np.arange(num + num_padding) < num
   rows = sharding.batch_sharding(mesh)
-  return common.FeatureSet(*(jax.device_put(x, rows) for x in (features, labels, valid)))
+  return encoding.FeatureSet(*(jax.device_put(x, rows) for x in (features, labels, valid)))
 
 
 # LARS scales each step by 0.001·|w|/|g|: it needs MAE's peak lr (0.1 × 16384 / 256 = 6.4) to move at all.
@@ -99,7 +99,7 @@ def test_sigterm_saves_the_epoch_reached_and_the_rerun_ends_as_an_uninterrupted_
 def test_online_probe_stopped_by_sigterm_resumes_at_the_saved_input_position(mesh, tmp_path, student):
   """Without precomputed features the probe's input stream is saved with it: the rerun continues the stream."""
   student, params = student
-  encode = common.feature_fn(student, pooling="mean")
+  encode = encoding.feature_fn(student, pooling="mean")
   config = probe_config()
   config.update(num_classes=eval_testing.NUM_CLASSES, precompute_features=False, num_train_examples=48,
                 batch_size=16, eval_batch_size=16, epochs=4, warmup_epochs=1, eval_every_epochs=2)
@@ -146,15 +146,15 @@ def test_batch_larger_than_the_data_is_a_clear_error(mesh, tmp_path):
 def student():
   config = eval_testing.tiny_student_config()
   model, params = functional.split_module(vit.PretrainViT(config, rngs=nnx.Rngs(0)))
-  return common.Student(config=config, model=model, params=params, checkpoint="memory", step=0), params
+  return students.Student(config=config, model=model, params=params, checkpoint="memory", step=0), params
 
 
 def test_features_pool_the_final_tokens(student):
   student, params = student
   images = jnp.asarray(eval_testing.tinted_images(np.random.default_rng(0), np.arange(4) % 4))
   tokens = student.model.apply(params, images, method="encode")
-  mean = common.feature_fn(student, pooling="mean")(params, images)
-  cls = common.feature_fn(student, pooling="cls")(params, images)
+  mean = encoding.feature_fn(student, pooling="mean")(params, images)
+  cls = encoding.feature_fn(student, pooling="cls")(params, images)
   np.testing.assert_allclose(mean, tokens[:, 1:].mean(axis=1), rtol=1e-6)
   np.testing.assert_allclose(cls, tokens[:, 0], rtol=1e-6)
 
@@ -165,11 +165,11 @@ def test_features_of_uint8_images_are_normalised_on_the_device(student):
   pixels = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
   mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
   on_host = (pixels / 255.0 - np.array(mean)) / np.array(std)
-  expected = common.feature_fn(student)(params, jnp.asarray(on_host, jnp.float32))
-  got = jax.jit(common.feature_fn(student, normalization=(mean, std)))(params, jnp.asarray(pixels))
+  expected = encoding.feature_fn(student)(params, jnp.asarray(on_host, jnp.float32))
+  got = jax.jit(encoding.feature_fn(student, normalization=(mean, std)))(params, jnp.asarray(pixels))
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="normalization"):
-    common.feature_fn(student)(params, jnp.asarray(pixels))
+    encoding.feature_fn(student)(params, jnp.asarray(pixels))
 
 
 def test_features_average_the_last_blocks(student):
@@ -181,7 +181,7 @@ def test_features_average_the_last_blocks(student):
   first_block_params = {**params, "blocks": {0: params["blocks"][0]}}
   first = truncated.apply(first_block_params, images, method="encode")[:, 1:].mean(axis=1)
   last = student.model.apply(params, images, method="encode")[:, 1:].mean(axis=1)
-  both = jax.jit(common.feature_fn(student, pooling="mean", num_blocks=2))(params, images)
+  both = jax.jit(encoding.feature_fn(student, pooling="mean", num_blocks=2))(params, images)
   np.testing.assert_allclose(both, (first + last) / 2, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="num_blocks"):
-    common.feature_fn(student, num_blocks=3)
+    encoding.feature_fn(student, num_blocks=3)

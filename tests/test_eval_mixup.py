@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dtm_jax.evaluate import mixup
+from dtm_jax import mixup
 
 NUM_CLASSES = 10
 NUM_DRAWS = 12

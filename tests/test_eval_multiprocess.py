@@ -5,10 +5,9 @@ import socket
 import subprocess
 import sys
 
+import eval_testing
 import numpy as np
 import pytest
-
-import eval_testing
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,15 +1,13 @@
 """Restoring the student for evaluation: the right step, its weights, sharded, and clear errors."""
+import eval_testing
 import jax
 import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from dtm_jax import sharding
-from dtm_jax.evaluate import common
+from dtm_jax import sharding, students
 from dtm_jax.models import convert, functional, vit
-
-import eval_testing
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +33,7 @@ def assert_same_params(restored, saved):
 @pytest.mark.parametrize("step,expected", [(None, 30), (20, 20), (10, 10)])
 def test_restores_the_requested_step(pretraining_workdir, mesh, step, expected):
   workdir, saved = pretraining_workdir
-  student = common.restore_student(pretrained(workdir, step), mesh, min_fsdp_size=1024)
+  student = students.restore_student(pretrained(workdir, step), mesh, min_fsdp_size=1024)
   assert student.step == expected
   assert student.checkpoint.endswith(f"checkpoints/{expected}")
   assert student.source() == {"checkpoint": student.checkpoint, "step": expected}
@@ -48,34 +46,34 @@ def test_restores_the_requested_step(pretraining_workdir, mesh, step, expected):
 
 def test_a_step_directory_is_accepted(pretraining_workdir, mesh):
   workdir, saved = pretraining_workdir
-  student = common.restore_student(pretrained(workdir / "checkpoints" / "20"), mesh)
+  student = students.restore_student(pretrained(workdir / "checkpoints" / "20"), mesh)
   assert student.step == 20
   assert_same_params(student.params, saved[20])
 
 
 def test_model_overrides_apply(pretraining_workdir, mesh):
   workdir, _ = pretraining_workdir
-  student = common.restore_student(pretrained(workdir), mesh, model_overrides={"drop_path_rate": 0.2})
+  student = students.restore_student(pretrained(workdir), mesh, model_overrides={"drop_path_rate": 0.2})
   assert student.config.drop_path_rate == 0.2
 
 
 def test_missing_step_lists_the_available_ones(pretraining_workdir, mesh):
   workdir, _ = pretraining_workdir
   with pytest.raises(FileNotFoundError, match=r"\[10, 20, 30\]"):
-    common.restore_student(pretrained(workdir, 15), mesh)
+    students.restore_student(pretrained(workdir, 15), mesh)
 
 
 def test_unset_workdir_says_what_to_set(mesh):
   with pytest.raises(ValueError, match="config.pretrained.workdir"):
-    common.restore_student(pretrained(""), mesh)
+    students.restore_student(pretrained(""), mesh)
 
 
 def test_converted_student(tmp_path, mesh):
   config = eval_testing.tiny_student_config()
   saved = jax.device_get(functional.split_module(vit.PretrainViT(config, rngs=nnx.Rngs(3)))[1])
   convert.save_converted(convert.Converted(kind="vit", config=config, params=saved), tmp_path / "converted")
-  student = common.restore_student(pretrained(tmp_path / "converted"), mesh)
+  student = students.restore_student(pretrained(tmp_path / "converted"), mesh)
   assert student.step is None and student.config == config
   assert_same_params(student.params, saved)
   with pytest.raises(ValueError, match="no steps"):
-    common.restore_student(pretrained(tmp_path / "converted", 5), mesh)
+    students.restore_student(pretrained(tmp_path / "converted", 5), mesh)

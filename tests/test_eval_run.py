@@ -2,14 +2,13 @@
 results.json and metrics."""
 import json
 
+import eval_testing
 import pytest
 
 from configs import common as config_common
 from configs import finetune_demo, knn_demo, linear_probe_demo
-from dtm_jax import metrics
-from dtm_jax.evaluate import finetune, knn, linear_probe
-
-import eval_testing
+from dtm_jax.runner import run as runner
+from dtm_jax.runtime import metrics
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +37,7 @@ def test_knn_run(setup):
   root, input_config = setup
   config = configure(knn_demo.get_config(), root, input_config)
   config.knn.update(batch_size=16, num_train_examples=48, num_eval_examples=0)
-  result = knn.run(config, str(root / "knn"))
+  result = runner.run("knn", config, str(root / "knn"))
   saved = read_results(root / "knn")
   assert saved == json.loads(json.dumps(result))
   assert saved["checkpoint"].endswith("checkpoints/3") and saved["step"] == 3
@@ -53,7 +52,7 @@ def test_linear_probe_run(setup):
   config = configure(linear_probe_demo.get_config(), root, input_config, num_classes=eval_testing.NUM_CLASSES,
                      batch_size=16, eval_batch_size=8, epochs=4, warmup_epochs=1, eval_every_epochs=2)
   config.optimizer.update(name="sgd", base_lr=1.0)
-  result = linear_probe.run(config, str(root / "probe"))
+  result = runner.run("linear_probe", config, str(root / "probe"))
   saved = read_results(root / "probe")
   assert saved["mode"] == "linear_probe" and saved["step"] == 3
   assert saved["top1"] == result["top1"] > 50.0 and saved["steps"] == 4 * 4
@@ -65,13 +64,13 @@ def test_finetune_run(setup):
   config = configure(finetune_demo.get_config(), root, input_config, num_classes=eval_testing.NUM_CLASSES,
                      num_train_examples=64, batch_size=16, eval_batch_size=8, epochs=1, warmup_epochs=0)
   config.mix.prob = 0.0  # Beta sampling compiles slowly; mixup has its own tests.
-  result = finetune.run(config, str(root / "finetune"))
+  result = runner.run("finetune", config, str(root / "finetune"))
   saved = read_results(root / "finetune")
   assert saved["mode"] == "finetune" and saved["checkpoint"].endswith("checkpoints/3")
   assert saved["best_top1"] == result["best_top1"] and saved["last_top1"] == result["top1"]
   assert saved["steps"] == 4
   with pytest.raises(ValueError, match="must differ"):
-    finetune.run(config, str(root / "pretrain"))
+    runner.run("finetune", config, str(root / "pretrain"))
 
 
 def test_finetune_run_at_a_larger_image_size(setup):
@@ -82,7 +81,7 @@ def test_finetune_run_at_a_larger_image_size(setup):
                      num_train_examples=64, batch_size=16, eval_batch_size=8, epochs=1, warmup_epochs=0)
   config.mix.prob = 0.0
   config.model.image_size = 24
-  result = finetune.run(config, str(root / "finetune_24"))
+  result = runner.run("finetune", config, str(root / "finetune_24"))
   assert result["steps"] == 4 and result["checkpoint"].endswith("checkpoints/3")
   model_config = json.loads((root / "finetune_24" / "checkpoints" / "4" / "metadata" / "metadata").read_text())
   assert model_config["model_config"]["image_size"] == 24

@@ -15,11 +15,13 @@ import time
 import jax
 import numpy as np
 import pytest
+from train_testing import REPO, losses_by_step, tiny_config
 
 from configs import finetune_demo, knn_demo, linear_probe_demo
-from dtm_jax import checkpoint, config_checks, errors, metrics, preemption, train, workdir_lock
-from dtm_jax.evaluate import finetune, knn, linear_probe
-from train_testing import REPO, losses_by_step, tiny_config
+from dtm_jax import registry, students
+from dtm_jax.modes import finetune
+from dtm_jax.runner import run as runner
+from dtm_jax.runtime import checkpoint, errors, metrics, preemption, workdir_lock
 
 
 def _env(devices=2):
@@ -47,7 +49,7 @@ def _config(**overrides):
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["truncated_json", "deleted", "no_config_key"])
 def test_damaged_metadata_of_the_newest_step_resumes_from_the_older_one(tmp_path, damage, caplog):
-  train.train(_config(stop_after_step=10), str(tmp_path))
+  runner.run("pretrain", _config(stop_after_step=10), str(tmp_path))
   assert _saved_steps(tmp_path) == [5, 10]
   path = tmp_path / "checkpoints" / "10" / "metadata" / "metadata"
   if damage == "truncated_json":
@@ -57,7 +59,7 @@ def test_damaged_metadata_of_the_newest_step_resumes_from_the_older_one(tmp_path
   else:
     path.write_text(json.dumps({"step": 10}))
   with caplog.at_level(logging.INFO):
-    result = train.train(_config(stop_after_step=12), str(tmp_path))
+    result = runner.run("pretrain", _config(stop_after_step=12), str(tmp_path))
   assert "Resumed from the checkpoint of step 5" in caplog.text
   assert result["step"] == 12
   assert (tmp_path / "checkpoints" / "10.unreadable").is_dir()
@@ -66,7 +68,7 @@ def test_damaged_metadata_of_the_newest_step_resumes_from_the_older_one(tmp_path
 # ---------------------------------------------------------------------------------------------------------------------
 # 2. One writer per workdir.
 # ---------------------------------------------------------------------------------------------------------------------
-_LOCKER = ("import sys, time; from dtm_jax import workdir_lock; "
+_LOCKER = ("import sys, time; from dtm_jax.runtime import workdir_lock; "
            "workdir_lock.WorkdirLock(sys.argv[1], mode='pretrain').acquire(); print('locked', flush=True); "
            "time.sleep(600)")
 
@@ -84,16 +86,13 @@ def test_a_second_run_on_a_locked_workdir_is_refused_naming_the_holder(tmp_path)
   holder = _hold_lock(workdir)
   try:
     with pytest.raises(workdir_lock.WorkdirLockedError) as error:
-      train.train(_config(stop_after_step=2), str(workdir))
+      runner.run("pretrain", _config(stop_after_step=2), str(workdir))
     message = str(error.value)
     assert socket.gethostname() in message and f"pid {holder.pid}" in message and "started" in message
     assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
-    for mode, config in _eval_configs(tmp_path).items():
-      module = {"finetune": finetune, "linear_probe": linear_probe}.get(mode)
-      if module is None:
-        continue
+    for mode, config in _eval_configs(tmp_path).items():  # every mode takes the lock, kNN included
       with pytest.raises(workdir_lock.WorkdirLockedError, match=f"pid {holder.pid}"):
-        module.run(config, str(workdir))
+        runner.run(mode, config, str(workdir))
   finally:
     holder.kill()
     holder.wait()
@@ -106,7 +105,7 @@ def test_a_stale_lock_left_by_kill_9_is_recovered(tmp_path, caplog):
   holder.wait()
   assert (workdir / workdir_lock.LOCK_FILE).exists()
   with caplog.at_level(logging.WARNING):
-    result = train.train(_config(stop_after_step=2), str(workdir))
+    result = runner.run("pretrain", _config(stop_after_step=2), str(workdir))
   assert result["step"] == 2
   assert "stale" in caplog.text and str(holder.pid) in caplog.text
   assert not (workdir / workdir_lock.LOCK_FILE).exists()  # released at the end of the run
@@ -159,23 +158,23 @@ def no_compilation(monkeypatch):
 def test_bad_pretraining_values_are_refused_before_anything_is_made(tmp_path, no_compilation, overrides, field):
   workdir = tmp_path / "run"
   with pytest.raises(errors.ConfigError, match="Invalid config") as error:
-    train.train(tiny_config(**overrides), str(workdir))
+    runner.run("pretrain", tiny_config(**overrides), str(workdir))
   assert field in str(error.value)
   assert not workdir.exists()
 
 
 def test_every_problem_is_listed_at_once():
   with pytest.raises(errors.ConfigError) as error:
-    train.validate_config(tiny_config(batch_size=0, log_every=0, **{"optim.base_lr": -1.0}))
+    registry.validate("pretrain", tiny_config(batch_size=0, log_every=0, **{"optim.base_lr": -1.0}))
   for field in ("config.batch_size=0", "config.log_every=0", "config.optim.base_lr=-1.0"):
     assert field in str(error.value)
 
 
 def test_batch_sizes_are_checked_against_the_device_count_of_the_target_slice():
   config = tiny_config(batch_size=64, **{"eval.every": 100, "eval.batch_size": 1000})
-  train.validate_config(config, num_devices=8)  # 1000 = 8 × 125
+  registry.validate("pretrain", config, num_devices=8)  # 1000 = 8 × 125
   with pytest.raises(errors.ConfigError, match=r"config.eval.batch_size=1000 .*16"):
-    train.validate_config(config, num_devices=16)
+    registry.validate("pretrain", config, num_devices=16)
 
 
 @pytest.mark.parametrize("module, name", [
@@ -190,7 +189,7 @@ def test_shipped_batch_sizes_divide_common_slice_sizes(module, name, devices):
   with config.unlocked():
     if name == "pretrain":
       config.eval.every = 1000  # the in-training kNN's batch too
-  problems = [p for p in config_checks.problems(name, config, num_devices=devices) if "batch_size" in p]
+  problems = [p for p in registry.problems(name, config, num_devices=devices) if "batch_size" in p]
   assert not problems, problems
 
 
@@ -231,9 +230,8 @@ def test_bad_evaluation_values_are_refused_before_anything_is_made(tmp_path, no_
       node = node[p]
     node[leaf] = value
   workdir = tmp_path / "run"
-  module = {"finetune": finetune, "linear_probe": linear_probe, "knn": knn}[mode]
   with pytest.raises(errors.ConfigError, match="Invalid config") as error:
-    module.run(config, str(workdir))
+    runner.run(mode, config, str(workdir))
   assert field in str(error.value)
   assert not workdir.exists()
 
@@ -326,8 +324,8 @@ class _InterruptingStream:
 def _tiny_fine_tuning(tmp_path, steps_per_epoch):
   """`run(workdir, stream)`: 2 epochs of fine-tuning a 1-block student saved in tmp_path/pretrain, batches of 16."""
   import eval_testing
+
   from dtm_jax import sharding
-  from dtm_jax.evaluate import common
   eval_testing.save_pretraining_checkpoints(tmp_path / "pretrain", steps=(5,),
                                             config=eval_testing.tiny_student_config(depth=1))
   mesh = sharding.make_mesh(data=8, fsdp=1)
@@ -339,7 +337,7 @@ def _tiny_fine_tuning(tmp_path, steps_per_epoch):
 
   def run(workdir, stream):
     return finetune.train_and_evaluate(
-        config, str(workdir), student_fn=lambda: common.restore_student(config.pretrained, mesh),
+        config, str(workdir), student_fn=lambda: students.restore_student(config.pretrained, mesh),
         train_data_fn=lambda size: stream,
         eval_data_fn=lambda size: eval_testing.tinted_eval_batches(64, config.eval_batch_size), mesh=mesh)
 
@@ -439,12 +437,12 @@ def test_a_save_error_names_the_step_of_an_earlier_asynchronous_save(tmp_path, m
 # 6. Counters and logs.
 # ---------------------------------------------------------------------------------------------------------------------
 def test_metrics_have_one_line_per_step_after_a_kill_and_resume(tmp_path):
-  train.train(_config(stop_after_step=8), str(tmp_path))
+  runner.run("pretrain", _config(stop_after_step=8), str(tmp_path))
   # What a kill -9 after step 8's metrics and before its checkpoint leaves: lines 6-8 past the last checkpoint (5).
   os.rename(tmp_path / "checkpoints" / "8", tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-1")
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 9, "lo')  # a line cut by the kill
-  train.train(_config(stop_after_step=10), str(tmp_path))
+  runner.run("pretrain", _config(stop_after_step=10), str(tmp_path))
   rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
   steps = [r["step"] for r in rows if "loss" in r]
   assert steps == list(range(1, 11)), steps
@@ -473,5 +471,5 @@ def test_the_in_training_knn_runs(tmp_path):
   config = _config(stop_after_step=5, **{"input.source": "fashion_mnist", "input.eval_split": "test", "eval.every": 5,
                                          "eval.batch_size": 32, "eval.k": 5, "eval.num_train_examples": 64,
                                          "eval.num_eval_examples": 32})
-  result = train.train(config, str(tmp_path))
+  result = runner.run("pretrain", config, str(tmp_path))
   assert result["knn_bank_size"] == 64 and 0.0 <= result["knn_top1"] <= 100.0

@@ -8,9 +8,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import input_pipeline
-from input_pipeline import segment_sources
-from input_pipeline import sources
-from input_pipeline import segmentation
+from input_pipeline import segment_sources, segmentation, sources
 
 # Stored ADE20K label values of the generated maps and what reduce_zero_label, applied once, makes of them.
 _REDUCED = {0: 255, 3: 2, 7: 6, 150: 149}

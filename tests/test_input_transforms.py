@@ -4,12 +4,9 @@ import math
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
-from PIL import ImageEnhance
-from PIL import ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
-from input_pipeline import randaugment
-from input_pipeline import transforms
+from input_pipeline import randaugment, transforms
 
 
 def _smooth_image(height, width, seed=0):
@@ -154,6 +151,7 @@ def test_random_erase_boxes_are_timms_boxes():
 
 def test_device_random_erase_fills_exactly_the_box_with_normal_noise():
   import jax  # pylint: disable=g-import-not-at-top
+
   from dtm_jax import images as images_lib  # pylint: disable=g-import-not-at-top
   images = np.full([3, 16, 12, 3], 7.0, np.float32)
   boxes = np.array([[2, 3, 5, 4], [0, 0, 0, 0], [10, 0, 6, 12]], np.int32)

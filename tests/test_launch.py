@@ -1,4 +1,4 @@
-"""Cluster start-up (dtm_jax/launch.py): which launcher started this process, what jax.distributed.initialize() is
+"""Cluster start-up (dtm_jax/runtime/launch.py): which launcher started this process, what jax.distributed.initialize() is
 called with, and the refusal of processes that a launcher started together but that did not join one job.
 
 Environment variables are faked; jax.distributed.initialize is replaced by a recorder, but the arguments are also fed
@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from dtm_jax import errors, launch
+from dtm_jax.runtime import errors, launch
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 _LAUNCH_VARS = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JOB_COMPLETION_INDEX",

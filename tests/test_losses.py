@@ -5,13 +5,11 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import morphing_reference as reference
 import numpy as np
 import pytest
 
-from dtm_jax import losses
-from dtm_jax import morphing
-from dtm_jax import platform
-import morphing_reference as reference
+from dtm_jax import losses, morphing, platform
 
 _BATCH, _TOKENS, _CHANNELS = 2, 16, 8
 

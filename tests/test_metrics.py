@@ -3,7 +3,8 @@ import logging
 import re
 import time
 
-from dtm_jax import metrics
+from dtm_jax import flops
+from dtm_jax.runtime import metrics
 
 
 def test_progress_waits_for_the_step_only_when_it_prints(monkeypatch, caplog):
@@ -28,7 +29,7 @@ def test_progress_waits_for_the_step_only_when_it_prints(monkeypatch, caplog):
 
 def test_peak_flops_know_the_device_kinds_tpus_report():
   """v5p chips report "TPU v5", v5e "TPU v5 lite", v6e "TPU v6 lite" (seen on the TPU runtime's topologies)."""
-  assert metrics.peak_flops_per_device("TPU v5") == 459e12
-  assert metrics.peak_flops_per_device("TPU v5 lite") == 197e12
-  assert metrics.peak_flops_per_device("TPU v6 lite") == 918e12
-  assert metrics.peak_flops_per_device("TPU v4") == 275e12
+  assert flops.peak_flops_per_device("TPU v5") == 459e12
+  assert flops.peak_flops_per_device("TPU v5 lite") == 197e12
+  assert flops.peak_flops_per_device("TPU v6 lite") == 918e12
+  assert flops.peak_flops_per_device("TPU v4") == 275e12

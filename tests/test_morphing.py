@@ -5,15 +5,13 @@ import re
 
 import jax
 import jax.numpy as jnp
+import morphing_reference as reference
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from dtm_jax import aot
-from dtm_jax import losses
-from dtm_jax import morphing
-from dtm_jax import platform
-import morphing_reference as reference
+from dtm_jax import aot, losses, morphing, platform
 
 # Token values on this grid keep the test inputs exactly representable in float32, as in the float64 reference.
 _GRID = 1.0 / 1024

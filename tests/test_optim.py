@@ -1,4 +1,4 @@
-"""dtm_jax.optim.weight_decay_mask: what DTM_SPEC §6 says the released code decays."""
+"""dtm_jax.optim.weight_decay_mask: what docs/METHOD.md §6 says the released code decays."""
 import jax
 from flax import nnx
 

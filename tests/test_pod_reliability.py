@@ -11,9 +11,10 @@ import time
 import jax
 import numpy as np
 import pytest
-
-from dtm_jax import checkpoint, metrics
 from train_testing import REPO, free_port, losses_by_step, wait_for
+
+from dtm_jax import students, targets
+from dtm_jax.runtime import checkpoint, metrics
 
 
 def _env(devices=2):
@@ -61,7 +62,7 @@ def test_lines_are_written_out_on_the_timer_without_further_writes(tmp_path):
 
 _WRITER = """
 import sys, time
-from dtm_jax import metrics
+from dtm_jax.runtime import metrics
 writer = metrics.MetricsWriter(sys.argv[1], enabled=True, flush_every_secs=float(sys.argv[2]))
 step = 0
 while True:
@@ -117,8 +118,8 @@ def two_students(tmp_path):
 
 def test_a_step_without_its_commit_marker_on_gcs_is_never_read(two_students, monkeypatch):
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   from dtm_jax import sharding  # pylint: disable=g-import-not-at-top
-  from dtm_jax.evaluate import common  # pylint: disable=g-import-not-at-top
   workdir, saved = two_students
   # Step 10 as a save in progress, or a crashed one, leaves it on gs://: everything but commit_success.txt.
   (workdir / "checkpoints" / "10" / "commit_success.txt").unlink()
@@ -133,13 +134,12 @@ def test_a_step_without_its_commit_marker_on_gcs_is_never_read(two_students, mon
   assert step == 5
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(saved[5]), strict=True):
     np.testing.assert_array_equal(np.asarray(got), want)
-  student = common.restore_student(ml_collections.ConfigDict({"workdir": str(workdir), "step": None}),
+  student = students.restore_student(ml_collections.ConfigDict({"workdir": str(workdir), "step": None}),
                                    sharding.make_mesh(data=-1, fsdp=1))
   assert student.step == 5 and student.checkpoint.endswith("checkpoints/5")
   for got, want in zip(jax.tree.leaves(student.params), jax.tree.leaves(saved[5]), strict=True):
     np.testing.assert_array_equal(np.asarray(got), want)
   import eval_testing  # pylint: disable=g-import-not-at-top
-  from dtm_jax import targets  # pylint: disable=g-import-not-at-top
   teacher = targets.build_target(ml_collections.ConfigDict(dict(
       kind="checkpoint", checkpoint=str(workdir), step=None, dtype="float32", features="head")),
       image_size=eval_testing.IMAGE_SIZE, patch_size=4)

@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 
 from configs import finetune_demo, finetune_inat18, finetune_vit_b16_in1k_384
-from dtm_jax import aot, config_checks, sharding
+from dtm_jax import aot, registry, sharding
 from dtm_jax.models import clip, layers, position_resize, vit
 
 
@@ -123,7 +123,7 @@ def test_compile_mode_builds_the_finetune_step_at_the_configured_image_size():
 ])
 def test_higher_resolution_and_inaturalist_configs_are_valid(get_config, arg, image_size, crop_pct):
   config = get_config(arg)
-  assert config_checks.problems("finetune", config, num_devices=64, check_paths=False) == []
+  assert registry.problems("finetune", config, num_devices=64, check_paths=False) == []
   assert config.model.image_size == image_size and config.input.crop_pct == crop_pct
   if get_config is finetune_inat18.get_config:
     assert (config.input.dataset, config.num_classes) == ("i_naturalist2018", 8142)

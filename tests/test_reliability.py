@@ -14,9 +14,10 @@ import time
 import jax
 import numpy as np
 import pytest
-
-from dtm_jax import checkpoint, train
 from train_testing import REPO, free_port, losses_by_step, tiny_config
+
+from dtm_jax.runner import run as runner
+from dtm_jax.runtime import checkpoint
 
 STEPS = 20  # every run is stopped at or before this step; total_steps is larger so no run ends on its own
 TOTAL_STEPS = 1000
@@ -121,7 +122,7 @@ def test_interrupted_checkpoint_write_is_ignored(tmp_path, reference, caplog):
   # What a kill during the save of step 20 leaves: the step directory under its temporary name, never renamed.
   (workdir / "checkpoints" / "20").rename(workdir / "checkpoints" / "20.orbax-checkpoint-tmp-1234567")
   with caplog.at_level(logging.INFO):
-    result = train.train(_config(), str(workdir))
+    result = runner.run("pretrain", _config(), str(workdir))
   assert "incomplete checkpoint" in caplog.text and "20.orbax-checkpoint-tmp" in caplog.text
   assert "Resumed from the checkpoint of step 15" in caplog.text
   assert result["step"] == STEPS
@@ -144,7 +145,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_pat
   workdir = _copy_run(reference, tmp_path)
   _corrupt(workdir / "checkpoints" / "20")
   with caplog.at_level(logging.INFO):
-    result = train.train(_config(), str(workdir))
+    result = runner.run("pretrain", _config(), str(workdir))
   assert "Checkpoint at step 20" in caplog.text and "cannot be restored" in caplog.text
   assert "Resumed from the checkpoint of step 15" in caplog.text
   assert "Moved the unreadable checkpoint of step 20" in caplog.text
@@ -159,17 +160,17 @@ def test_all_checkpoints_corrupted_is_a_clear_error(tmp_path, reference):
     if step_dir.name.isdigit():
       _corrupt(step_dir)
   with pytest.raises(RuntimeError, match="No checkpoint in .* can be restored"):
-    train.train(_config(), str(workdir))
+    runner.run("pretrain", _config(), str(workdir))
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-  train.train(_config(stop_after_step=5), str(tmp_path))
+  runner.run("pretrain", _config(stop_after_step=5), str(tmp_path))
   with pytest.raises(FloatingPointError, match=r"Non-finite (loss|gradient norm).* at step (\d+)") as error:
-    train.train(_config(**{"optim.base_lr": 1e10, "allow_config_change": True}), str(tmp_path))
+    runner.run("pretrain", _config(**{"optim.base_lr": 1e10, "allow_config_change": True}), str(tmp_path))
   bad_step = int(error.value.args[0].split(" at step ")[1].split(";")[0])
   assert bad_step >= 5
   assert checkpoint.find_step_directory(tmp_path)[1] == 5  # nothing of the broken state was written
-  result = train.train(_config(), str(tmp_path))  # the original (fixed) config resumes from step 5
+  result = runner.run("pretrain", _config(), str(tmp_path))  # the original (fixed) config resumes from step 5
   assert result["step"] == STEPS
 
 
@@ -187,7 +188,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 ])
 def test_bad_configs_fail_before_compiling_with_what_to_change(tmp_path, overrides, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message):
-    train.train(tiny_config(**overrides), str(tmp_path))
+    runner.run("pretrain", tiny_config(**overrides), str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
 
 

@@ -8,9 +8,15 @@ import logging
 import shutil
 
 import numpy as np
+from train_testing import (
+  as_if_written_by_two_processes,
+  losses_by_step,
+  run_main,
+  tiny_config,
+)
 
-from dtm_jax import checkpoint, train
-from train_testing import as_if_written_by_two_processes, losses_by_step, run_main, tiny_config
+from dtm_jax.runner import run as runner
+from dtm_jax.runtime import checkpoint
 
 _FLAGS = ("--config.log_every=1", "--config.checkpoint_every=4", "--config.total_steps=12")
 
@@ -19,7 +25,7 @@ def test_another_process_count_restores_the_newest_step_without_trying_its_itera
                                                                                            caplog):
   config = lambda **overrides: tiny_config(log_every=1, checkpoint_every=4, total_steps=12, async_checkpointing=False,
                                            **overrides)
-  train.train(config(stop_after_step=9), str(tmp_path))
+  runner.run("pretrain", config(stop_after_step=9), str(tmp_path))
   reference = losses_by_step(tmp_path)
   shutil.rmtree(tmp_path / "checkpoints" / "9")  # as if the job was lost before saving step 9
   for step in (4, 8):
@@ -29,7 +35,7 @@ def test_another_process_count_restores_the_newest_step_without_trying_its_itera
   monkeypatch.setattr(checkpoint.DataIteratorHandler, "restore",
                       lambda self, directory, args: (tried.append(str(directory)), restore(self, directory, args))[1])
   with caplog.at_level(logging.INFO):  # on another mesh too: FSDP over 2 devices (the mesh may change on resume)
-    train.train(config(stop_after_step=9, **{"mesh.data": 4, "mesh.fsdp": 2, "mesh.min_fsdp_size": 16}), str(tmp_path))
+    runner.run("pretrain", config(stop_after_step=9, **{"mesh.data": 4, "mesh.fsdp": 2, "mesh.min_fsdp_size": 16}), str(tmp_path))
   assert tried == []  # the process count is checked first: neither step 8's states nor an older step's are read
   assert "trying the previous one" not in caplog.text and "Resumed from the checkpoint of step 8" in caplog.text
   warnings = [r.getMessage() for r in caplog.records if "written by 2 processes" in r.getMessage()]

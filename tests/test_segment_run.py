@@ -5,17 +5,18 @@ import logging
 import os
 import signal
 
+import eval_testing
 import jax
 import numpy as np
 import pytest
+from train_testing import as_if_written_by_two_processes, recording_stream_factory
 
 from configs import segment_ade20k_vit_b16, segment_demo
-from dtm_jax import aot, checkpoint, config_checks, errors, metrics, optim, sharding
-from dtm_jax.evaluate import common, segment
+from dtm_jax import aot, optim, registry, sharding, students
 from dtm_jax.models import vit
-
-import eval_testing
-from train_testing import as_if_written_by_two_processes, recording_stream_factory
+from dtm_jax.modes import segment
+from dtm_jax.runner import run as runner
+from dtm_jax.runtime import checkpoint, errors, metrics
 
 CROP, CANVAS, BATCH, NUM_CLASSES = 32, 48, 16, 4
 TOTAL_STEPS, EVAL_EVERY = 6, 3
@@ -119,7 +120,7 @@ def test_segment_learns_and_resumes_and_preempts_like_an_uninterrupted_run(pretr
   restored = []
 
   def restore_student():
-    restored.append(common.restore_student(config.pretrained, mesh, model_overrides=config.model))
+    restored.append(students.restore_student(config.pretrained, mesh, model_overrides=config.model))
     return restored[-1]
 
   whole = run_segment(config, pretrained / "whole", mesh, SceneStream(), restore_student)
@@ -160,7 +161,7 @@ def test_segmentation_resumes_a_checkpoint_of_another_process_count_at_its_step(
   """Another slice (issue 17): the step is restored without the 2-process job's iterator states, and the input is
   rebuilt at that step, with one warning."""
   mesh = sharding.make_mesh(data=4, fsdp=2)
-  student = lambda: common.restore_student(tiny_config(pretrained / "pretrain").pretrained, mesh)
+  student = lambda: students.restore_student(tiny_config(pretrained / "pretrain").pretrained, mesh)
   workdir = pretrained / "other_slice"
   run_segment(tiny_config(pretrained / "pretrain", stop_after_step=EVAL_EVERY), workdir, mesh, SceneStream(), student)
   as_if_written_by_two_processes(workdir / "checkpoints" / str(EVAL_EVERY))
@@ -187,12 +188,12 @@ def test_poly_schedule_is_mmcv_poly_with_linear_warmup():
 
 
 def test_segment_configs_are_valid_and_mistakes_are_named():
-  assert not config_checks.problems("segment", segment_ade20k_vit_b16.get_config(), num_devices=8)
-  assert aot.mode_of(segment_ade20k_vit_b16.get_config()) == "segment"
+  assert not registry.problems("segment", segment_ade20k_vit_b16.get_config(), num_devices=8)
+  assert registry.mode_of(segment_ade20k_vit_b16.get_config()) == "segment"
   config = segment_demo.get_config()
   config.eval.update(stride=40, window=24)
   config.segmenter.update(out_indices=(0, 1, 2, 4), ignore_index=3)
-  found = "\n".join(config_checks.problems("segment", config, num_devices=1))
+  found = "\n".join(registry.problems("segment", config, num_devices=1))
   for field in ("eval.stride=40", "eval.window=24", "segmenter.out_indices", "segmenter.ignore_index=3"):
     assert f"config.{field}" in found, field
 
@@ -206,7 +207,7 @@ def test_segment_run_end_to_end_from_scratch_on_fashion_mnist(tmp_path):
   config.segmenter.update(channels=16, aux_channels=8, pool_scales=(1, 2))
   config.update(batch_size=8, eval_batch_size=8, total_steps=2, warmup_steps=1, eval_every_steps=2, log_every=1)
   config.eval.update(window=32, stride=24, canvas_size=56, num_images=16)
-  result = segment.run(config, str(tmp_path))
+  result = runner.run("segment", config, str(tmp_path))
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["mode"] == "segment" and saved["step"] is None and saved["checkpoint"] == "(random initialisation)"
   assert saved["num_eval_images"] == 16 and len(saved["per_class_iou"]) == 11

@@ -9,11 +9,8 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from dtm_jax.evaluate import segmentation_metrics as seg_metrics
-from dtm_jax.models import functional
-from dtm_jax.models import layers
-from dtm_jax.models import segmentation
-from dtm_jax.models import vit
+from dtm_jax.evaluators import segmentation_metrics as seg_metrics
+from dtm_jax.models import functional, layers, segmentation, vit
 
 NUM_CLASSES = 5
 SEG_CONFIG = segmentation.SegmenterConfig(num_classes=NUM_CLASSES, out_indices=(0, 1, 2, 3), channels=8,

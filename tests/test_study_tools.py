@@ -11,10 +11,19 @@ from etils import epath
 from flax import nnx
 
 from configs import test_tiny
-from dtm_jax import checkpoint as checkpoint_lib
-from dtm_jax import config_checks, sharding, targets, train
+from dtm_jax import registry, sharding, targets
+from dtm_jax.evaluators import frozen_features
 from dtm_jax.models import functional, vit
-from tools import figures, frozen_features, spatial_measures, study, study_summary, teachers
+from dtm_jax.modes import pretrain as train
+from dtm_jax.runtime import checkpoint as checkpoint_lib
+from tools import (
+  figures,
+  spatial_measures,
+  study,
+  study_scores,
+  study_summary,
+  teachers,
+)
 
 GRID = 7
 
@@ -23,7 +32,7 @@ GRID = 7
 @pytest.mark.parametrize("kind", ["pixels", "ema", "clip"])
 def test_study_configs_are_valid_and_match_their_target(kind):
   config = study.study_config(kind, "dtm", 2, steps=40, batch_size=16, ema_momentum=0.98, fixed_schedule=(24, 4))
-  train.validate_config(config)
+  registry.validate("pretrain", config)
   model_cfg = train.student_config(config)
   target = targets.build_target(config.target, image_size=28, patch_size=4, student_config=model_cfg)
   assert target.out_dim == model_cfg.out_dim
@@ -39,7 +48,7 @@ def test_study_config_of_the_trained_clip_teacher_reads_its_directory(tmp_path):
   semantic_teacher.save(tmp_path / "teacher", tower, semantic_teacher.init_teacher(tower, 10, seed=0)[1], {})
   config = study.study_config("clip_fmnist", "tokenwise", 1, steps=20, batch_size=16, ema_momentum=0.99,
                               fixed_schedule=(24, 4), clip_teacher=str(tmp_path / "teacher"))
-  train.validate_config(config)
+  registry.validate("pretrain", config)
   assert config.target.kind == "clip" and config.target.checkpoint == str(tmp_path / "teacher")
   assert config.model.out_dim == 24 and not config.dtm.enabled
   target = targets.build_target(config.target, image_size=28, patch_size=4, student_config=train.student_config(config))
@@ -54,12 +63,12 @@ def test_study_variants_set_tokenwise_and_fixed_schedules():
   assert not study.study_config("pixels", "tokenwise", 0, **kwargs).dtm.enabled
   fixed = study.study_config("pixels", "fixed", 0, **kwargs)
   assert fixed.dtm.enabled and tuple(fixed.dtm.fixed_schedule) == (24, 4)
-  train.validate_config(fixed)
+  registry.validate("pretrain", fixed)
   with pytest.raises(ValueError, match="Unknown variant"):
     study.study_config("pixels", "halfway", 0, **kwargs)
   teacher = study.study_config("checkpoint", "dtm", 0, teacher_dir="/nowhere/run", **kwargs)
   with pytest.raises(ValueError, match="does not exist"):
-    train.validate_config(teacher)
+    registry.validate("pretrain", teacher)
 
 
 def test_grid_parsing_and_run_order():
@@ -145,10 +154,14 @@ def test_run_one_resumes_a_study_run_part_by_part(tmp_path, monkeypatch):
   """Pretraining and scoring are skipped once eval.json exists; fine-tuning runs once and is added to it."""
   out = epath.Path(tmp_path)
   calls = []
-  monkeypatch.setattr(study.train, "train", lambda config, workdir: calls.append(("train", config.seed)))
-  monkeypatch.setattr(study.finetune, "run", lambda config, workdir: (
-      calls.append(("finetune", config.pretrained.workdir, config.epochs, config.seed, workdir)),
-      {"last_top1": 77.5})[1])
+
+  def run(mode, config, workdir):
+    if mode == "pretrain":
+      return calls.append(("train", config.seed))
+    calls.append((mode, config.pretrained.workdir, config.epochs, config.seed, workdir))
+    return {"last_top1": 77.5}
+
+  monkeypatch.setattr(study.runner, "run", run)
   run = out / "runs" / "pixels-dtm-s1"
   study_summary.write_json(run / "eval.json", record("pixels", "dtm", 1, 55.0, 66.0, 0.3))
   kwargs = dict(probe_epochs=1, steps=10, batch_size=16, ema_momentum=0.99, fixed_schedule=(24, 4))
@@ -161,7 +174,7 @@ def test_run_one_resumes_a_study_run_part_by_part(tmp_path, monkeypatch):
   assert len(calls) == 1
   config = study.finetune_config(run, seed=1, epochs=2)
   assert config.warmup_epochs == 0.5 and config.num_classes == 10
-  config_checks.validate("finetune", config, check_paths=False)
+  registry.validate("finetune", config, check_paths=False)
 
 
 def test_floors_include_the_teacher_reference_and_are_computed_once(tmp_path, monkeypatch):
@@ -178,7 +191,7 @@ def test_floors_include_the_teacher_reference_and_are_computed_once(tmp_path, mo
   records = {r["kind"]: r for r in study_summary.collect(out)}
   assert sorted(records) == ["random_init", "raw_pixels", "teacher"]
   assert all(0 <= r["knn_top1"] <= 100 and 0 <= r["probe_top1"] <= 100 for r in records.values())
-  monkeypatch.setattr(study.frozen_features, "scores", lambda *a, **k: pytest.fail("a finished floor was redone"))
+  monkeypatch.setattr(study.study_scores, "scores", lambda *a, **k: pytest.fail("a finished floor was redone"))
   study.run_floors(out, (split(40), split(20)), mesh, seeds=1, probe_epochs=1, teacher=teacher)
 
 
@@ -193,7 +206,7 @@ def test_knn_and_probe_separate_easy_classes_and_not_random_labels():
   test_set = frozen_features.feature_set(features[300:], labels[300:], mesh)
   assert train_set.num_valid == 300
   assert frozen_features.knn_top1(train_set, test_set, mesh) > 90
-  assert frozen_features.probe_top1(train_set, test_set, mesh, seed=0, epochs=20, num_classes=4) > 90
+  assert study_scores.probe_top1(train_set, test_set, mesh, seed=0, epochs=20, num_classes=4) > 90
   shuffled = frozen_features.feature_set(features[300:], rng.permutation(labels[300:]), mesh)
   assert frozen_features.knn_top1(train_set, shuffled, mesh) < 50
 

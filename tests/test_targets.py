@@ -9,9 +9,11 @@ import optax
 import pytest
 from flax import nnx
 
-from dtm_jax import checkpoint as checkpoint_lib
-from dtm_jax import sharding, targets, train
+from dtm_jax import sharding, targets
 from dtm_jax.models import functional, vit
+from dtm_jax.modes import pretrain as train
+from dtm_jax.runner import run as runner
+from dtm_jax.runtime import checkpoint as checkpoint_lib
 
 IMAGE, PATCH = 16, 4
 TOKENS = (IMAGE // PATCH) ** 2
@@ -102,7 +104,7 @@ def test_no_gradient_flows_into_a_teacher_or_through_it(random_clip):
 
 
 def save_student_checkpoint(workdir, config: vit.ViTConfig, seed=0):
-  """A pretraining-style checkpoint (params + metadata) of a fresh student, as dtm_jax.train writes it."""
+  """A pretraining-style checkpoint (params + metadata) of a fresh student, as dtm_jax.modes.pretrain writes it."""
   _, params = functional.split_module(vit.PretrainViT(config, rngs=nnx.Rngs(seed)))
   checkpointer = checkpoint_lib.Checkpointer(workdir, async_save=False)
   checkpointer.save(7, params=params, train={"step": jnp.int32(7)}, data_iterator=None,
@@ -263,12 +265,12 @@ def test_pretraining_from_a_checkpoint_teacher_on_an_fsdp_mesh(tmp_path):
   """The `checkpoint` teacher is restored onto the run's FSDP shardings and goes into the step as it is."""
   from train_testing import tiny_config  # pylint: disable=g-import-not-at-top
   fsdp = {"mesh.data": 1, "mesh.fsdp": 8, "mesh.min_fsdp_size": 16, "total_steps": 2, "checkpoint_every": 2}
-  train.train(tiny_config(**fsdp), str(tmp_path / "teacher"))
+  runner.run("pretrain", tiny_config(**fsdp), str(tmp_path / "teacher"))
   config = tiny_config(**fsdp, **{"target.kind": "checkpoint", "target.checkpoint": str(tmp_path / "teacher")})
   mesh = sharding.make_mesh(1, 8)
   program = train.build_program(config, mesh)
   sharded = [leaf for leaf in jax.tree.leaves(program.target.params) if leaf.size >= 16 and
              leaf.sharding.spec != jax.sharding.PartitionSpec()]
   assert sharded and all(leaf.sharding.mesh.shape == mesh.shape for leaf in sharded)
-  result = train.train(config, str(tmp_path / "student"))
+  result = runner.run("pretrain", config, str(tmp_path / "student"))
   assert result["step"] == 2 and np.isfinite(result["loss"])

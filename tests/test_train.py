@@ -10,10 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from dtm_jax import checkpoint, morphing, sharding, targets, train
-from dtm_jax.models import functional, vit
 from train_testing import REPO, free_port, losses_by_step, tiny_config
+
+from dtm_jax import morphing, sharding, targets
+from dtm_jax.models import functional, vit
+from dtm_jax.modes import pretrain as train
+from dtm_jax.runner import run as runner
+from dtm_jax.runtime import checkpoint, metrics
+
 
 def _components(config, mesh=None):
   model_cfg = train.student_config(config)
@@ -76,7 +80,7 @@ def test_gradient_accumulation_equals_full_batch():
 
 def test_training_on_data_fsdp_mesh_learns_compiles_once_and_checkpoints(tmp_path):
   config = tiny_config(**{"mesh.data": 4, "mesh.fsdp": 2, "mesh.min_fsdp_size": 64, "log_every": 1})
-  result = train.train(config, str(tmp_path))
+  result = runner.run("pretrain", config, str(tmp_path))
   assert result["step"] == 20 and result["step_compilations"] == 1
   curve = losses_by_step(tmp_path)
   assert sorted(curve) == list(range(1, 21))
@@ -90,7 +94,7 @@ def test_training_on_data_fsdp_mesh_learns_compiles_once_and_checkpoints(tmp_pat
 def test_relative_workdir_checkpoints_and_restores(tmp_path, monkeypatch):
   # `make demo` passes --workdir=workdirs/demo; Orbax only accepts absolute paths.
   monkeypatch.chdir(tmp_path)
-  result = train.train(tiny_config(stop_after_step=2), "runs/relative")
+  result = runner.run("pretrain", tiny_config(stop_after_step=2), "runs/relative")
   assert result["step"] == 2
   params, _, step = checkpoint.restore_params("runs/relative")
   assert step == 2 and jax.tree.leaves(params)
@@ -101,11 +105,11 @@ def test_relative_workdir_checkpoints_and_restores(tmp_path, monkeypatch):
 def test_resume_continues_exactly(tmp_path, source):
   overrides = {"log_every": 1, "checkpoint_every": 5, "input.source": source}
   uninterrupted = tmp_path / "uninterrupted"
-  train.train(tiny_config(**overrides), str(uninterrupted))
+  runner.run("pretrain", tiny_config(**overrides), str(uninterrupted))
   resumed = tmp_path / "resumed"
-  first = train.train(tiny_config(**overrides, stop_after_step=10), str(resumed))
+  first = runner.run("pretrain", tiny_config(**overrides, stop_after_step=10), str(resumed))
   assert first["step"] == 10 and first["preempted"] == 1.0
-  second = train.train(tiny_config(**overrides), str(resumed))
+  second = runner.run("pretrain", tiny_config(**overrides), str(resumed))
   assert second["step"] == 20
   expected, got = losses_by_step(uninterrupted), losses_by_step(resumed)
   assert sorted(got) == list(range(1, 21))
@@ -114,10 +118,10 @@ def test_resume_continues_exactly(tmp_path, source):
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path):
-  train.train(tiny_config(stop_after_step=5), str(tmp_path))
+  runner.run("pretrain", tiny_config(stop_after_step=5), str(tmp_path))
   with pytest.raises(ValueError, match="optim.base_lr"):
-    train.train(tiny_config(**{"optim.base_lr": 1e-4}), str(tmp_path))
-  result = train.train(tiny_config(**{"optim.base_lr": 1e-4, "allow_config_change": True}), str(tmp_path))
+    runner.run("pretrain", tiny_config(**{"optim.base_lr": 1e-4}), str(tmp_path))
+  result = runner.run("pretrain", tiny_config(**{"optim.base_lr": 1e-4, "allow_config_change": True}), str(tmp_path))
   assert result["step"] == 20
 
 
@@ -160,7 +164,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(tmp_path):
 
 def test_two_processes_match_one_process(tmp_path):
   single = tmp_path / "single"
-  train.train(tiny_config(log_every=1, total_steps=8, checkpoint_every=4), str(single))
+  runner.run("pretrain", tiny_config(log_every=1, total_steps=8, checkpoint_every=4), str(single))
   port = free_port()
   multi = tmp_path / "multi"
   procs = [subprocess.Popen(_main_command(multi, "--config.log_every=1", "--config.total_steps=8",
@@ -201,7 +205,6 @@ def test_the_next_batch_is_sent_while_the_step_runs_and_never_past_a_checkpoint(
   loop waits for the step's metrics; after a checkpoint step it is read only once the checkpoint is written, so the
   saved input position is exactly the steps taken (and no batch is drawn past the end)."""
   import dataclasses
-  from dtm_jax import metrics
   events = []
   build_program, build_data = train.build_program, train.build_pretrain_data
 
@@ -220,7 +223,7 @@ def test_the_next_batch_is_sent_while_the_step_runs_and_never_past_a_checkpoint(
                       lambda self, *args: (events.append("metrics"), write_scalars(self, *args))[1])
   monkeypatch.setattr(checkpoint.Checkpointer, "save", lambda self, *args, **kwargs: (
       events.append("save"), save(self, *args, **kwargs))[1])
-  train.train(tiny_config(log_every=1, total_steps=6, checkpoint_every=3), str(tmp_path))
+  runner.run("pretrain", tiny_config(log_every=1, total_steps=6, checkpoint_every=3), str(tmp_path))
   assert events == ["batch",
                     "step", "batch", "metrics",  # step 1: the batch of step 2 goes out before the wait for metrics
                     "step", "batch", "metrics",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dtm_jax import targets
-from dtm_jax.evaluate import frozen_features
+from dtm_jax.evaluators import frozen_features
 from tools import semantic_teacher, spatial_measures, teachers
 
 TINY = dict(image_size=16, width=32, depth=1, num_heads=2, mlp_dim=64, proj_dim=16)

@@ -12,10 +12,7 @@ import transformers
 from flax import nnx
 
 from dtm_jax import platform
-from dtm_jax.models import convert
-from dtm_jax.models import functional
-from dtm_jax.models import layers
-from dtm_jax.models import vit
+from dtm_jax.models import convert, functional, layers, vit
 from tests import torch_reference as ref
 
 # One small geometry for every test: JAX compiles each initialiser and op once per shape, so sharing it keeps the

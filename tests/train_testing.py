@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from configs import test_tiny
-from dtm_jax import metrics
+from dtm_jax.runtime import metrics
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 

@@ -11,8 +11,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from etils import epath
 
-from dtm_jax import metrics
-from tools import frozen_features, study_summary, teachers
+from dtm_jax.evaluators import frozen_features
+from dtm_jax.runtime import metrics
+from tools import study_summary, teachers
 
 VARIANT_COLOURS = {"dtm": "tab:blue", "tokenwise": "tab:orange", "fixed": "tab:green"}
 

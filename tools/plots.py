@@ -19,7 +19,7 @@ import json
 from absl import app, flags, logging
 from etils import epath
 
-from dtm_jax import checkpoint as checkpoint_lib
+from dtm_jax.runtime import checkpoint as checkpoint_lib
 from tools import figures
 
 _STUDY = flags.DEFINE_string("study", None, "The --out directory of tools/study.py.")

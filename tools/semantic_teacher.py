@@ -12,9 +12,9 @@ import optax
 from etils import epath
 from flax import nnx
 
-from dtm_jax import metrics
-from dtm_jax.evaluate import frozen_features
+from dtm_jax.evaluators import frozen_features
 from dtm_jax.models import clip, convert, functional
+from dtm_jax.runtime import metrics
 from tools.teachers import CLASS_EMBEDDINGS_FILE
 
 INFO_FILE = "teacher.json"

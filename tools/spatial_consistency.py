@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from dtm_jax import metrics
+from dtm_jax.runtime import metrics
 from tools import spatial_measures, teachers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config whose target and data to analyse.")

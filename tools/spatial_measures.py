@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 
 from dtm_jax import sharding
-from tools import frozen_features, teachers
+from dtm_jax.evaluators import frozen_features
+from tools import study_scores, teachers
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def token_probe(train_tokens, train_labels, train_keep, test_tokens, test_labels
   """Top-1 (%) of a linear probe classifying single tokens [M, N, D] by their image's label (kept tokens only)."""
   def rows(tokens, labels, keep):
     return frozen_features.feature_set(tokens[keep], np.broadcast_to(labels[:, None], keep.shape)[keep], mesh)
-  return frozen_features.probe_top1(rows(train_tokens, train_labels, train_keep),
+  return study_scores.probe_top1(rows(train_tokens, train_labels, train_keep),
                                     rows(test_tokens, test_labels, test_keep), mesh, seed=seed, epochs=epochs)
 
 

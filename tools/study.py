@@ -2,7 +2,7 @@
 
 The demo-size student (configs/demo.py: Fashion-MNIST 28², patch 4, width 96, depth 4) is pretrained for the same
 `--steps` towards each target kind of `--grid` with the variants listed there:
-  dtm        dynamic morphing: a random (num_merge, num_iters) per schedule and step (DTM_SPEC §2.4),
+  dtm        dynamic morphing: a random (num_merge, num_iters) per schedule and step (docs/METHOD.md §2.4),
   tokenwise  token-wise distillation (num_merge = 0),
   fixed      the paper's ablation: the same `--fixed_schedule` every step,
 once per seed in `--seeds` (the seed sets the student's initialisation, the data order and the schedules). Every
@@ -42,10 +42,13 @@ import numpy as np
 from absl import app, flags, logging
 
 from configs import demo, finetune_demo
-from dtm_jax import checkpoint as checkpoint_lib
-from dtm_jax import metrics, sharding, targets, train
-from dtm_jax.evaluate import common, finetune
-from tools import frozen_features, study_summary, teachers
+from dtm_jax import sharding, students, targets
+from dtm_jax.evaluators import encoding, frozen_features
+from dtm_jax.modes import pretrain as train
+from dtm_jax.runner import run as runner
+from dtm_jax.runtime import checkpoint as checkpoint_lib
+from dtm_jax.runtime import metrics
+from tools import study_scores, study_summary, teachers
 
 _OUT = flags.DEFINE_string("out", None, "Directory of the study's runs and summaries.")
 _GRID = flags.DEFINE_list(
@@ -158,15 +161,15 @@ def run_floors(out, data, mesh, *, seeds: int, probe_epochs: int, teacher: targe
   for seed in range(seeds):
     path = out / "floors" / f"random_init-s{seed}" / "eval.json"
     if not path.exists():
-      student = common.initial_student(model_cfg, mesh, seed=seed)
-      encode = common.feature_fn(student)
+      student = students.initial_student(model_cfg, mesh, seed=seed)
+      encode = encoding.feature_fn(student)
       features = [frozen_features.encoder_features(encode, student.params, s, mesh) for s in data]
-      result = frozen_features.scores(*features, mesh, seed=seed, probe_epochs=probe_epochs)
+      result = study_scores.scores(*features, mesh, seed=seed, probe_epochs=probe_epochs)
       study_summary.write_json(path, {"kind": "random_init", "variant": "-", "seed": seed, **result})
       print(f"floor random_init s{seed}: {result}", flush=True)
     path = out / "floors" / f"raw_pixels-s{seed}" / "eval.json"
     if not path.exists():
-      result = frozen_features.scores(pixels_train, pixels_test, mesh, seed=seed, probe_epochs=probe_epochs)
+      result = study_scores.scores(pixels_train, pixels_test, mesh, seed=seed, probe_epochs=probe_epochs)
       study_summary.write_json(path, {"kind": "raw_pixels", "variant": "-", "seed": seed, **result})
       print(f"floor raw_pixels s{seed}: {result}", flush=True)
     path = out / "floors" / f"teacher-s{seed}" / "eval.json"
@@ -174,7 +177,7 @@ def run_floors(out, data, mesh, *, seeds: int, probe_epochs: int, teacher: targe
       if teacher_features is None:  # the same for every seed (only the probe's seed differs)
         encode = lambda params, images: teacher.tokens(params, images).mean(axis=1)
         teacher_features = [frozen_features.encoder_features(encode, teacher.params, s, mesh) for s in data]
-      result = frozen_features.scores(*teacher_features, mesh, seed=seed, probe_epochs=probe_epochs)
+      result = study_scores.scores(*teacher_features, mesh, seed=seed, probe_epochs=probe_epochs)
       study_summary.write_json(path, {"kind": "teacher", "variant": "-", "seed": seed, **result})
       print(f"reference teacher s{seed}: {result}", flush=True)
 
@@ -193,20 +196,20 @@ def run_one(out, kind: str, variant: str, seed: int, data, mesh, *, probe_epochs
   else:
     config = study_config(kind, variant, seed, **config_kwargs)
     start = time.time()
-    train.train(config, str(workdir))
+    runner.run("pretrain", config, str(workdir))
     train_seconds = time.time() - start
     losses = [row["loss"] for row in metrics.read_jsonl(workdir / "metrics.jsonl") if "loss" in row]
-    student = common.restore_student(ml_collections.ConfigDict({"workdir": str(workdir), "step": None}), mesh)
-    encode = common.feature_fn(student)
+    student = students.restore_student(ml_collections.ConfigDict({"workdir": str(workdir), "step": None}), mesh)
+    encode = encoding.feature_fn(student)
     features = [frozen_features.encoder_features(encode, student.params, split, mesh) for split in data]
-    result = frozen_features.scores(*features, mesh, seed=seed, probe_epochs=probe_epochs)
+    result = study_scores.scores(*features, mesh, seed=seed, probe_epochs=probe_epochs)
     record = {"kind": kind, "variant": variant, "seed": seed, "steps": config.total_steps,
               "batch_size": config.batch_size, "final_loss": float(np.mean(losses[-3:])), **result,
               "train_seconds": train_seconds, "eval_seconds": time.time() - start - train_seconds}
     study_summary.write_json(path, record)
   if finetune_epochs and "finetune_top1" not in record:
     start = time.time()
-    result = finetune.run(finetune_config(workdir, seed, finetune_epochs), str(workdir / "finetune"))
+    result = runner.run("finetune", finetune_config(workdir, seed, finetune_epochs), str(workdir / "finetune"))
     record.update(finetune_top1=result["last_top1"], finetune_epochs=finetune_epochs,
                   finetune_seconds=time.time() - start)
     study_summary.write_json(path, record)

@@ -17,9 +17,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from dtm_jax import checkpoint as checkpoint_lib
-from dtm_jax import morphing, targets, train
+from dtm_jax import morphing, targets
 from dtm_jax.models import convert, functional, vit
+from dtm_jax.modes import pretrain as train
+from dtm_jax.runtime import checkpoint as checkpoint_lib
 
 CLASS_EMBEDDINGS_FILE = "class_embeddings.npy"  # written by tools/train_teacher.py
 

@@ -27,10 +27,10 @@ import time
 from absl import app, flags, logging
 
 from configs import demo
-from dtm_jax import checkpoint as checkpoint_lib
-from dtm_jax import metrics
-from dtm_jax.evaluate import frozen_features
+from dtm_jax.evaluators import frozen_features
 from dtm_jax.models import convert
+from dtm_jax.runtime import checkpoint as checkpoint_lib
+from dtm_jax.runtime import metrics
 from tools import semantic_teacher
 
 _OUT = flags.DEFINE_string("out", None, "New directory for the teacher (params/, model_config.json, ...).")

@@ -1,4 +1,4 @@
-"""CLIP vision tower (DTM_SPEC §5): the frozen teacher whose projected patch tokens are DTM's targets.
+"""CLIP vision tower (docs/METHOD.md §5): the frozen teacher whose projected patch tokens are DTM's targets.
 
 conv (no bias) → prepend CLS → + position embedding → ln_pre → pre-LN blocks → ln_post on all tokens → proj.
 Hugging Face's own forward applies `post_layernorm` to the pooled CLS only; here it is applied to every token, as

@@ -33,10 +33,7 @@ from etils import epath
 from flax import nnx
 from flax.nnx import traversals
 
-from dtm_jax.models import clip
-from dtm_jax.models import layers
-from dtm_jax.models import position_resize
-from dtm_jax.models import vit
+from dtm_jax.models import clip, layers, position_resize, vit
 
 FORMATS = ("openai_clip", "open_clip", "hf_clip", "beit")
 CONFIG_FILE = "model_config.json"

@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dtm_jax import kernels
-from dtm_jax import platform
+from dtm_jax import kernels, platform
 
 ATTENTION_IMPLS = (None, "xla", "cudnn", "cpu")  # None: the platform's default (default_attention_impl)
 # What the backward pass keeps of a block's forward (the rest is recomputed): everything ("none": no remat), the

@@ -15,8 +15,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from dtm_jax.models import clip
-from dtm_jax.models import layers
+from dtm_jax.models import clip, layers
 
 
 def _geometric_offsets(old_grid, new_grid):

@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dtm_jax.models import layers
-from dtm_jax.models import vit
+from dtm_jax.models import layers, vit
 
 # mmcv's ConvModule draws its convolution with Kaiming-normal (fan_out, ReLU gain); PyTorch's BatchNorm keeps a
 # running average with weight 0.1 for the new batch (Flax's momentum is the weight of the old average).

@@ -1,4 +1,4 @@
-"""The BEiT-style student ViT (DTM_SPEC §4): pretraining model and fine-tuning classifier.
+"""The BEiT-style student ViT (docs/METHOD.md §4): pretraining model and fine-tuning classifier.
 
 Images are NHWC; the patch grid is row-major; a mask is bool [B, N] with True = masked. Masked patch embeddings are
 replaced by the learned mask token before CLS is prepended. Parameters are float32; `dtype` is the compute dtype.
@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dtm_jax.models import layers
-from dtm_jax.models import position_resize
+from dtm_jax.models import layers, position_resize
 
 # (width, depth, num_heads) per variant; "test" keeps unit tests fast.
 VARIANTS = {

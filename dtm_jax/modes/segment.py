@@ -24,13 +24,14 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from dtm_jax import checkpoint as checkpoint_lib
-from dtm_jax import config_checks, workdir_lock
+from dtm_jax import config_checks, flops, optim, sharding, students
 from dtm_jax import images as images_lib
-from dtm_jax import metrics, optim, sharding
-from dtm_jax.evaluate import common
-from dtm_jax.evaluate import segmentation_metrics
+from dtm_jax.evaluators import encoding, segmentation_metrics
 from dtm_jax.models import functional, segmentation, vit
+from dtm_jax.program import Mode, Program
+from dtm_jax.runner import loop
+from dtm_jax.runtime import checkpoint as checkpoint_lib
+from dtm_jax.runtime import metrics
 
 PyTree = Any
 RANDOM_INIT = {"checkpoint": "(random initialisation)", "step": None}
@@ -58,10 +59,10 @@ def _constructor(vit_config: vit.ViTConfig, seg_config: segmentation.SegmenterCo
   return lambda: segmentation.UperNetSegmenter(vit_config, seg_config, rngs=nnx.Rngs(seed))
 
 
-def init_segmenter(config: ml_collections.ConfigDict, student: common.Student | None,
+def init_segmenter(config: ml_collections.ConfigDict, student: students.Student | None,
                    shardings_of: Callable[[PyTree], PyTree]) -> tuple[Segmenter, PyTree, PyTree]:
   """(segmenter, params, batch_stats), born sharded: initialised from `student` under jit, or randomly when None."""
-  student_config = student.config if student is not None else common.student_config_of(config)
+  student_config = student.config if student is not None else students.student_config_of(config)
   vit_config, seg_config = trunk_config(student_config, config), segmenter_config(config)
   model, abstract_params, abstract_stats = functional.abstract_split_stateful(_constructor(vit_config, seg_config))
 
@@ -171,23 +172,6 @@ def _fold(total: np.ndarray | None, counts: jax.Array) -> np.ndarray:
   return counts if total is None else total + counts
 
 
-def segmenter_forward_flops(vit_config: vit.ViTConfig, seg_config: segmentation.SegmenterConfig) -> float:
-  """Analytic forward FLOPs of one crop: the trunk, plus the convolutions of the neck and heads (mmseg's UperNet
-  with BEiT's neck: 4× and 2× upsampling, identity, 2× pooling of the trunk's tokens; BatchNorm, pooling and
-  resizing neglected)."""
-  trunk = common.encoder_flops(vit_config)
-  grid, width, channels = vit_config.grid_size, vit_config.width, seg_config.channels
-  sizes = [(grid * 4) ** 2, (grid * 2) ** 2, grid ** 2, (grid // 2) ** 2]  # pixels of each pyramid level
-  conv = lambda pixels, c_in, c_out, k: 2.0 * pixels * c_in * c_out * k * k
-  neck = 2.0 * width * width * (sizes[1] + sizes[0] + sizes[1])  # 2×2 stride-2 transposed convs: 1 tap per output
-  pool = conv(sizes[3], width + len(seg_config.pool_scales) * channels, channels, 3)  # PPM bottleneck
-  laterals = sum(conv(p, width, channels, 1) for p in sizes[:3])
-  fpn = sum(conv(p, channels, channels, 3) for p in sizes[:3])
-  fuse = conv(sizes[0], 4 * channels, channels, 3) + conv(sizes[0], channels, seg_config.num_classes, 1)
-  aux = conv(sizes[seg_config.aux_in_index], width, seg_config.aux_channels, 3)
-  return trunk + neck + pool + laterals + fpn + fuse + aux
-
-
 @dataclasses.dataclass(frozen=True)
 class SegmentProgram:
   """The train and eval steps as they run on `mesh`, built without data or weights (`--mode=compile` compiles them)."""
@@ -225,7 +209,7 @@ def build_program(config: ml_collections.ConfigDict, mesh, vit_config: vit.ViTCo
   """Optimizer, state shardings, and the jitted train and eval steps of a segmenter with trunk `vit_config`
   (default: the one `config.pretrained.architecture` names, as `--mode=compile` assumes) on `mesh`."""
   seg_config = segmenter_config(config)
-  vit_config = vit_config or trunk_config(common.student_config_of(config), config)
+  vit_config = vit_config or trunk_config(students.student_config_of(config), config)
   model, abstract_params, abstract_stats = functional.abstract_split_stateful(_constructor(vit_config, seg_config))
   tx, schedule = optim.make_optimizer(config.optim, abstract_params, total_steps=config.total_steps,
                                       global_batch_size=config.batch_size, num_layers=vit_config.depth,
@@ -245,7 +229,7 @@ def build_program(config: ml_collections.ConfigDict, mesh, vit_config: vit.ViTCo
                  in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(model, seg_config, normalization, config.eval),
                       in_shardings=(state_sh["params"], state_sh["batch_stats"], batch_sh), out_shardings=rep)
-  forward = segmenter_forward_flops(vit_config, seg_config)
+  forward = flops.segmenter_forward_flops(vit_config, seg_config)
   canvas, window, stride = config.eval.canvas_size, config.eval.window, config.eval.stride
   windows = sum(len(segmentation_metrics.window_offsets(max(round(canvas * s), window), window, stride)) ** 2
                 for s in config.eval.scales)
@@ -261,7 +245,7 @@ def build_program(config: ml_collections.ConfigDict, mesh, vit_config: vit.ViTCo
 # The loop.
 # ---------------------------------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       student_fn: Callable[[], common.Student] | None, train_data_fn: Callable[[int], Iterator[dict]],
+                       student_fn: Callable[[], students.Student] | None, train_data_fn: Callable[[int], Iterator[dict]],
                        eval_data_fn: Callable[[], Iterable[dict]], mesh) -> dict:
   """Train the segmenter and evaluate it; resumes from `<workdir>/checkpoints` when it holds a checkpoint.
 
@@ -313,10 +297,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.warning("%s", checkpoint_lib.rebuilt_input_warning(step, metadata, train_data))
 
   # ----- Loop.
-  eval_batches = lambda: common.take_batches(eval_data_fn(), config.eval_batch_size, config.eval.num_images)
+  eval_batches = lambda: encoding.take_batches(eval_data_fn(), config.eval_batch_size, config.eval.num_images)
   run_eval = lambda state: evaluate(program.eval_step, state["params"], state["batch_stats"], eval_batches(), mesh)
   rng = jax.random.key(config.seed)
-  metadata = common.checkpoint_metadata(segmenter.vit_config, segmenter.source, config)
+  metadata = checkpoint_lib.run_metadata(segmenter.vit_config, segmenter.source, config)
   step = int(state["step"])
   writer = metrics.MetricsWriter(workdir, resume_step=step,  # drops lines past the checkpoint (computed again)
                                  flush_every_secs=config.get("metrics_flush_secs", metrics.FLUSH_EVERY_SECS))
@@ -333,9 +317,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpointer.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
                       data_iterator=train_data, metadata={**metadata, "step": step, "best_miou": best_miou})
 
-  state, step = common.run_training_steps(
+  state, step = loop.run_training_steps(
       state, what="Segmentation fine-tuning", step=step, total_steps=total_steps, train_step=program.step,
-      next_batch=lambda: sharding.to_global(common.training_batch(next(train_data)), mesh), rng=rng,
+      next_batch=lambda: sharding.to_global(images_lib.training_batch(next(train_data)), mesh), rng=rng,
       is_eval_step=lambda step: step % config.eval_every_steps == 0, evaluate=evaluate_and_record, save=save,
       checkpointer=checkpointer, writer=writer, progress=progress, log_every=config.log_every,
       stop_after=config.get("stop_after_step"))
@@ -366,26 +350,120 @@ def _write_evaluation(writer: metrics.MetricsWriter, workdir: epath.Path, step: 
     (workdir / "per_class_iou.json").write_text(json.dumps({"step": step, "iou": _json_list(per_class)}) + "\n")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """`main.py --mode=segment`: train and evaluate the segmenter, then write results.json (mIoU, aAcc, per-class IoU)
-  and TensorBoard."""
+def run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict:
+  """`main.py --mode=segment`: train and evaluate the segmenter; returns mIoU, aAcc and per-class IoU."""
   from input_pipeline import segmentation as segment_input  # pylint: disable=g-import-not-at-top  # TF only here
 
-  config_checks.validate("segment", config)  # before anything is created or compiled
-  if config.pretrained.workdir and epath.Path(config.pretrained.workdir).resolve() == epath.Path(workdir).resolve():
-    raise ValueError("--workdir must differ from config.pretrained.workdir: segmentation writes its own checkpoints; "
-                     "use e.g. --workdir=<pretraining workdir>/segment.")
-  with workdir_lock.hold(workdir, mode="segment"):  # one writer per workdir
-    mesh = common.make_mesh(config)
-    student_fn = None
-    if config.pretrained.workdir:
-      student_fn = lambda: common.restore_student(config.pretrained, mesh, min_fsdp_size=config.mesh.min_fsdp_size,
+  student_fn = None
+  if config.pretrained.workdir:
+    student_fn = lambda: students.restore_student(config.pretrained, mesh, min_fsdp_size=config.mesh.min_fsdp_size,
                                                   model_overrides=config.model)
-    train_data_fn = lambda crop, start_step=0: segment_input.build_segment_train(
-        config.input, crop_size=crop, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
-    eval_data = segment_input.build_segment_eval(config.input, canvas_size=config.eval.canvas_size,
-                                                 global_batch_size=config.eval_batch_size)
-    results = train_and_evaluate(config, workdir, student_fn=student_fn, train_data_fn=train_data_fn,
-                                 eval_data_fn=lambda: eval_data, mesh=mesh)
-  common.write_results(workdir, results)
-  return results
+  train_data_fn = lambda crop, start_step=0: segment_input.build_segment_train(
+      config.input, crop_size=crop, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
+  eval_data = segment_input.build_segment_eval(config.input, canvas_size=config.eval.canvas_size,
+                                               global_batch_size=config.eval_batch_size)
+  return train_and_evaluate(config, workdir, student_fn=student_fn, train_data_fn=train_data_fn,
+                            eval_data_fn=lambda: eval_data, mesh=mesh)
+
+
+def check_config(c: config_checks.Checker, num_devices: int, check_paths: bool = True) -> None:
+  config_checks.check_run_basics(c)
+  c.string("pretrained.workdir")  # "" trains from a random initialisation (the from-scratch baseline)
+  c.integer("pretrained.step", 0, optional=True)
+  config_checks.check_model_overrides(c)
+  c.string("input.source", config_checks.SEGMENT_SOURCES)
+  c.string("input.dataset", optional=True)
+  c.string("input.data_dir", optional=True)
+  c.string("input.train_split", nonempty=True)
+  c.string("input.eval_split", nonempty=True)
+  c.integer("input.shuffle_buffer", 1)
+  c.integer("input.num_parallel_calls", 1, also=(-1,))
+  c.integer("input.prefetch", 0)
+  c.integer("input.threadpool_size", 0)
+  c.boolean("input.reduce_zero_label")
+  c.numbers("input.scale", 2, positive=True)
+  c.numbers("input.ratio_range", 2, positive=True)
+  c.number("input.cat_max_ratio", 0.0, 1.0, min_open=True)
+  c.boolean("input.photometric")
+  c.boolean("input.flip")
+  c.numbers("input.mean", 3)
+  c.numbers("input.std", 3, positive=True)
+  classes = c.integer("segmenter.num_classes", 1, 255)
+  indices = c.get("segmenter.out_indices")
+  depth = _student_depth(c)
+  if indices is not config_checks.MISSING and not (isinstance(indices, (list, tuple)) and len(indices) == 4 and
+                                      all(isinstance(i, int) and 0 <= i < (depth or 10 ** 9) for i in indices)):
+    c.add("segmenter.out_indices", indices, f"must be 4 block indices in [0, {depth or 'depth'}).")
+  c.integer("segmenter.channels", 1)
+  c.integer("segmenter.aux_channels", 1)
+  c.integer("segmenter.aux_in_index", 0, 3)
+  c.number("segmenter.aux_weight", 0.0)
+  c.number("segmenter.dropout", 0.0, 1.0, max_open=True)
+  ignore = c.integer("segmenter.ignore_index", 0, 255)
+  if classes is not None and ignore is not None and ignore < classes:
+    c.add("segmenter.ignore_index", ignore, f"must not be a class (num_classes={classes}); labels are uint8, use 255.")
+  crop = c.integer("crop_size", 1)
+  patch = _student_patch_size(c)
+  if crop is not None and patch and crop % patch:
+    c.add("crop_size", crop, f"must be a multiple of the student's patch size {patch}.")
+  c.batch("batch_size", num_devices)
+  c.batch("eval_batch_size", num_devices)
+  total = c.integer("total_steps", 1)
+  warmup = c.integer("warmup_steps", 0)
+  if total is not None and warmup is not None and warmup > total:
+    c.add("warmup_steps", warmup, f"must not exceed total_steps={total}.")
+  c.integer("eval_every_steps", 1)
+  window = c.integer("eval.window", 1)
+  stride = c.integer("eval.stride", 1)
+  canvas = c.integer("eval.canvas_size", 1)
+  if crop is not None and window is not None and window != crop:
+    c.add("eval.window", window, f"must equal crop_size={crop}: the segmenter is built for crops of that size.")
+  if window is not None and stride is not None and stride > window:
+    c.add("eval.stride", stride, f"must not exceed eval.window={window} (windows must cover the image).")
+  if window is not None and canvas is not None and canvas < window:
+    c.add("eval.canvas_size", canvas, f"must be at least eval.window={window}.")
+  scales = c.get("eval.scales")
+  if scales is not config_checks.MISSING and not (isinstance(scales, (list, tuple)) and scales and
+                                     all(isinstance(v, (int, float)) and v > 0 for v in scales)):
+    c.add("eval.scales", scales, "must be one or more positive ratios, e.g. (1.0,) or (0.5, 0.75, 1.0, 1.5).")
+  c.boolean("eval.flip")
+  c.integer("eval.num_images", 0)
+  config_checks.check_optim(c)
+  c.integer("keep_checkpoints", 1)
+  c.integer("log_every", 1)
+  c.integer("stop_after_step", 1, optional=True)
+  config_checks.check_mesh(c, num_devices)
+
+
+def _student_depth(c: config_checks.Checker) -> int | None:
+  depth = c.get("model.depth")
+  if depth is config_checks.MISSING:
+    architecture = c.get("pretrained.architecture")
+    depth = architecture.get("depth") if hasattr(architecture, "get") else None
+    if depth is None and hasattr(architecture, "get") and architecture.get("variant"):
+      depth = vit.VARIANTS.get(architecture["variant"], (None, None, None))[1]
+  return depth if isinstance(depth, int) else None
+
+
+def _student_patch_size(c: config_checks.Checker) -> int | None:
+  patch = c.get("pretrained.architecture.patch_size")
+  return patch if isinstance(patch, int) and not isinstance(patch, bool) else None
+
+
+def programs(config: ml_collections.ConfigDict, mesh) -> list[Program]:
+  """The train step and the sliding-window eval step, for the trunk `config.pretrained.architecture` names."""
+  program = build_program(config, mesh)
+  return [Program("train_step", program.step, program.abstract_train_inputs(),
+                  program.train_flops_per_image * config.batch_size),
+          Program("eval_step", program.eval_step, program.abstract_eval_inputs(),
+                  program.eval_flops_per_image * config.eval_batch_size)]
+
+
+MODE = Mode(
+    name="segment",
+    summary="UperNet semantic segmentation fine-tuning of a pretrained student (resumable).",
+    check=check_config,
+    run=run,
+    programs=programs,
+    memory_knobs=("model.remat", "mesh.fsdp"),
+)

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from dtm_jax import errors
+from dtm_jax.runtime import errors
 
 PyTree = Any
 ITEMS = ("params", "train", "data_iterator", "metadata")
@@ -451,9 +451,16 @@ def model_config_to_json(config: Any) -> dict:
 def model_config_from_metadata(metadata: dict, config_cls: type, **overrides) -> Any:
   """Rebuild the model config saved in a checkpoint's metadata (`metadata["model_config"]`)."""
   if "model_config" not in metadata:
-    raise ValueError("This checkpoint's metadata has no model_config; it was not written by dtm_jax.train.")
+    raise ValueError("This checkpoint's metadata has no model_config; it was not written by dtm_jax.modes.pretrain.")
   fields = dict(metadata["model_config"])
   if "dtype" in fields:
     fields["dtype"] = jax.numpy.dtype(fields["dtype"])
   fields.update(overrides)
   return config_cls(**fields)
+
+
+def run_metadata(model_config: Any, source: dict, config: Any) -> dict:
+  """What a fine-tuning or segmentation checkpoint records besides its step: the trunk's architecture, the pretrained
+  checkpoint it started from, the run's config (and its hash), and the job's layout (a resume on another slice)."""
+  return {"model_config": model_config_to_json(model_config), "pretrained": source, "config": config.to_dict(),
+          "config_hash": config_hash(config.to_dict()), **layout_metadata()}

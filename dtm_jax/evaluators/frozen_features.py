@@ -14,9 +14,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from dtm_jax import metrics, sharding
 from dtm_jax import images as images_lib
-from dtm_jax.evaluate import common, knn, linear_probe
+from dtm_jax import sharding
+from dtm_jax.evaluators import classification, encoding, knn, linear_probe
+from dtm_jax.runtime import metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,7 @@ def load_split(input_cfg: ml_collections.ConfigDict, split: str, num_examples: i
   import input_pipeline  # pylint: disable=g-import-not-at-top  # Only here: dtm_jax itself never loads TensorFlow.
   data = input_pipeline.build_eval(input_cfg, split=split, image_size=image_size, global_batch_size=batch_size)
   images, labels = [], []
-  for batch in common.take_batches(data, batch_size, num_examples):
+  for batch in encoding.take_batches(data, batch_size, num_examples):
     images.append(batch["image"][batch["valid"]])
     labels.append(batch["label"][batch["valid"]])
   if not labels:
@@ -68,14 +69,14 @@ def multiple_of_devices(n: int) -> int:
   return max(devices, n // devices * devices)
 
 
-def encoder_features(encode_fn: common.EncodeFn, params, split: Split, mesh: Mesh,
-                     batch_size: int = 500) -> common.FeatureSet:
+def encoder_features(encode_fn: encoding.EncodeFn, params, split: Split, mesh: Mesh,
+                     batch_size: int = 500) -> encoding.FeatureSet:
   """`encode_fn(params, images) -> [B, D]` over the whole split, kept on the devices."""
   batches = padded_batches({"image": split.images, "label": split.labels}, batch_size)
-  return common.extract_features(encode_fn, params, batches, mesh)
+  return encoding.extract_features(encode_fn, params, batches, mesh)
 
 
-def feature_set(features: np.ndarray, labels: np.ndarray, mesh: Mesh) -> common.FeatureSet:
+def feature_set(features: np.ndarray, labels: np.ndarray, mesh: Mesh) -> encoding.FeatureSet:
   """Host features [M, D] and labels [M] → a FeatureSet split over the devices (padding rows invalid)."""
   count = len(labels)
   rows = -(-count // jax.device_count()) * jax.device_count()
@@ -83,10 +84,10 @@ def feature_set(features: np.ndarray, labels: np.ndarray, mesh: Mesh) -> common.
   host = {"features": pad(features.astype(np.float32)), "labels": pad(labels.astype(np.int32)),
           "valid": np.arange(rows) < count}
   on_devices = sharding.to_global(host, mesh)
-  return common.FeatureSet(on_devices["features"], on_devices["labels"], on_devices["valid"])
+  return encoding.FeatureSet(on_devices["features"], on_devices["labels"], on_devices["valid"])
 
 
-def pixel_features(split: Split, mesh: Mesh) -> common.FeatureSet:
+def pixel_features(split: Split, mesh: Mesh) -> encoding.FeatureSet:
   """The normalised pixels as features: the baseline any encoder should beat. Grey images stored as RGB (all
   channels equal, e.g. Fashion-MNIST) keep one channel, which leaves kNN unchanged and the probe 3× smaller."""
   images = split.images
@@ -95,16 +96,16 @@ def pixel_features(split: Split, mesh: Mesh) -> common.FeatureSet:
   return feature_set(images.reshape(len(split), -1), split.labels, mesh)
 
 
-def knn_top1(train: common.FeatureSet, test: common.FeatureSet, mesh: Mesh, *, k: int = 20,
+def knn_top1(train: encoding.FeatureSet, test: encoding.FeatureSet, mesh: Mesh, *, k: int = 20,
              temperature: float = 0.07) -> float:
   """Top-1 (%) of DINO's weighted kNN: the train features are the bank, the test features the queries."""
-  bank = common.FeatureSet(jax.jit(knn.l2_normalize)(train.features), train.labels, train.valid)
+  bank = encoding.FeatureSet(jax.jit(knn.l2_normalize)(train.features), train.labels, train.valid)
   votes = knn.knn_votes(bank, test.features, mesh, num_classes=knn.num_classes_of(bank), k=k,
                         temperature=temperature)
-  return common.accuracy_from_counts(common.accuracy_counts(votes, test.labels, test.valid))["top1"]
+  return classification.accuracy_from_counts(classification.accuracy_counts(votes, test.labels, test.valid))["top1"]
 
 
-def probe_top1(train: common.FeatureSet, test: common.FeatureSet, mesh: Mesh,
+def probe_top1(train: encoding.FeatureSet, test: encoding.FeatureSet, mesh: Mesh,
                config: ml_collections.ConfigDict) -> float:
   """Top-1 (%) on `test` of a linear probe trained on `train` (the last epoch's accuracy, not the best).
 

@@ -23,20 +23,23 @@ import optax
 from absl import logging
 from etils import epath
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from dtm_jax import checkpoint as checkpoint_lib
-from dtm_jax import config_checks, errors, workdir_lock
-from dtm_jax import preemption as preemption_lib
+from dtm_jax import config_checks, flops, losses, morphing, optim, sharding, targets
 from dtm_jax import images as images_lib
-from dtm_jax import losses, metrics, morphing, optim, sharding, targets
+from dtm_jax.evaluators import knn
 from dtm_jax.models import functional, vit
+from dtm_jax.program import Mode, Program
+from dtm_jax.runtime import checkpoint as checkpoint_lib
+from dtm_jax.runtime import errors, metrics
+from dtm_jax.runtime import preemption as preemption_lib
 
 PyTree = Any
 NONFINITE_LOSS, NONFINITE_GRAD = 1, 2
 # Config keys that may change between a run and its resumption without changing what is computed (the mesh: a run
 # resumes on another slice, its state resharded through the abstract shardings).
-RESUMABLE_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "profile", "eval",
+RESUMABLE_KEYS = ("mode", "log_every", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "profile", "eval",
                   "allow_config_change", "progress_every_secs", "stop_after_step", "metrics_flush_secs", "mesh")
 
 
@@ -67,17 +70,6 @@ def total_and_warmup_steps(config: ml_collections.ConfigDict) -> tuple[int, int]
       raise ValueError(f"config.{name}_epochs needs config.num_train_examples (images per epoch).")
     return int(round(epochs * config.num_train_examples / config.batch_size))
   return steps("total"), steps("warmup")
-
-
-def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
-                    check_paths: bool = True) -> None:
-  """Every check that needs no compilation (every field's type and range, batch sizes against the devices, the
-  model, target and masking), with what to change; raises errors.ConfigError (a ValueError) listing all problems.
-
-  num_devices: the devices the run will use (default: this job's; `--mode=compile` passes the slice's).
-  check_paths: whether files the run would read (the teacher checkpoint) must exist.
-  """
-  config_checks.validate("pretrain", config, num_devices=num_devices, check_paths=check_paths)
 
 
 def flatten_config(d: dict, prefix: str = "") -> dict:
@@ -316,7 +308,7 @@ def build_program(config: ml_collections.ConfigDict, mesh, *, abstract_target: b
   batch_sh = sharding.batch_sharding(mesh)
   step = jax.jit(traced_step, in_shardings=(state_sh, target_sh, batch_sh), out_shardings=(state_sh, rep),
                  donate_argnums=(0,))
-  flops_per_image = (3 * targets.transformer_flops(model_cfg, model_cfg.out_dim) + target.forward_flops +
+  flops_per_image = (3 * flops.transformer_flops(model_cfg, model_cfg.out_dim) + target.forward_flops +
                      morphing_flops(config, tokens, target.out_dim))
   return PretrainProgram(model_config=model_cfg, student=student_fm, target=target, init_state=init_state,
                          state_shardings=state_sh, abstract_state=abstract_state, target_shardings=target_sh,
@@ -338,26 +330,13 @@ def _check_finite(nonfinite: np.ndarray) -> None:
         "checkpoint.")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Pretrains per `config` in `workdir`, resuming from its latest good checkpoint. Returns the last metrics.
-
-  The config is checked before anything is created; the workdir is locked for the whole run (one writer). Ctrl-C
-  saves the step reached and raises errors.Interrupted.
-  """
-  validate_config(config)
-  workdir = epath.Path(workdir)
-  with workdir_lock.hold(workdir, mode="pretrain"):
-    return _train_locked(config, workdir)
-
-
-def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, float]:
-  """train() while holding the workdir's lock."""
+def run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict[str, float]:
+  """`main.py --mode=pretrain`: pretrains per `config` in `workdir` on `mesh`, resuming from its latest good
+  checkpoint; returns the last metrics. Ctrl-C saves the step reached and raises errors.Interrupted."""
   workdir.mkdir(parents=True, exist_ok=True)
   total_steps, warmup_steps = total_and_warmup_steps(config)
   tokens = num_patches(config)
 
-  # ----- Mesh.
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   logging.info("Mesh %s over %d devices (%d processes); device kind %s.", dict(mesh.shape), jax.device_count(),
                jax.process_count(), jax.devices()[0].device_kind)
 
@@ -509,7 +488,7 @@ def _pretrain_batch(host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def morphing_flops(config: ml_collections.ConfigDict, tokens: int, dim: int) -> float:
   if not config.dtm.enabled:
     return 0.0
-  return metrics.morphing_flops(tokens=tokens, dim=dim, num_schedules=config.dtm.num_schedules,
+  return flops.morphing_flops(tokens=tokens, dim=dim, num_schedules=config.dtm.num_schedules,
                                 max_iters=config.dtm.max_iters)
 
 
@@ -520,7 +499,6 @@ def make_periodic_evaluator(config: ml_collections.ConfigDict, student: function
   """
   if not config.eval.every:
     return None
-  from dtm_jax.evaluate import knn  # pylint: disable=g-import-not-at-top
 
   normalization = images_lib.normalization_of(config.input)
 
@@ -530,3 +508,112 @@ def make_periodic_evaluator(config: ml_collections.ConfigDict, student: function
 
   return knn.make_knn_evaluate(encode, config.eval, mesh, input_config=config.input,
                                image_size=config.model.image_size)
+
+
+def check_config(c: config_checks.Checker, num_devices: int, check_paths: bool = True) -> None:
+  config_checks.check_run_basics(c)
+  variant = c.string("model.variant")
+  if variant is not None and variant not in vit.VARIANTS:
+    c.add("model.variant", variant, f"is unknown; choose one of {sorted(vit.VARIANTS)}.")
+  image_size = c.integer("model.image_size", 1)
+  patch_size = c.integer("model.patch_size", 1)
+  config_checks.check_model_overrides(c)
+  c.string("model.dtype", config_checks.DTYPES)
+  c.number("model.drop_path_rate", 0.0, 1.0, max_open=True)
+  c.integer("model.out_dim", 1)
+  tokens = None
+  if image_size and patch_size:
+    if image_size % patch_size:
+      c.add("model.image_size", image_size, f"is not divisible by patch_size={patch_size}.")
+    else:
+      tokens = (image_size // patch_size) ** 2
+
+  # Target.
+  try:
+    targets.validate_target_config(c.config.target, check_paths=check_paths)
+  except (ValueError, FileNotFoundError) as e:
+    c.problems.append(str(e))
+  c.string("target.dtype", config_checks.DTYPES)
+  c.number("target.ema_momentum", 0.0, 1.0, optional=True)
+  c.number("target.ema_momentum_end", 0.0, 1.0, optional=True)
+
+  # DTM.
+  c.boolean("dtm.enabled")
+  c.integer("dtm.num_schedules", 1)
+  max_merge = c.integer("dtm.max_merge", 0, also=(-1,))
+  max_iters = c.integer("dtm.max_iters", 1)
+  c.boolean("dtm.per_image")
+  c.boolean("dtm.protect_first")
+  c.string("dtm.loss", ("smooth_l1", "l1", "l2", "cosine"))
+  c.number("dtm.beta", 0.0, min_open=True)
+  c.boolean("dtm.normalize_target")
+  c.string("dtm.weighting", ("token", "group"))
+  if tokens is not None and max_merge is not None and max_merge > tokens:
+    c.add("dtm.max_merge", max_merge, f"exceeds the {tokens} tokens; use at most {tokens} (or -1 for N).")
+  fixed = c.get("dtm.fixed_schedule")
+  if fixed not in (config_checks.MISSING, None) and fixed != () and tokens is not None and max_iters is not None:
+    if not (len(fixed) == 2 and 0 <= fixed[0] <= tokens and 1 <= fixed[1] <= max_iters):
+      c.add("dtm.fixed_schedule", fixed, f"must be (num_merge in [0, {tokens}], num_iters in "
+                                         f"[1, max_iters={max_iters}]).")
+
+  # Input.
+  config_checks.check_input(c, pretraining=True)
+  masked = c.get("input.num_masking_patches")
+  if tokens is not None and isinstance(masked, int) and not isinstance(masked, bool) and masked > tokens:
+    c.add("input.num_masking_patches", masked, f"must be in [1, {tokens}] (the {image_size}/{patch_size} grid has "
+                                               f"{tokens} patches).")
+
+  # Steps and batch.
+  accum = c.integer("grad_accum_steps", 1)
+  if accum is not None:
+    c.batch("batch_size", num_devices, per=accum, per_name="grad_accum_steps")
+  else:
+    c.integer("batch_size", 1)
+  c.integer("num_train_examples", 1, optional=True)
+  total_steps = c.integer("total_steps", 1, optional=True)
+  warmup_steps = c.integer("warmup_steps", 0, optional=True)
+  if c.get("total_steps") in (config_checks.MISSING, None):
+    c.number("total_epochs", 0.0, min_open=True)
+  if c.get("warmup_steps") in (config_checks.MISSING, None):
+    c.number("warmup_epochs", 0.0)
+  if total_steps is not None and warmup_steps is not None and warmup_steps > total_steps:
+    c.add("warmup_steps", warmup_steps, f"must not exceed total_steps={total_steps}.")
+  config_checks.check_optim(c)
+  config_checks.check_mesh(c, num_devices)
+
+  # Logging, checkpoints, evaluation.
+  c.integer("log_every", 1)
+  c.integer("checkpoint_every", 1)
+  c.integer("keep_checkpoints", 1)
+  c.boolean("async_checkpointing")
+  c.boolean("allow_config_change")
+  c.integer("stop_after_step", 1, optional=True)
+  c.integer("profile.start_step", 0)
+  c.integer("profile.num_steps", 0)
+  every = c.integer("eval.every", 0)
+  c.integer("eval.k", 1)
+  c.number("eval.temperature", 0.0, min_open=True)
+  c.string("eval.train_split", nonempty=True)
+  c.string("eval.eval_split", nonempty=True)
+  c.integer("eval.num_train_examples", 0)
+  c.integer("eval.num_eval_examples", 0)
+  if every:  # the in-training kNN runs: its batches are split over the devices too
+    c.batch("eval.batch_size", num_devices)
+  else:
+    c.integer("eval.batch_size", 1)
+
+
+def programs(config: ml_collections.ConfigDict, mesh) -> list[Program]:
+  """The train step `run` executes, built for `mesh` from abstract inputs (the teacher's weights unread)."""
+  program = build_program(config, mesh, abstract_target=True)
+  return [Program("train_step", program.step, program.abstract_inputs(), program.flops_per_image * config.batch_size)]
+
+
+MODE = Mode(
+    name="pretrain",
+    summary="DTM pretraining of a BEiT-style student from a frozen teacher (resumable).",
+    check=check_config,
+    run=run,
+    programs=programs,
+    memory_knobs=("grad_accum_steps", "model.remat", "mesh.fsdp"),
+)

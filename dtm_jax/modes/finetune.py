@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning of a pretrained student for classification (DTM_SPEC §6, BEiT v2's recipe).
+"""End-to-end fine-tuning of a pretrained student for classification (docs/METHOD.md §6, BEiT v2's recipe).
 
 The classifier is the student's trunk with mean pooling → LayerNorm → linear head (×0.001 at init); the shared
 relative-position table is folded into each block's table, so at step 0 the trunk computes what the student did.
@@ -20,12 +20,14 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from dtm_jax import checkpoint as checkpoint_lib
-from dtm_jax import config_checks, workdir_lock
+from dtm_jax import config_checks, flops, mixup, optim, sharding, students
 from dtm_jax import images as images_lib
-from dtm_jax import metrics, optim, sharding
-from dtm_jax.evaluate import common, mixup
+from dtm_jax.evaluators import classification
 from dtm_jax.models import functional, vit
+from dtm_jax.program import Mode, Program
+from dtm_jax.runner import loop
+from dtm_jax.runtime import checkpoint as checkpoint_lib
+from dtm_jax.runtime import metrics
 
 PyTree = Any
 
@@ -54,7 +56,7 @@ def classifier_config(student_config: vit.ViTConfig, config: ml_collections.Conf
   return vit.finetune_config(student_config, image_size=config.model.get("image_size", student_config.image_size))
 
 
-def classifier_from_student(student: common.Student, config: ml_collections.ConfigDict,
+def classifier_from_student(student: students.Student, config: ml_collections.ConfigDict,
                             shardings_of: Callable[[PyTree], PyTree]) -> tuple[Classifier, PyTree]:
   """A classifier initialised from the student (born sharded: the copy runs under jit)."""
   clf_config = classifier_config(student.config, config)
@@ -163,18 +165,18 @@ def build_program(config: ml_collections.ConfigDict, clf_config: vit.ViTConfig, 
                                  ema_decay=config.ema_decay, mix_shards=mesh.size,  # the batch spans every device
                                  normalization=images_lib.normalization_of(config.input)),
                  in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep), donate_argnums=(0,))
-  flops = 3 * metrics.transformer_forward_flops(
+  step_flops = 3 * flops.transformer_forward_flops(
       width=clf_config.width, depth=clf_config.depth, tokens=clf_config.num_patches + 1, mlp_dim=clf_config.mlp_dim,
       patch_size=clf_config.patch_size, in_channels=clf_config.in_channels, out_dim=config.num_classes, out_tokens=1)
   return FinetuneProgram(
       model=model, tx=tx, init_state=init_state, state_shardings=state_sh,
       abstract_state=sharding.with_shardings(abstract_state, state_sh),
-      batch_sharding=batch_sh, step=step, flops_per_image=flops, batch_size=config.batch_size,
+      batch_sharding=batch_sh, step=step, flops_per_image=step_flops, batch_size=config.batch_size,
       image_size=clf_config.image_size, random_erasing=bool(config.input.random_erase_prob))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       student_fn: Callable[[], common.Student], train_data_fn: Callable[[int], Iterator[dict]],
+                       student_fn: Callable[[], students.Student], train_data_fn: Callable[[int], Iterator[dict]],
                        eval_data_fn: Callable[[int], Iterable[dict]], mesh) -> dict:
   """Fine-tune and evaluate; resumes from `<workdir>/checkpoints` when it holds a checkpoint.
 
@@ -231,10 +233,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # ----- Loop.
   normalization = images_lib.normalization_of(config.input)
-  evaluate = common.make_classifier_evaluator(
+  evaluate = classification.make_classifier_evaluator(
       lambda params, images: classifier.model.apply(params, images_lib.to_model_input(images, *normalization)), mesh)
   rng = jax.random.key(config.seed)
-  metadata = common.checkpoint_metadata(classifier.config, classifier.source, config)
+  metadata = checkpoint_lib.run_metadata(classifier.config, classifier.source, config)
   step = int(state["step"])
   writer = metrics.MetricsWriter(workdir, resume_step=step,  # drops lines past the checkpoint (computed again)
                                  flush_every_secs=config.get("metrics_flush_secs", metrics.FLUSH_EVERY_SECS))
@@ -255,9 +257,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpointer.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
                       data_iterator=train_data, metadata={**metadata, "step": step, "best_top1": best_top1})
 
-  state, step = common.run_training_steps(
+  state, step = loop.run_training_steps(
       state, what="Fine-tuning", step=step, total_steps=total_steps, train_step=program.step,
-      next_batch=lambda: sharding.to_global(common.training_batch(next(train_data)), mesh), rng=rng,
+      next_batch=lambda: sharding.to_global(images_lib.training_batch(next(train_data)), mesh), rng=rng,
       is_eval_step=lambda step: step % eval_every == 0, evaluate=evaluate_and_record, save=save,
       checkpointer=checkpointer, writer=writer, progress=progress, log_every=config.log_every)
   if not result:  # Resumed a run that had already finished.
@@ -268,28 +270,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           "epochs": config.epochs, "steps": step}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """`main.py --mode=finetune`: fine-tune, then write results.json (best and last top-1) and TensorBoard."""
+def run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict:
+  """`main.py --mode=finetune`: fine-tune the pretrained student; returns the best and last top-1."""
   import input_pipeline  # pylint: disable=g-import-not-at-top  # Only here: dtm_jax itself never loads TensorFlow.
 
-  config_checks.validate("finetune", config)  # before anything is created or compiled
-  if config.pretrained.workdir and epath.Path(config.pretrained.workdir).resolve() == epath.Path(workdir).resolve():
-    raise ValueError("--workdir must differ from config.pretrained.workdir: fine-tuning writes its own checkpoints; "
-                     "use e.g. --workdir=<pretraining workdir>/finetune.")
-  with workdir_lock.hold(workdir, mode="finetune"):  # one writer per workdir
-    return _run_locked(config, workdir, input_pipeline)
-
-
-def _run_locked(config: ml_collections.ConfigDict, workdir: str, input_pipeline) -> dict:
-  mesh = common.make_mesh(config)
-  student_fn = lambda: common.restore_student(config.pretrained, mesh, min_fsdp_size=config.mesh.min_fsdp_size,
-                                              model_overrides=student_overrides(config))
+  student_fn = lambda: students.restore_student(config.pretrained, mesh, min_fsdp_size=config.mesh.min_fsdp_size,
+                                                model_overrides=student_overrides(config))
   train_data_fn = lambda size, start_step=0: input_pipeline.build_finetune_train(
       config.input, image_size=size, global_batch_size=config.batch_size, seed=config.seed, augment=True,
       start_step=start_step)
   eval_data_fn = lambda size: input_pipeline.build_eval(config.input, image_size=size,
                                                         global_batch_size=config.eval_batch_size)
-  results = train_and_evaluate(config, workdir, student_fn=student_fn, train_data_fn=train_data_fn,
-                               eval_data_fn=eval_data_fn, mesh=mesh)
-  common.write_results(workdir, results)
-  return results
+  return train_and_evaluate(config, workdir, student_fn=student_fn, train_data_fn=train_data_fn,
+                            eval_data_fn=eval_data_fn, mesh=mesh)
+
+
+def check_config(c: config_checks.Checker, num_devices: int, check_paths: bool = True) -> None:
+  config_checks.check_classifier_training(c, num_devices, check_paths)
+  c.string("pooling", config_checks.POOLINGS)
+  config_checks.check_optim(c)
+  c.number("mix.mixup_alpha", 0.0)
+  c.number("mix.cutmix_alpha", 0.0)
+  c.number("mix.prob", 0.0, 1.0)
+  c.number("mix.switch_prob", 0.0, 1.0)
+  c.number("mix.label_smoothing", 0.0, 1.0, max_open=True)
+  c.number("ema_decay", 0.0, 1.0, max_open=True)
+  c.integer("keep_checkpoints", 1)
+  c.integer("log_every", 1)
+
+
+def programs(config: ml_collections.ConfigDict, mesh) -> list[Program]:
+  """The fine-tuning step for the student `config.pretrained.architecture` names (runs read it from the checkpoint)."""
+  program = build_program(config, vit.finetune_config(students.student_config_of(config)), mesh)
+  return [Program("train_step", program.step, program.abstract_inputs(), program.flops_per_image * config.batch_size)]
+
+
+MODE = Mode(
+    name="finetune",
+    summary="End-to-end fine-tuning of a pretrained student for classification (resumable).",
+    check=check_config,
+    run=run,
+    programs=programs,
+    memory_knobs=("model.remat", "mesh.fsdp"),
+)

@@ -19,53 +19,8 @@ from etils import epath
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
-from dtm_jax import errors
-
-# Dense bf16 peak FLOP/s per device, by `device.device_kind` prefix. Unknown kinds give no MFU.
-PEAK_BF16_FLOPS = {
-    "NVIDIA H200": 989e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA A100": 312e12,
-    "NVIDIA L4": 121e12,
-    "TPU v6": 918e12,
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5": 459e12,  # what v5p chips report as their device_kind (after "TPU v5 lite": first match wins)
-    "TPU v4": 275e12,
-    "TPU v3": 123e12,
-}
-
-
-def peak_flops_per_device(device_kind: str) -> float | None:
-  for prefix, flops in PEAK_BF16_FLOPS.items():
-    if device_kind.startswith(prefix):
-      return flops
-  return None
-
-
-def transformer_forward_flops(*, width: int, depth: int, tokens: int, mlp_dim: int, patch_size: int,
-                              in_channels: int = 3, out_dim: int = 0, out_tokens: int = 0) -> float:
-  """Matmul FLOPs (2 per multiply-add) of one ViT forward on one image.
-
-  Per block: qkv 3TD², attention logits and values 2T²D, output projection TD², MLP 2·T·D·M. Plus the patch
-  embedding and an optional output head on `out_tokens` tokens. Norms, softmax and GELU are left out (<1%).
-  """
-  t, d = tokens, width
-  per_block = 4 * t * d * d + 2 * t * t * d + 2 * t * d * mlp_dim
-  patches = tokens - 1
-  embed = patches * patch_size * patch_size * in_channels * d
-  head = out_tokens * d * out_dim
-  return 2.0 * (depth * per_block + embed + head)
-
-
-def morphing_flops(*, tokens: int, dim: int, num_schedules: int, max_iters: int) -> float:
-  """Upper bound of the morphing work per image (dtm_jax.morphing): the token Gram matrix, shared by the schedules
-  (2·N²·D), each round's slot similarities (≤ (N/2)² entries, a few FLOPs each) and the loss's group means."""
-  gram = 2.0 * tokens * tokens * dim
-  similarity = num_schedules * max_iters * 4.0 * (tokens // 2) ** 2
-  group_means = num_schedules * 2 * 2.0 * tokens * dim
-  return gram + similarity + group_means
+from dtm_jax import flops
+from dtm_jax.runtime import errors
 
 
 class _DropLibraryInfo(logging_std.Filter):
@@ -264,7 +219,7 @@ class Throughput:
   def __init__(self, *, flops_per_step: float, images_per_step: int):
     self._flops_per_step = flops_per_step
     self._images_per_step = images_per_step
-    self._peak = peak_flops_per_device(jax.devices()[0].device_kind)
+    self._peak = flops.peak_flops_per_device(jax.devices()[0].device_kind)
     self._last_time = None
     self._last_step = None
 

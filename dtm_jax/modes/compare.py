@@ -14,19 +14,21 @@ import jax
 import ml_collections
 from etils import epath
 
-from dtm_jax import config_checks, metrics
-from dtm_jax.evaluate import common, frozen_features
+from dtm_jax import config_checks, students
+from dtm_jax.evaluators import encoding, frozen_features
+from dtm_jax.program import Mode
+from dtm_jax.runtime import metrics
 
 # (key in results.json, row of the table)
 ROWS = (("pretrained", "pretrained student"), ("untrained", "untrained student"), ("raw_pixels", "raw pixels"))
 
 
-def pretraining_seed(student: common.Student, default: int) -> int:
+def pretraining_seed(student: students.Student, default: int) -> int:
   """The seed the student's pretraining run initialised it with (its checkpoint's saved config); `default` for a
   converted checkpoint, which has none."""
   if student.step is None:
     return default
-  return int(common.pretraining_config(epath.Path(student.checkpoint)).get("seed", default))
+  return int(students.pretraining_config(epath.Path(student.checkpoint)).get("seed", default))
 
 
 def format_table(results: dict) -> str:
@@ -49,26 +51,24 @@ def probe_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
                                     "eval_every_epochs": config.probe.epochs})
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """`main.py --mode=compare`: the table of what pretraining bought; writes results.json and TensorBoard."""
-  config_checks.validate("compare", config)  # before anything is created or compiled
+def run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict:
+  """`main.py --mode=compare`: the table of what pretraining bought (printed, and in TensorBoard)."""
   if jax.process_count() > 1:
     raise ValueError("--mode=compare holds the images and features in one process (it is for small students such as "
                      "the demo's); run it as a single process, or use --mode=knn and --mode=linear_probe on a pod.")
-  mesh = common.make_mesh(config)
   min_fsdp_size = config.mesh.min_fsdp_size
-  student = common.restore_student(config.pretrained, mesh, min_fsdp_size=min_fsdp_size,
+  student = students.restore_student(config.pretrained, mesh, min_fsdp_size=min_fsdp_size,
                                    model_overrides=config.model)
   seed = pretraining_seed(student, default=config.seed)
-  untrained = common.initial_student(student.config, mesh, seed=seed, min_fsdp_size=min_fsdp_size)
+  untrained = students.initial_student(student.config, mesh, seed=seed, min_fsdp_size=min_fsdp_size)
   cfg, input_cfg = config.compare, config.input
   image_size = student.config.image_size
   train, test = (frozen_features.load_split(input_cfg, split, count, image_size=image_size, batch_size=cfg.batch_size)
                  for split, count in ((input_cfg.train_split, cfg.num_train_examples),
                                       (input_cfg.eval_split, cfg.num_eval_examples)))
 
-  def encoded(encoder: common.Student):
-    encode = common.feature_fn(encoder, pooling=config.features.pooling, num_blocks=config.features.num_blocks)
+  def encoded(encoder: students.Student):
+    encode = encoding.feature_fn(encoder, pooling=config.features.pooling, num_blocks=config.features.num_blocks)
     return [frozen_features.encoder_features(encode, encoder.params, s, mesh, cfg.batch_size) for s in (train, test)]
 
   features = {"pretrained": encoded(student), "untrained": encoded(untrained),
@@ -88,5 +88,40 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
              "eval_split": input_cfg.eval_split, "bank_size": len(train), "num_queries": len(test),
              "k": config.knn.k, "temperature": config.knn.temperature, "probe_epochs": config.probe.epochs}
   print(format_table(results), flush=True)
-  common.write_results(workdir, results)
   return results
+
+
+def check_config(c: config_checks.Checker, num_devices: int, check_paths: bool = True) -> None:
+  config_checks.check_pretrained(c, check_paths)
+  config_checks.check_model_overrides(c)
+  config_checks.check_input(c, pretraining=False)
+  config_checks.check_run_basics(c)  # seed: the probe's
+  c.integer("num_classes", 1)
+  config_checks.check_knn_scoring(c)
+  c.batch("compare.batch_size", num_devices)
+  c.integer("compare.num_train_examples", 0)
+  c.integer("compare.num_eval_examples", 0)
+  epochs = c.integer("probe.epochs", 1)
+  warmup = c.number("probe.warmup_epochs", 0.0)
+  if epochs is not None and warmup is not None and warmup > epochs:
+    c.add("probe.warmup_epochs", warmup, f"must not exceed probe.epochs={epochs}.")
+  c.batch("probe.batch_size", num_devices)
+  c.string("probe.optimizer.name", ("lars", "sgd"))
+  c.number("probe.optimizer.base_lr", 0.0, min_open=True)
+  c.integer("probe.optimizer.lr_reference_batch", 1)
+  c.number("probe.optimizer.momentum", 0.0, 1.0, max_open=True)
+  c.number("probe.optimizer.weight_decay", 0.0)
+  c.number("probe.optimizer.min_lr", 0.0)
+  c.number("probe.bn_momentum", 0.0, 1.0, max_open=True)
+  config_checks.check_mesh(c, num_devices)
+
+
+MODE = Mode(
+    name="compare",
+    summary="kNN and linear probe of a pretrained student beside the untrained student and raw pixels.",
+    check=check_config,
+    run=run,
+    not_compilable=("--mode=compile does not cover --mode=compare, which runs the kNN and the linear probe on a "
+                    "small student in one process: "
+                    "compile configs/knn_demo.py and configs/linear_probe_demo.py instead."),
+)

@@ -30,7 +30,7 @@ import uuid
 from absl import logging
 from etils import epath
 
-from dtm_jax import errors
+from dtm_jax.runtime import errors
 
 LOCK_FILE = "lock.json"
 HEARTBEAT_S = 30.0

@@ -13,13 +13,15 @@ from typing import Any, Iterable
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from dtm_jax import config_checks, metrics, sharding
-from dtm_jax import images as images_lib
-from dtm_jax.evaluate import common
+from dtm_jax import sharding
+from dtm_jax.evaluators import classification, encoding
 
 PyTree = Any
+
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -27,7 +29,7 @@ def l2_normalize(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def knn_votes(bank: common.FeatureSet, queries: jax.Array, mesh: Mesh, *, num_classes: int, k: int,
+def knn_votes(bank: encoding.FeatureSet, queries: jax.Array, mesh: Mesh, *, num_classes: int, k: int,
               temperature: float) -> jax.Array:
   """Class votes [Q, num_classes] of each query from its k nearest valid bank entries (cosine similarity).
 
@@ -57,52 +59,29 @@ def knn_votes(bank: common.FeatureSet, queries: jax.Array, mesh: Mesh, *, num_cl
       bank.features, bank.labels, bank.valid, queries)
 
 
-def build_bank(encode_fn: common.EncodeFn, params: PyTree, batches: Iterable[dict], mesh: Mesh) -> common.FeatureSet:
+def build_bank(encode_fn: encoding.EncodeFn, params: PyTree, batches: Iterable[dict], mesh: Mesh) -> encoding.FeatureSet:
   """Normalised features of the labelled bank, split over the devices (each keeps the rows it encoded)."""
   return KnnEvaluator(encode_fn, mesh).build_bank(params, batches)
 
 
-def num_classes_of(bank: common.FeatureSet) -> int:
+def num_classes_of(bank: encoding.FeatureSet) -> int:
   """Classes a bank can vote for: 1 + its largest valid label (a class absent from the bank never gets votes)."""
   return int(jnp.max(jnp.where(bank.valid, bank.labels, 0))) + 1
 
 
-def make_knn_step(encode_fn: common.EncodeFn, mesh: Mesh, *, num_classes: int, k: int, temperature: float):
+def make_knn_step(encode_fn: encoding.EncodeFn, mesh: Mesh, *, num_classes: int, k: int, temperature: float):
   """Jitted `(params, bank, batch) -> accuracy counts` of one batch of queries ({"image", "label", "valid"})."""
 
   @jax.jit
   def step(params, bank, batch):
     votes = knn_votes(bank, encode_fn(params, batch["image"]), mesh, num_classes=num_classes, k=k,
                       temperature=temperature)
-    return common.accuracy_counts(votes, batch["label"], batch["valid"])
+    return classification.accuracy_counts(votes, batch["label"], batch["valid"])
 
   return step
 
 
-def build_programs(config: ml_collections.ConfigDict, student_config, mesh: Mesh) -> list:
-  """kNN's programs on `mesh` from abstract inputs (`--mode=compile`): encoding a batch, and classifying a batch of
-  queries against the bank of `knn.num_train_examples` (0: `num_train_examples`, the whole split) entries."""
-  from dtm_jax import aot  # pylint: disable=g-import-not-at-top
-  cfg = config.knn
-  student = common.abstract_student(student_config, mesh, config.mesh.min_fsdp_size)
-  encode = common.feature_fn(student, normalization=images_lib.normalization_of(config.input),
-                             pooling=config.features.pooling, num_blocks=config.features.num_blocks)
-  rows = sharding.batch_sharding(mesh)
-  bank_rows = -(-(cfg.num_train_examples or config.num_train_examples) // cfg.batch_size) * cfg.batch_size
-  bank = common.FeatureSet(jax.ShapeDtypeStruct((bank_rows, student_config.width), jnp.float32, sharding=rows),
-                           jax.ShapeDtypeStruct((bank_rows,), jnp.int32, sharding=rows),
-                           jax.ShapeDtypeStruct((bank_rows,), jnp.bool_, sharding=rows))
-  batch = {"image": common.abstract_images(cfg.batch_size, student_config, rows),
-           "label": jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32, sharding=rows),
-           "valid": jax.ShapeDtypeStruct((cfg.batch_size,), jnp.bool_, sharding=rows)}
-  encoder_flops = common.encoder_flops(student_config) * cfg.batch_size
-  step = make_knn_step(encode, mesh, num_classes=config.num_classes, k=cfg.k, temperature=cfg.temperature)
-  return [aot.Program("encode", jax.jit(encode), (student.params, batch["image"]), encoder_flops),
-          aot.Program("knn_step", step, (student.params, bank, batch),
-                      encoder_flops + 2.0 * cfg.batch_size * bank_rows * student_config.width)]
-
-
-def knn_accuracy(encode_fn: common.EncodeFn, params: PyTree, bank: common.FeatureSet, query_batches: Iterable[dict],
+def knn_accuracy(encode_fn: encoding.EncodeFn, params: PyTree, bank: encoding.FeatureSet, query_batches: Iterable[dict],
                  mesh: Mesh, *, k: int = 20, temperature: float = 0.07) -> dict[str, float]:
   """Top-1/top-5 (%) of kNN classification of each query batch ({"image", "label", "valid"} per host).
 
@@ -122,9 +101,9 @@ class KnnEvaluator:
   its step once more).
   """
 
-  def __init__(self, encode_fn: common.EncodeFn, mesh: Mesh, *, k: int = 20, temperature: float = 0.07):
+  def __init__(self, encode_fn: encoding.EncodeFn, mesh: Mesh, *, k: int = 20, temperature: float = 0.07):
     self.encode_fn, self.mesh, self.k, self.temperature = encode_fn, mesh, k, temperature
-    self.encode = common.jit_encoder(encode_fn, mesh)
+    self.encode = encoding.jit_encoder(encode_fn, mesh)
     self._steps = {}  # num_classes -> jitted step
 
   def step(self, num_classes: int):
@@ -134,20 +113,20 @@ class KnnEvaluator:
                                                temperature=self.temperature)
     return self._steps[num_classes]
 
-  def build_bank(self, params: PyTree, batches: Iterable[dict]) -> common.FeatureSet:
+  def build_bank(self, params: PyTree, batches: Iterable[dict]) -> encoding.FeatureSet:
     """Normalised features of the labelled bank; each device keeps the rows it encoded."""
-    bank = common.extract_features(self.encode, params, batches, self.mesh)
-    return common.FeatureSet(_normalize(bank.features), bank.labels, bank.valid)
+    bank = encoding.extract_features(self.encode, params, batches, self.mesh)
+    return encoding.FeatureSet(_normalize(bank.features), bank.labels, bank.valid)
 
-  def accuracy(self, params: PyTree, bank: common.FeatureSet, query_batches: Iterable[dict]) -> dict[str, float]:
+  def accuracy(self, params: PyTree, bank: encoding.FeatureSet, query_batches: Iterable[dict]) -> dict[str, float]:
     """Top-1/top-5 (%) of each query batch ({"image", "label", "valid"} per host) against `bank`."""
     step = self.step(num_classes_of(bank))
     total = None
     for host_batch in query_batches:
-      total = common.add_counts(total, step(params, bank, sharding.to_global(host_batch, self.mesh)))
+      total = classification.add_counts(total, step(params, bank, sharding.to_global(host_batch, self.mesh)))
     if total is None:
       raise ValueError("The kNN query data gave no batches; check config.input.eval_split and the data directory.")
-    return common.accuracy_from_counts(total)
+    return classification.accuracy_from_counts(total)
 
   def __call__(self, params: PyTree, bank_batches: Iterable[dict], query_batches: Iterable[dict]) -> dict[str, float]:
     """{"knn_top1", "knn_top5"} (%) and the sizes used, {"knn_bank_size", "knn_num_queries"}."""
@@ -157,7 +136,7 @@ class KnnEvaluator:
             "knn_num_queries": result["num_examples"]}
 
 
-def make_knn_evaluate(encode_fn: common.EncodeFn, cfg: ml_collections.ConfigDict, mesh: Mesh, *,
+def make_knn_evaluate(encode_fn: encoding.EncodeFn, cfg: ml_collections.ConfigDict, mesh: Mesh, *,
                       input_config: ml_collections.ConfigDict, image_size: int):
   """`evaluate(params) -> {"knn_top1", "knn_top5", "knn_bank_size", "knn_num_queries"}`: kNN accuracy of a bank from
   `input_config.train_split` against queries from its `eval_split`, its programs compiled once for all calls.
@@ -172,32 +151,14 @@ def make_knn_evaluate(encode_fn: common.EncodeFn, cfg: ml_collections.ConfigDict
     import input_pipeline  # pylint: disable=g-import-not-at-top  # Only here: dtm_jax itself never loads TensorFlow.
     data = input_pipeline.build_eval(input_config, split=split, image_size=image_size,
                                      global_batch_size=cfg.batch_size)
-    return common.take_batches(data, cfg.batch_size, max_examples)
+    return encoding.take_batches(data, cfg.batch_size, max_examples)
 
   return lambda params: evaluator(params, batches(input_config.train_split, cfg.num_train_examples),
                                   batches(input_config.eval_split, cfg.num_eval_examples))
 
 
-def knn_evaluate(encode_fn: common.EncodeFn, params: PyTree, cfg: ml_collections.ConfigDict, mesh: Mesh, *,
+def knn_evaluate(encode_fn: encoding.EncodeFn, params: PyTree, cfg: ml_collections.ConfigDict, mesh: Mesh, *,
                  input_config: ml_collections.ConfigDict, image_size: int) -> dict[str, float]:
   """One kNN evaluation (`make_knn_evaluate`); returns {"knn_top1", "knn_top5", "knn_bank_size",
   "knn_num_queries"}."""
   return make_knn_evaluate(encode_fn, cfg, mesh, input_config=input_config, image_size=image_size)(params)
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """`main.py --mode=knn`: kNN accuracy of a pretrained student; writes results.json and TensorBoard."""
-  config_checks.validate("knn", config)  # before anything is created or compiled
-  mesh = common.make_mesh(config)
-  student = common.restore_student(config.pretrained, mesh, min_fsdp_size=config.mesh.min_fsdp_size,
-                                   model_overrides=config.model)
-  encode = common.feature_fn(student, normalization=images_lib.normalization_of(config.input),
-                             pooling=config.features.pooling, num_blocks=config.features.num_blocks)
-  result = knn_evaluate(encode, student.params, config.knn, mesh, input_config=config.input,
-                        image_size=student.config.image_size)
-  writer = metrics.MetricsWriter(workdir)
-  writer.write_scalars(student.step or 0, result)
-  writer.close()
-  results = {"mode": "knn", **student.source(), **result, "k": config.knn.k, "temperature": config.knn.temperature}
-  common.write_results(workdir, results)
-  return results

@@ -19,20 +19,22 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from dtm_jax import checkpoint as checkpoint_lib
-from dtm_jax import config_checks, errors, metrics, optim, sharding, workdir_lock
+from dtm_jax import optim, sharding
 from dtm_jax import images as images_lib
-from dtm_jax import preemption as preemption_lib
-from dtm_jax.evaluate import common
+from dtm_jax.evaluators import classification, encoding
+from dtm_jax.runtime import checkpoint as checkpoint_lib
+from dtm_jax.runtime import errors, metrics
+from dtm_jax.runtime import preemption as preemption_lib
 
 PyTree = Any
+
+
 BN_EPSILON = 1e-6
+
+
 OPTIMIZERS = ("lars", "sgd")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The probe: BatchNorm (no scale, no shift) then a linear layer.
-# ---------------------------------------------------------------------------------------------------------------------
 def init_probe(rng: jax.Array, feature_dim: int, num_classes: int) -> dict:
   """{"params": {"kernel", "bias"}, "batch_stats": {"mean", "var"}}; kernel ~ N(0, 0.01²) as in MAE."""
   return {
@@ -96,9 +98,6 @@ def make_train_step(tx: optax.GradientTransformation, bn_momentum: float):
   return train_step
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Training: on precomputed features, or on features of augmented images computed every step.
-# ---------------------------------------------------------------------------------------------------------------------
 def _fit(config: ml_collections.ConfigDict, *, feature_dim: int, steps_per_epoch: int, mesh: Mesh,
          writer: metrics.MetricsWriter, train_epoch: Callable, evaluate: Callable,
          checkpointer: checkpoint_lib.Checkpointer | None = None,
@@ -177,7 +176,7 @@ def _fit(config: ml_collections.ConfigDict, *, feature_dim: int, steps_per_epoch
           "num_eval_examples": result["num_examples"], "epochs": config.epochs, "steps": total_steps}
 
 
-def train_on_features(config: ml_collections.ConfigDict, train: common.FeatureSet, test: common.FeatureSet,
+def train_on_features(config: ml_collections.ConfigDict, train: encoding.FeatureSet, test: encoding.FeatureSet,
                       mesh: Mesh, writer: metrics.MetricsWriter,
                       checkpointer: checkpoint_lib.Checkpointer | None = None) -> dict:
   """Train the probe on fixed features; each epoch is one jitted scan over the valid rows in a fresh random order
@@ -201,15 +200,15 @@ def train_on_features(config: ml_collections.ConfigDict, train: common.FeatureSe
     state, losses = jax.lax.scan(body, state, jnp.arange(steps_per_epoch))
     return state, jnp.mean(losses)
 
-  accuracy = jax.jit(lambda state, test: common.accuracy_counts(probe_logits(state, test.features), test.labels,
+  accuracy = jax.jit(lambda state, test: classification.accuracy_counts(probe_logits(state, test.features), test.labels,
                                                                 test.valid))
   return _fit(config, feature_dim=train.features.shape[-1], steps_per_epoch=steps_per_epoch, mesh=mesh,
               writer=writer, checkpointer=checkpointer,
               train_epoch=lambda state, epoch, step: scan_epoch(state, train, jax.random.fold_in(rng, epoch), step),
-              evaluate=lambda state: common.accuracy_from_counts(accuracy(state, test)))
+              evaluate=lambda state: classification.accuracy_from_counts(accuracy(state, test)))
 
 
-def make_step_on_images(encode_fn: common.EncodeFn, input_config: ml_collections.ConfigDict):
+def make_step_on_images(encode_fn: encoding.EncodeFn, input_config: ml_collections.ConfigDict):
   """The online probe step, jitted: `(state, student_params, batch, rng, train_step) -> (state, loss)` on the frozen
   student's features of a batch of training images ({"image", "label"[, "erase_box"]}: normalised, and erased with
   `rng`, on the device); `train_step` (from make_train_step) is static."""
@@ -224,44 +223,7 @@ def make_step_on_images(encode_fn: common.EncodeFn, input_config: ml_collections
   return step_on_images
 
 
-def build_programs(config: ml_collections.ConfigDict, student_config, mesh: Mesh) -> list:
-  """The probe's programs on `mesh` from abstract inputs (`--mode=compile`): the online step on images, or (with
-  precomputed features) the student's encoder over an eval batch and the probe step on a batch of features."""
-  from dtm_jax import aot  # pylint: disable=g-import-not-at-top
-  student = common.abstract_student(student_config, mesh, config.mesh.min_fsdp_size)
-  encode = common.feature_fn(student, normalization=images_lib.normalization_of(config.input),
-                             pooling=config.features.pooling, num_blocks=config.features.num_blocks)
-  rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  tx, _ = make_optimizer(config.optimizer, total_steps=1000, warmup_steps=10, global_batch_size=config.batch_size)
-  train_step = make_train_step(tx, config.bn_momentum)
-  width = student_config.width
-
-  def init_state(rng):
-    probe = init_probe(rng, width, config.num_classes)
-    return {**probe, "opt_state": tx.init(probe["params"])}
-
-  state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-                       jax.eval_shape(init_state, jax.random.key(0)))
-  labels = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=rows)
-  encoder_flops = common.encoder_flops(student_config)
-  if not config.precompute_features:  # augmented training batches travel as uint8 (input_pipeline)
-    batch = {"image": common.abstract_images(config.batch_size, student_config, rows), "label": labels}
-    if config.augment and config.input.random_erase_prob:
-      batch["erase_box"] = jax.ShapeDtypeStruct((config.batch_size, 4), jnp.int32, sharding=rows)
-    key = jax.random.key(0)
-    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
-    return [aot.Program("probe_step_on_images", make_step_on_images(encode, config.input),
-                        (state, student.params, batch, rng, train_step),
-                        encoder_flops * config.batch_size)]
-  features = jax.ShapeDtypeStruct((config.batch_size, width), jnp.float32, sharding=rows)
-  valid = jax.ShapeDtypeStruct((config.batch_size,), jnp.bool_, sharding=rows)
-  images = common.abstract_images(config.eval_batch_size, student_config, rows)
-  return [aot.Program("encode", jax.jit(encode), (student.params, images), encoder_flops * config.eval_batch_size),
-          aot.Program("probe_step", jax.jit(train_step, donate_argnums=0), (state, features, labels, valid),
-                      6.0 * width * config.num_classes * config.batch_size)]
-
-
-def train_online(config: ml_collections.ConfigDict, encode_fn: common.EncodeFn, student_params: PyTree,
+def train_online(config: ml_collections.ConfigDict, encode_fn: encoding.EncodeFn, student_params: PyTree,
                  train_data: Iterator[dict], eval_data: Callable[[], Iterable[dict]], mesh: Mesh,
                  writer: metrics.MetricsWriter, *, feature_dim: int,
                  checkpointer: checkpoint_lib.Checkpointer | None = None) -> dict:
@@ -272,7 +234,7 @@ def train_online(config: ml_collections.ConfigDict, encode_fn: common.EncodeFn, 
 
   erase_rng = jax.random.key(config.seed)
 
-  next_batch = lambda: sharding.to_global(common.training_batch(next(train_data)), mesh)
+  next_batch = lambda: sharding.to_global(images_lib.training_batch(next(train_data)), mesh)
 
   def train_epoch(state, epoch, train_step):
     losses = []
@@ -285,55 +247,8 @@ def train_online(config: ml_collections.ConfigDict, encode_fn: common.EncodeFn, 
         batch = next_batch()       # past the epoch's end, where the probe may save its input position)
     return state, jnp.mean(jnp.stack(losses))
 
-  evaluator = common.make_classifier_evaluator(
+  evaluator = classification.make_classifier_evaluator(
       lambda both, images: probe_logits(both["probe"], encode_fn(both["student"], images)), mesh)
   return _fit(config, feature_dim=feature_dim, steps_per_epoch=steps_per_epoch, mesh=mesh, writer=writer,
               checkpointer=checkpointer, train_data=train_data, train_epoch=train_epoch,
               evaluate=lambda state: evaluator({"probe": state, "student": student_params}, eval_data()))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Entry point.
-# ---------------------------------------------------------------------------------------------------------------------
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """`main.py --mode=linear_probe`: restore the student, fit the probe, write results.json and TensorBoard."""
-  import input_pipeline  # pylint: disable=g-import-not-at-top  # Only here: dtm_jax itself never loads TensorFlow.
-
-  config_checks.validate("linear_probe", config)  # before anything is created or compiled
-  with workdir_lock.hold(workdir, mode="linear_probe"):  # one writer per workdir
-    return _run_locked(config, workdir, input_pipeline)
-
-
-def _run_locked(config: ml_collections.ConfigDict, workdir: str, input_pipeline) -> dict:
-  mesh = common.make_mesh(config)
-  student = common.restore_student(config.pretrained, mesh, min_fsdp_size=config.mesh.min_fsdp_size,
-                                   model_overrides=config.model)
-  encode = common.feature_fn(student, normalization=images_lib.normalization_of(config.input),
-                             pooling=config.features.pooling, num_blocks=config.features.num_blocks)
-  image_size = student.config.image_size
-
-  def eval_data(split=None):
-    return input_pipeline.build_eval(config.input, split=split, image_size=image_size,
-                                     global_batch_size=config.eval_batch_size)
-
-  checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=2)
-  # Lines of epochs past the newest checkpoint go: the resumed probe logs them again.
-  writer = metrics.MetricsWriter(workdir, resume_step=checkpointer.latest_step() or 0)
-  try:
-    if config.precompute_features:
-      logging.info("Encoding %r and %r once with the frozen student.", config.input.train_split,
-                   config.input.eval_split)
-      train = common.extract_features(encode, student.params, eval_data(config.input.train_split), mesh)
-      test = common.extract_features(encode, student.params, eval_data(), mesh)
-      result = train_on_features(config, train, test, mesh, writer, checkpointer)
-    else:
-      train_data = input_pipeline.build_finetune_train(config.input, image_size=image_size,
-                                                       global_batch_size=config.batch_size, seed=config.seed,
-                                                       augment=config.augment)
-      result = train_online(config, encode, student.params, train_data, eval_data, mesh, writer,
-                            feature_dim=student.config.width, checkpointer=checkpointer)
-  finally:
-    writer.close()
-  results = {"mode": "linear_probe", **student.source(), **result}
-  common.write_results(workdir, results)
-  return results

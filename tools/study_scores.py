@@ -1,8 +1,8 @@
 """The study's scores of frozen features: kNN and linear-probe top-1 with the study's own probe recipe.
 
-The study scores dozens of students on the same few thousand images, so the images are decoded once (`load_split`)
-and each student only runs its forward pass. The pieces live in `dtm_jax.evaluate.frozen_features` (shared with
-`--mode=compare`); this module fixes the study's probe optimizer (`probe_config`).
+The study scores dozens of students on the same few thousand images, so the images are decoded once
+(`dtm_jax.evaluators.frozen_features.load_split`) and each student only runs its forward pass; this module fixes
+the study's probe optimizer (`probe_config`).
 """
 from __future__ import annotations
 
@@ -10,13 +10,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from configs import linear_probe_demo
-from dtm_jax.evaluate import common
-from dtm_jax.evaluate import frozen_features as shared
-from dtm_jax.evaluate.frozen_features import (  # the study tools' names, re-exported
-    Split, encoder_features, feature_set, knn_top1, load_split, padded_batches, pixel_features)
-
-__all__ = ["Split", "encoder_features", "feature_set", "knn_top1", "load_split", "padded_batches", "pixel_features",
-           "probe_config", "probe_top1", "scores"]
+from dtm_jax.evaluators import encoding, frozen_features
 
 
 def probe_config(*, seed: int, epochs: int, batch_size: int = 256, num_classes: int = 10) -> ml_collections.ConfigDict:
@@ -38,16 +32,16 @@ def probe_config(*, seed: int, epochs: int, batch_size: int = 256, num_classes: 
   return config
 
 
-def probe_top1(train: common.FeatureSet, test: common.FeatureSet, mesh: Mesh, *, seed: int, epochs: int,
+def probe_top1(train: encoding.FeatureSet, test: encoding.FeatureSet, mesh: Mesh, *, seed: int, epochs: int,
                num_classes: int = 10) -> float:
   """Top-1 (%) on `test` of a linear probe trained on `train` (the last epoch's accuracy, not the best)."""
-  batch_size = min(256, shared.multiple_of_devices(train.num_valid // 4))
+  batch_size = min(256, frozen_features.multiple_of_devices(train.num_valid // 4))
   config = probe_config(seed=seed, epochs=epochs, batch_size=batch_size, num_classes=num_classes)
-  return shared.probe_top1(train, test, mesh, config)
+  return frozen_features.probe_top1(train, test, mesh, config)
 
 
-def scores(train: common.FeatureSet, test: common.FeatureSet, mesh: Mesh, *, seed: int,
+def scores(train: encoding.FeatureSet, test: encoding.FeatureSet, mesh: Mesh, *, seed: int,
            probe_epochs: int) -> dict[str, float]:
-  return {"knn_top1": knn_top1(train, test, mesh),
+  return {"knn_top1": frozen_features.knn_top1(train, test, mesh),
           "probe_top1": probe_top1(train, test, mesh, seed=seed, epochs=probe_epochs)}
 

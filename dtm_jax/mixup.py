@@ -1,4 +1,4 @@
-"""Mixup and CutMix on device, with label smoothing (the fine-tuning recipe of BEiT v2 / DTM_SPEC §6).
+"""Mixup and CutMix on device, with label smoothing (the fine-tuning recipe of BEiT v2 / docs/METHOD.md §6).
 
 One mixing coefficient per batch, and every image is mixed with the image at the mirrored batch position (timm's
 "batch" mode). Doing it inside the jitted step keeps the input pipeline free of label arithmetic and works on sharded

@@ -23,7 +23,7 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from dtm_jax import errors
+from dtm_jax.runtime import errors
 
 # should_stop() calls of every PreemptionFlag of this process: the sync point's step counter. It never goes back
 # (a pretraining run and the evaluation that follows it count on), and every process runs the same loops, so the

@@ -1,1 +1,0 @@
-"""Evaluation of pretrained students: linear probe, fine-tuning, kNN."""

@@ -1,0 +1,1 @@
+"""Evaluation algorithms the modes share: frozen features, kNN, the linear probe, accuracy and segmentation scores."""

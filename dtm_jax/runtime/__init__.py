@@ -1,0 +1,2 @@
+"""What a run stands on: errors, launch, CPU-host set-up, compilation cache, preemption, workdir lock, checkpoints,
+metrics."""

@@ -1,0 +1,119 @@
+"""What the three evaluations share: the restored student, its features, the sharded accuracy loop and results.
+
+Everything runs on global jax.Arrays built from each host's slice of the data (`sharding.to_global`), and counts are
+summed on device over the valid examples only, so on several hosts every example is counted exactly once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from etils import epath
+from flax import nnx
+from jax.sharding import Mesh
+
+from dtm_jax import sharding
+from dtm_jax.models import convert, functional, vit
+from dtm_jax.runtime import checkpoint
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Student:
+  """A pretrained student: its config, functional `PretrainViT`, sharded parameters and where they came from."""
+  config: vit.ViTConfig
+  model: functional.FunctionalModule
+  params: PyTree
+  checkpoint: str
+  step: int | None
+
+  def source(self) -> dict:
+    return {"checkpoint": self.checkpoint, "step": self.step}
+
+
+def _read_metadata(step_dir: epath.Path) -> dict:
+  path = step_dir / "metadata" / "metadata"
+  if not path.exists():
+    raise FileNotFoundError(f"{step_dir} has no metadata item; it was not written by dtm_jax.modes.pretrain, so the student's "
+                            "architecture is unknown.")
+  return json.loads(path.read_text())
+
+
+def pretraining_config(step_dir: epath.Path) -> dict:
+  """The config of the pretraining run that saved the checkpoint in `step_dir` (as its metadata holds it)."""
+  return _read_metadata(step_dir).get("config", {})
+
+
+def restore_student(pretrained: ml_collections.ConfigDict, mesh: Mesh, *, min_fsdp_size: int = 2 ** 18,
+                    model_overrides: Mapping[str, Any] | None = None) -> Student:
+  """Only the student, restored straight into its shardings on `mesh`.
+
+  `pretrained.workdir`: a pretraining workdir, its `checkpoints/` directory or one step directory, or a directory
+  written by `python -m dtm_jax.models.convert --format=beit`; `pretrained.step`: None for the latest step.
+  `model_overrides`: ViTConfig fields to change (dtype, attention_impl, drop_path_rate).
+  """
+  if not pretrained.get("workdir"):
+    raise ValueError("Set --config.pretrained.workdir to the workdir of a pretraining run (or one of its step "
+                     "directories, or a converted checkpoint) to say which student to evaluate.")
+  overrides = dict(model_overrides or {})
+  if (epath.Path(pretrained.workdir) / convert.CONFIG_FILE).exists():
+    return _restore_converted(pretrained, mesh, min_fsdp_size, overrides)
+  directory, step = checkpoint.find_step_directory(pretrained.workdir, pretrained.get("step"))
+  step_dir = directory / str(step)
+  config = checkpoint.model_config_from_metadata(_read_metadata(step_dir), vit.ViTConfig, **overrides)
+  model, abstract = functional.abstract_split(lambda: vit.PretrainViT(config, rngs=nnx.Rngs(0)))
+  shardings = sharding.param_shardings(abstract, mesh, min_fsdp_size)
+  target = sharding.with_shardings(abstract, shardings)
+  params, _, step = checkpoint.restore_params(step_dir, step, target)
+  logging.info("Evaluating the student of %s (step %d).", step_dir, step)
+  return Student(config=config, model=model, params=params, checkpoint=str(step_dir), step=step)
+
+
+def initial_student(config: vit.ViTConfig, mesh: Mesh, *, seed: int, min_fsdp_size: int = 2 ** 18) -> Student:
+  """The student of `config` as pretraining with `seed` initialises it (dtm_jax.modes.pretrain): the untrained baseline."""
+  model, abstract = functional.abstract_split(lambda: vit.PretrainViT(config, rngs=nnx.Rngs(0)))
+  _, host_params = functional.split_module(vit.PretrainViT(config, rngs=nnx.Rngs(seed)))
+  params = sharding.put_global(host_params, sharding.param_shardings(abstract, mesh, min_fsdp_size))
+  return Student(config=config, model=model, params=params, checkpoint=f"initialisation (seed {seed})", step=0)
+
+
+def abstract_student(config: vit.ViTConfig, mesh: Mesh, min_fsdp_size: int = 2 ** 18) -> Student:
+  """A student of `config` whose params are ShapeDtypeStructs with their shardings (`--mode=compile`)."""
+  model, abstract = functional.abstract_split(lambda: vit.PretrainViT(config, rngs=nnx.Rngs(0)))
+  shardings = sharding.param_shardings(abstract, mesh, min_fsdp_size)
+  params = sharding.with_shardings(abstract, shardings)
+  return Student(config=config, model=model, params=params, checkpoint="(shapes only)", step=None)
+
+
+def student_config_of(config: ml_collections.ConfigDict) -> vit.ViTConfig:
+  """The student an evaluation config names in `config.pretrained.architecture` (default ViT-B/16) with the config's
+  model overrides: what `--mode=compile` builds (runs read the architecture from the checkpoint), and the trunk of
+  a from-scratch segmentation baseline."""
+  architecture = dict(config.pretrained.get("architecture") or {"variant": "base"})
+  fields = {**architecture, **dict(config.get("model", {}))}
+  variant = fields.pop("variant")
+  if "dtype" in fields:
+    fields["dtype"] = jnp.dtype(fields["dtype"])
+  return vit.get_config(variant, **fields)
+
+
+def _restore_converted(pretrained, mesh, min_fsdp_size, overrides) -> Student:
+  if pretrained.get("step") is not None:
+    raise ValueError(f"{pretrained.workdir} is a converted checkpoint, which has no steps; unset "
+                     "config.pretrained.step.")
+  module = convert.load_converted(pretrained.workdir)
+  if not isinstance(module, vit.PretrainViT):
+    raise ValueError(f"{pretrained.workdir} holds a converted {type(module).__name__}, not a pretraining student; "
+                     "convert the pretraining weights (with lm_head) of a BEiT/DTM checkpoint.")
+  config = dataclasses.replace(module.config, **overrides)
+  model, abstract = functional.abstract_split(lambda: vit.PretrainViT(config, rngs=nnx.Rngs(0)))
+  _, host_params = functional.split_module(module)
+  shardings = sharding.param_shardings(abstract, mesh, min_fsdp_size)
+  params = sharding.put_global(host_params, shardings)
+  logging.info("Evaluating the converted student in %s.", pretrained.workdir)
+  return Student(config=config, model=model, params=params, checkpoint=str(pretrained.workdir), step=None)
