@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 WORKDIR ?= workdirs/demo
 
-.PHONY: demo test fashion-mnist venv venv-test clean-demo
+.PHONY: demo test test-fast fashion-mnist venv venv-test clean-demo
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ demo: venv fashion-mnist
 
 test: venv-test fashion-mnist
 	$(PY) -m pytest -q --durations=15 tests
+
+# The inner loop: every test not marked slow (no subprocess runs, no multi-process jobs, no whole runs).
+test-fast: venv-test fashion-mnist
+	$(PY) -m pytest -q --durations=10 -m "not slow" tests
 
 clean-demo:
 	rm -rf $(WORKDIR)

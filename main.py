@@ -34,7 +34,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 flags.mark_flags_as_required(["config", "workdir"])
 
 def _initialize_distributed():
-  """Joins the job the launcher started (TPU VMs, SLURM, Open MPI, Kubernetes, torchrun-style; dtm_jax/runtime/launch.py);
+  """Joins the job the launcher started (TPU VMs, SLURM, Open MPI, Kubernetes, torchrun-style;
+  dtm_jax/runtime/launch.py);
   a launch whose processes cannot or did not join one job is refused (launch.LaunchError, one line)."""
   from dtm_jax.runtime import launch  # pylint: disable=g-import-not-at-top
   launch.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -68,8 +68,7 @@ def time_model_saves(config_name: str, directory: str, repeats: int) -> None:
   try:
     for step in range(1, repeats + 1):
       start = time.perf_counter()
-      checkpointer.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
-                        data_iterator=None, metadata={**metadata, "step": step})
+      checkpointer.save_state(step, state, data_iterator=None, metadata={**metadata, "step": step})
       blocking = time.perf_counter() - start
       checkpointer.wait()
       total = time.perf_counter() - start

@@ -36,6 +36,7 @@ def get_config(arg: str = ""):
   del arg
   c = ml_collections.ConfigDict()
   c.mode = "segment"  # what main.py runs (dtm_jax/registry.py)
+  c.allow_config_change = False  # resume a workdir whose checkpoint has another config (dtm_jax/runner/resume.py)
   c.seed = 0
   c.pretrained = dict(workdir="", step=config_dict.placeholder(int))  # step: None = latest; workdir "": random init.
   # The student --mode=compile assumes (it reads no checkpoint; runs take the architecture from the checkpoint), and

@@ -288,3 +288,14 @@ def check_knn_scoring(c: Checker) -> None:
   c.integer("features.num_blocks", 1)
   c.integer("knn.k", 1)
   c.number("knn.temperature", 0.0, min_open=True)
+
+
+def check_probe_training(c: Checker, prefix: str = "") -> None:
+  """The linear probe's optimizer and BatchNorm (`--mode=linear_probe`; `--mode=compare` under `probe.`)."""
+  c.string(f"{prefix}optimizer.name", ("lars", "sgd"))
+  c.number(f"{prefix}optimizer.base_lr", 0.0, min_open=True)
+  c.integer(f"{prefix}optimizer.lr_reference_batch", 1)
+  c.number(f"{prefix}optimizer.momentum", 0.0, 1.0, max_open=True)
+  c.number(f"{prefix}optimizer.weight_decay", 0.0)
+  c.number(f"{prefix}optimizer.min_lr", 0.0)
+  c.number(f"{prefix}bn_momentum", 0.0, 1.0, max_open=True)

@@ -21,7 +21,7 @@ PLATFORMS = ("cpu", "gpu", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)
-class Target:
+class Hardware:
   """What a program is built for: the platform of its devices and how many devices the mesh has."""
   platform: str
   num_devices: int
@@ -35,7 +35,7 @@ class Target:
     return self.platform == "cpu"
 
 
-_TARGET: contextvars.ContextVar[Target | None] = contextvars.ContextVar("dtm_jax_platform_target", default=None)
+_TARGET: contextvars.ContextVar[Hardware | None] = contextvars.ContextVar("dtm_jax_platform_target", default=None)
 
 
 def platform_of(device) -> str:
@@ -44,11 +44,11 @@ def platform_of(device) -> str:
   return {"cuda": "gpu", "rocm": "gpu"}.get(name, name)
 
 
-def of_mesh(mesh) -> Target:
+def of_mesh(mesh) -> Hardware:
   platforms = {platform_of(d) for d in mesh.devices.flat}
   if len(platforms) != 1:
     raise ValueError(f"The mesh mixes devices of several platforms {sorted(platforms)}; use one kind.")
-  return Target(platforms.pop(), mesh.devices.size)
+  return Hardware(platforms.pop(), mesh.devices.size)
 
 
 @contextlib.contextmanager
@@ -57,7 +57,7 @@ def building_for(mesh=None, *, platform: str | None = None, num_devices: int | N
   lowering to a platform this process has no devices of, e.g. CUDA programs checked on a CPU host)."""
   target = of_mesh(mesh) if mesh is not None else None
   if platform is not None:
-    target = Target(platform, num_devices if num_devices is not None else (target.num_devices if target else 1))
+    target = Hardware(platform, num_devices if num_devices is not None else (target.num_devices if target else 1))
   if target is None:
     raise ValueError("building_for needs a mesh or a platform.")
   token = _TARGET.set(target)
@@ -67,10 +67,10 @@ def building_for(mesh=None, *, platform: str | None = None, num_devices: int | N
     _TARGET.reset(token)
 
 
-def current() -> Target:
+def current() -> Hardware:
   """The target of the program being built; outside `building_for`, the default backend's devices."""
   target = _TARGET.get()
   if target is None:
     devices = jax.devices()
-    target = Target(platform_of(devices[0]), len(devices))
+    target = Hardware(platform_of(devices[0]), len(devices))
   return target

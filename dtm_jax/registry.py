@@ -28,7 +28,8 @@ def mode_of(config, requested: str | None = None) -> str:
   --mode) when the config names none; a --mode that contradicts the config is refused."""
   declared = config.get("mode") if hasattr(config, "get") else None
   if declared and requested and declared != requested:
-    raise errors.ConfigError(f"This config is for --mode={declared} (config.mode={declared!r}), not --mode={requested}; "
+    raise errors.ConfigError(f"This config is for --mode={declared} (config.mode={declared!r}), not "
+                             f"--mode={requested}; "
                              f"drop --mode or use a {requested} config.")
   name = declared or requested
   if not name:

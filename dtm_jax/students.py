@@ -1,7 +1,6 @@
-"""What the three evaluations share: the restored student, its features, the sharded accuracy loop and results.
-
-Everything runs on global jax.Arrays built from each host's slice of the data (`sharding.to_global`), and counts are
-summed on device over the valid examples only, so on several hosts every example is counted exactly once.
+"""The pretrained student an evaluation starts from: restored from a pretraining run's checkpoint (or a converted
+BEiT/DTM checkpoint) straight into its shardings, the same student at initialisation (the untrained baseline), or
+its shapes only (`--mode=compile`).
 """
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import dataclasses
 import json
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from etils import epath
@@ -39,8 +37,8 @@ class Student:
 def _read_metadata(step_dir: epath.Path) -> dict:
   path = step_dir / "metadata" / "metadata"
   if not path.exists():
-    raise FileNotFoundError(f"{step_dir} has no metadata item; it was not written by dtm_jax.modes.pretrain, so the student's "
-                            "architecture is unknown.")
+    raise FileNotFoundError(f"{step_dir} has no metadata item; it was not written by a pretraining run, so the "
+                            "student's architecture is unknown.")
   return json.loads(path.read_text())
 
 
@@ -75,7 +73,8 @@ def restore_student(pretrained: ml_collections.ConfigDict, mesh: Mesh, *, min_fs
 
 
 def initial_student(config: vit.ViTConfig, mesh: Mesh, *, seed: int, min_fsdp_size: int = 2 ** 18) -> Student:
-  """The student of `config` as pretraining with `seed` initialises it (dtm_jax.modes.pretrain): the untrained baseline."""
+  """The student of `config` as pretraining with `seed` initialises it (dtm_jax.modes.pretrain): the untrained
+  baseline."""
   model, abstract = functional.abstract_split(lambda: vit.PretrainViT(config, rngs=nnx.Rngs(0)))
   _, host_params = functional.split_module(vit.PretrainViT(config, rngs=nnx.Rngs(seed)))
   params = sharding.put_global(host_params, sharding.param_shardings(abstract, mesh, min_fsdp_size))
@@ -95,11 +94,7 @@ def student_config_of(config: ml_collections.ConfigDict) -> vit.ViTConfig:
   model overrides: what `--mode=compile` builds (runs read the architecture from the checkpoint), and the trunk of
   a from-scratch segmentation baseline."""
   architecture = dict(config.pretrained.get("architecture") or {"variant": "base"})
-  fields = {**architecture, **dict(config.get("model", {}))}
-  variant = fields.pop("variant")
-  if "dtype" in fields:
-    fields["dtype"] = jnp.dtype(fields["dtype"])
-  return vit.get_config(variant, **fields)
+  return vit.config_from_fields({**architecture, **dict(config.get("model", {}))})
 
 
 def _restore_converted(pretrained, mesh, min_fsdp_size, overrides) -> Student:

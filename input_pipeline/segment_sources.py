@@ -31,7 +31,7 @@ def get_segment_source(cfg):
                    "'fashion_mnist_segmentation'.")
 
 
-class Ade20kFolderSource(sources._IndexedSource):  # pylint: disable=protected-access
+class Ade20kFolderSource(sources.IndexedSource):
   """ADE20K as released: <data_dir>/ADEChallengeData2016/images/<split>/*.jpg and annotations/<split>/*.png.
 
   An image and its label map share a file stem. Unreadable files are skipped and counted, as image folders are.

@@ -167,7 +167,7 @@ def _check_enough(split, host_examples, min_examples, process_count):
                      "batch_size or a larger dataset.")
 
 
-class _IndexedSource:
+class IndexedSource:
   """Shared logic of sources whose examples are addressed by index in a sorted table."""
   has_labels = True
 
@@ -231,7 +231,7 @@ class _IndexedSource:
     return Examples(tf.data.Dataset.from_tensor_slices(host_indices), load), counts
 
 
-class FolderSource(_IndexedSource):
+class FolderSource(IndexedSource):
   """Images in `root/<split>/<class>/*.{jpg,jpeg,png}`, labelled by sorted class folder.
 
   The class list comes from the training split's folder so that every split uses the same
@@ -319,7 +319,7 @@ def _subfolders(directory):
   return sorted(n for n in names if tf.io.gfile.isdir(os.path.join(directory, n)))
 
 
-class FashionMnistSource(_IndexedSource):
+class FashionMnistSource(IndexedSource):
   """Fashion-MNIST from its four IDX files (gzipped or not); splits 'train' and 'test'."""
   skips_corrupt = False
   _PREFIXES = {"train": "train", "test": "t10k"}

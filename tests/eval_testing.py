@@ -1,13 +1,19 @@
 """Helpers for the evaluation tests: tiny pretraining checkpoints, learnable labelled data (a stream, padded eval
-passes, an image folder), per-host shares of a data set and the worker of the two-process test."""
+passes, an image folder), per-host shares of a data set, the worker of the two-process test, valid evaluation configs
+and a tiny fine-tuning run."""
 import json
+import os
+import signal
 
 import jax
 import numpy as np
 from flax import nnx
 
+from configs import finetune_demo, knn_demo, linear_probe_demo
+from dtm_jax import sharding, students
 from dtm_jax.evaluators import classification, knn
 from dtm_jax.models import functional, vit
+from dtm_jax.modes import finetune
 from dtm_jax.runtime import checkpoint
 
 IMAGE_SIZE = 16
@@ -22,7 +28,8 @@ def tiny_student_config(**overrides):
 
 def save_pretraining_checkpoints(workdir, steps, config=None, run_config=None):
   """Random students saved as a pretraining run would (one per step, different weights); returns their params.
-  `run_config`: the pretraining config the metadata records (a dict, e.g. {"seed": 3}), as dtm_jax.modes.pretrain saves it."""
+  `run_config`: the pretraining config the metadata records (a dict, e.g. {"seed": 3}), as a pretraining run saves
+  it."""
   config = config or tiny_student_config()
   saved = {}
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=len(steps), async_save=False)
@@ -131,3 +138,61 @@ def multiprocess_eval_worker(port, process_id, num_processes):
   evaluate = classification.make_classifier_evaluator(lambda w, x: x[:, :3] @ w, mesh)
   accuracy = evaluate(np.eye(3, dtype=np.float32), share(queries, query_labels))
   print(json.dumps({"knn": result, "bank_size": bank_set.num_valid, "accuracy": accuracy}), flush=True)
+
+
+def eval_configs(tmp_path):
+  """Valid evaluation configs (each run is refused before it reads the pretrained workdir)."""
+  configs = {"finetune": finetune_demo.get_config(), "linear_probe": linear_probe_demo.get_config(),
+             "knn": knn_demo.get_config()}
+  for config in configs.values():
+    config.pretrained.workdir = str(tmp_path / "pretrain")
+  configs["finetune"].update(batch_size=16, eval_batch_size=16)
+  configs["linear_probe"].update(batch_size=16, eval_batch_size=16)
+  configs["knn"].knn.batch_size = 16
+  return configs
+
+
+class InterruptingStream:
+  """Labelled batches that send this process SIGINT when batch `interrupt_at` is taken."""
+
+  def __init__(self, batch_size, interrupt_at=None):
+    self._stream = TintedStream(batch_size)
+    self.interrupt_at, self.first = interrupt_at, None
+
+  @property
+  def step(self):
+    return self._stream.step
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._stream.step == self.interrupt_at:
+      os.kill(os.getpid(), signal.SIGINT)
+    self.first = self._stream.step if self.first is None else self.first
+    return next(self._stream)
+
+  def save(self, path):
+    self._stream.save(path)
+
+  def restore(self, path):
+    self._stream.restore(path)
+
+
+def tiny_fine_tuning(tmp_path, steps_per_epoch):
+  """`run(workdir, stream)`: 2 epochs of fine-tuning a 1-block student saved in tmp_path/pretrain, batches of 16."""
+  save_pretraining_checkpoints(tmp_path / "pretrain", steps=(5,), config=tiny_student_config(depth=1))
+  mesh = sharding.make_mesh(data=8, fsdp=1)
+  config = finetune_demo.get_config()
+  config.pretrained.update(workdir=str(tmp_path / "pretrain"), step=5)
+  config.update(num_classes=NUM_CLASSES, num_train_examples=16 * steps_per_epoch, batch_size=16,
+                eval_batch_size=64, epochs=2, warmup_epochs=0, log_every=1)
+  config.mix.prob = 0.0
+
+  def run(workdir, stream):
+    return finetune.train_and_evaluate(
+        config, str(workdir), student_fn=lambda: students.restore_student(config.pretrained, mesh),
+        train_data_fn=lambda size, start_step=0: stream,
+        eval_data_fn=lambda size: tinted_eval_batches(64, config.eval_batch_size), mesh=mesh)
+
+  return run

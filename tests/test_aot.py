@@ -14,6 +14,8 @@ from configs import finetune_demo, knn_demo, linear_probe_demo, test_tiny
 from dtm_jax import aot, platform, sharding
 from dtm_jax.modes import pretrain as train
 
+pytestmark = pytest.mark.tpu_compiler
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLICE = "v5e:2x2"  # 4 chips: the smallest slice that shards the batch
 
@@ -57,6 +59,7 @@ def _assert_tpu_program(report):
   assert report["roofline"]["seconds"] > 0 and 0 < report["roofline"]["mfu"] <= 1
 
 
+@pytest.mark.slow
 def test_tiny_pretraining_compiles_for_a_tpu_slice_without_cpu_kernels(slice_4):
   """The pretraining step (morphing and attention included) compiles for 4 TPU chips; on a single CPU device the
   same config would take the CPU kernels, so the choice really follows the mesh's devices."""
@@ -68,6 +71,7 @@ def test_tiny_pretraining_compiles_for_a_tpu_slice_without_cpu_kernels(slice_4):
   assert "all-reduce" in reports[0]["collectives"]  # gradients averaged over the data axis
 
 
+@pytest.mark.slow
 def test_multi_slice_data_parallelism_spans_the_slices():
   """Two v5e:2x2 slices: the mesh is built by slice (data parallelism over DCN), which jax.make_mesh refuses."""
   topo = aot.topology("v5e:2x2", num_slices=2)
@@ -77,6 +81,7 @@ def test_multi_slice_data_parallelism_spans_the_slices():
   _assert_tpu_program(report)
 
 
+@pytest.mark.slow
 def test_fsdp_program_gathers_parameters(slice_4):
   config = aot.with_overrides(test_tiny.get_config(), {"mesh.fsdp": 4, "mesh.min_fsdp_size": 16})
   report = aot.compile_config(config, slice_4)[0]
@@ -84,6 +89,7 @@ def test_fsdp_program_gathers_parameters(slice_4):
   assert "all-gather" in report["collectives"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("get_config, overrides, programs", [
     (finetune_demo.get_config, {"batch_size": 32, "eval_batch_size": 32}, ["train_step"]),
     (linear_probe_demo.get_config, {"batch_size": 32, "eval_batch_size": 32}, ["encode", "probe_step"]),
@@ -102,6 +108,7 @@ def test_program_that_cannot_fit_names_the_knobs(slice_4):
     aot.compile_config(config, slice_4)
 
 
+@pytest.mark.slow
 def test_fit_returns_the_cheapest_setting_that_fits(slice_4, monkeypatch):
   too_big = {"model.remat": "none", "grad_accum_steps": 1, "mesh.fsdp": 1}
   # 512 images per chip and micro-batch: the compile time grows with the micro-batch (16 steps of 32,768: ~135 s on
@@ -122,6 +129,7 @@ def test_candidates_go_from_cheap_to_expensive():
   assert all(64 % (4 * s["grad_accum_steps"]) == 0 for s in settings)
 
 
+@pytest.mark.slow
 def test_compile_mode_from_the_command_line(tmp_path):
   """main.py --mode=compile writes the JSON report; an impossible batch exits non-zero naming the knobs."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -139,6 +147,7 @@ def test_compile_mode_from_the_command_line(tmp_path):
   assert "does not fit" in failed.stderr and "--config.grad_accum_steps" in failed.stderr
 
 
+@pytest.mark.slow
 def test_programs_lowered_for_cuda_have_no_cpu_kernels():
   """The same pretraining step lowered for CUDA from this CPU host: no CPU custom call (on one CPU device the
   program would hold the morphing and attention kernels)."""
@@ -223,6 +232,7 @@ print("ok without tensorflow")
 """
 
 
+@pytest.mark.slow
 def test_configs_compile_mode_and_step_benchmark_need_no_tensorflow():
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   done = subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -21,6 +21,8 @@ from dtm_jax import targets
 from dtm_jax.models import clip, convert, functional
 from dtm_jax.runtime import metrics
 
+pytestmark = pytest.mark.gcs
+
 BUCKET = gcs_emulator.BUCKET
 
 
@@ -61,10 +63,11 @@ def test_converted_checkpoint_round_trips_through_a_bucket(gcs, tmp_path, monkey
   assert not os.path.exists(tmp_path / "gs:")
 
 
+@pytest.mark.torch
 def test_pytorch_and_safetensors_weights_are_read_from_a_bucket(gcs):
   import io  # pylint: disable=g-import-not-at-top
 
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = pytest.importorskip("torch")
   from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
   weights = {"visual.proj": np.arange(6, dtype=np.float32).reshape(2, 3), "visual.ln_post.bias": np.ones(3, np.float32)}
   epath.Path(f"gs://{BUCKET}/weights/w.safetensors").write_bytes(save(weights))
@@ -95,6 +98,7 @@ def _main(gcs, *args, timeout=240):
   return proc
 
 
+@pytest.mark.slow
 def test_convert_pretrain_resume_and_evaluate_in_a_bucket(gcs, tmp_path):
   teacher, workdir = f"gs://{BUCKET}/e2e/clip", f"gs://{BUCKET}/e2e/run"
   convert.save_converted(_teacher(), teacher)

@@ -62,6 +62,7 @@ def test_dtm_loss_same_with_kernel_and_scatter(monkeypatch):
   np.testing.assert_allclose(with_kernel[1], with_scatter[1], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_kernel_morphing_sharded_over_devices_and_vmapped():
   assert jax.device_count() == 8
   rng = np.random.default_rng(2)
@@ -81,6 +82,7 @@ def test_kernel_morphing_sharded_over_devices_and_vmapped():
   np.testing.assert_array_equal(per_image, expected[0])
 
 
+@pytest.mark.slow
 def test_falls_back_to_xla_with_the_reason_when_no_compiler(tmp_path):
   script = """
 import logging, sys
@@ -117,6 +119,7 @@ def test_token_gram_is_float32_exact_on_cpu():
   assert np.max(np.abs(gram - exact)) < 1e-6 * np.max(np.abs(exact))
 
 
+@pytest.mark.slow
 def test_unwritable_cache_folder_is_a_clear_fallback(tmp_path):
   blocked = tmp_path / "file"
   blocked.write_text("")  # a file where the cache folder should go: mkdir fails
@@ -161,6 +164,7 @@ def test_attention_kernel_matches_dot_product_attention_with_gradients(batch, to
   assert np.isnan(out[:, 1, 0]).all() and not np.isnan(np.delete(out, 1, axis=1)).any()
 
 
+@pytest.mark.slow
 def test_student_runs_the_attention_kernel_only_where_it_should(monkeypatch):
   # With 8 CPU devices (the test setting) the partitioner would gather the batch for a custom call: XLA's version.
   assert not layers.use_cpu_attention_kernel(jnp.float32, None)

@@ -89,6 +89,7 @@ def test_gradient_is_the_analytic_one(kind, weighting):
   np.testing.assert_allclose(gradient, expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,weighting", list(itertools.product(losses.LOSS_KINDS, losses.WEIGHTINGS)))
 def test_one_hot_group_sums_give_the_same_loss_and_gradient(kind, weighting):
   # Accelerators take group sums, sizes and counts as one-hot matmuls; CPUs with the kernel (or a scatter-add).
@@ -158,6 +159,7 @@ def test_invalid_arguments_say_what_to_do():
     losses.dtm_loss(student, target, groups[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", losses.LOSS_KINDS)
 @pytest.mark.parametrize("weighting", losses.WEIGHTINGS)
 @pytest.mark.parametrize("normalize_target", [False, True])

@@ -75,6 +75,7 @@ def _well_posed_case(rng, pattern, side, dim, num_merge, num_iters, protect_firs
 
 # Every N and every D twice (each pair is a compilation); cases per protect mode: 2 × (24 + 18 + 9) = 102, 204 in all,
 # for each way of updating the slot Gram matrix.
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", ["cpu_kernel", "pairwise", "scatter", "matmul"])
 @pytest.mark.parametrize("side,dim,num_cases", [(4, 8, 24), (4, 64, 24), (7, 8, 18), (7, 512, 18), (14, 64, 9),
                                                 (14, 512, 9)])
@@ -167,6 +168,7 @@ def _random_tokens(num_tokens, seed, dtype=jnp.float32):
   return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, num_tokens, dim)), dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("built_for")
 @pytest.mark.parametrize("side", [7, 8, 14, 24])  # N = 49, 64, 196, 576
 def test_groups_partition_tokens_into_the_scheduled_number(side):
@@ -299,6 +301,7 @@ def test_accelerator_programs_have_no_scatter(target, lowering_platform):
     assert "stablehlo.scatter" not in text, kind
 
 
+@pytest.mark.slow
 def test_compiled_tpu_program_has_no_scatter():
   # The TPU compiler's own passes must not bring scatters back either. The optimised HLO names ops as `opcode(`.
   batch, num_tokens, dim = 4, 49, 16

@@ -261,6 +261,7 @@ def test_train_step_feeds_the_ema_to_the_target_and_updates_it_after_the_optimiz
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_pretraining_from_a_checkpoint_teacher_on_an_fsdp_mesh(tmp_path):
   """The `checkpoint` teacher is restored onto the run's FSDP shardings and goes into the step as it is."""
   from train_testing import tiny_config  # pylint: disable=g-import-not-at-top

@@ -3,6 +3,9 @@
 timm cannot be imported here (PyPI's torchvision wheel does not load next to the CPU torch build), so Hugging Face's
 `BeitModel` stands in for it; `beit_to_unilm` renames its weights into the unilm/timm layout that BEiT v2 and DTM
 release files use, which is what our converter reads. `clip_to_openai` does the same for OpenAI's CLIP layout.
+
+It imports torch and transformers, so only tests marked `torch` import it, inside the test or a fixture after
+`pytest.importorskip("torch")`: collecting the test files must not need torch (tests/test_without_torch.py).
 """
 import numpy as np
 import torch

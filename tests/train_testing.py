@@ -38,7 +38,13 @@ def free_port():
 
 
 
-def main_env(devices):
+def main_command(workdir, *flags, config="configs/test_tiny.py"):
+  """`python main.py --config=<config> --workdir=<workdir> <flags>` (the config relative to the repository)."""
+  return [sys.executable, os.path.join(REPO, "main.py"), "--config=" + os.path.join(REPO, config),
+          f"--workdir={workdir}", *flags]
+
+
+def main_env(devices=2):
   """Environment of a `main.py` subprocess with `devices` fake CPU devices."""
   env = dict(os.environ)
   env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
@@ -48,8 +54,7 @@ def main_env(devices):
 def run_main(workdir, *flags, num_processes=1, devices=2, timeout=300):
   """Runs configs/test_tiny.py through `main.py` as one job of `num_processes` processes on 127.0.0.1 with `devices`
   fake CPU devices each; returns (exit codes, outputs), one per process. A hung job is killed and fails the test."""
-  command = [sys.executable, os.path.join(REPO, "main.py"), "--config=" + os.path.join(REPO, "configs/test_tiny.py"),
-             f"--workdir={workdir}", *flags]
+  command = main_command(workdir, *flags)
   if num_processes > 1:
     command += [f"--coordinator_address=127.0.0.1:{free_port()}", f"--num_processes={num_processes}"]
   procs = [subprocess.Popen(command + ([f"--process_id={i}"] if num_processes > 1 else []), env=main_env(devices),
@@ -89,3 +94,30 @@ def recording_stream_factory(stream_class, starts: list):
     stream.step, stream.start_note = start_step, "the test stream goes on from that batch"
     return stream
   return train_data_fn
+
+
+_LOCKER = ("import sys, time; from dtm_jax.runtime import workdir_lock; "
+           "workdir_lock.WorkdirLock(sys.argv[1], mode='pretrain').acquire(); print('locked', flush=True); "
+           "time.sleep(600)")
+
+
+def hold_lock(workdir):
+  """A separate process that takes the workdir's lock and keeps it (heartbeat included) until killed."""
+  proc = subprocess.Popen([sys.executable, "-c", _LOCKER, str(workdir)], env=main_env(1), stdout=subprocess.PIPE,
+                          text=True)
+  assert proc.stdout.readline().strip() == "locked"
+  return proc
+
+
+def long_tiny_config(**overrides):
+  base = {"log_every": 1, "checkpoint_every": 5, "total_steps": 1000, "async_checkpointing": False}
+  return tiny_config(**{**base, **overrides})
+
+
+def saved_steps(workdir):
+  return sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())
+
+
+def jsonl_steps(workdir):
+  path = workdir / "metrics.jsonl"
+  return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []

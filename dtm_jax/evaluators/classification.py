@@ -1,7 +1,5 @@
-"""What the three evaluations share: the restored student, its features, the sharded accuracy loop and results.
-
-Everything runs on global jax.Arrays built from each host's slice of the data (`sharding.to_global`), and counts are
-summed on device over the valid examples only, so on several hosts every example is counted exactly once.
+"""Top-1/top-5 accuracy of a classifier over evaluation batches, counted on the devices over the valid examples
+only (padding excluded), so on several hosts every example is counted exactly once.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""What the three evaluations share: the restored student, its features, the sharded accuracy loop and results.
+"""Frozen features of a student: the jittable encoder (`feature_fn`: pooled tokens of the last block or blocks), and
+the features of one pass over evaluation batches kept on the devices (`extract_features` → `FeatureSet`).
 
-Everything runs on global jax.Arrays built from each host's slice of the data (`sharding.to_global`), and counts are
-summed on device over the valid examples only, so on several hosts every example is counted exactly once.
+Everything runs on global jax.Arrays built from each host's slice of the data (`sharding.to_global`); padding rows
+are marked invalid, so on several hosts every example is counted exactly once.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def abstract_images(batch_size: int, config: vit.ViTConfig, batch_sharding) -> j
   return jax.ShapeDtypeStruct((batch_size, size, size, config.in_channels), jnp.uint8, sharding=batch_sharding)
 
 
-def feature_fn(student: students.Student, *, normalization: images_lib.Normalization | None = None, pooling: str = "mean",
+def feature_fn(student: students.Student, *, normalization: images_lib.Normalization | None = None,
+               pooling: str = "mean",
                num_blocks: int = 1) -> EncodeFn:
   """`encode(params, images) -> [B, width]` float32 features of the frozen student (jittable).
 

@@ -59,7 +59,8 @@ def knn_votes(bank: encoding.FeatureSet, queries: jax.Array, mesh: Mesh, *, num_
       bank.features, bank.labels, bank.valid, queries)
 
 
-def build_bank(encode_fn: encoding.EncodeFn, params: PyTree, batches: Iterable[dict], mesh: Mesh) -> encoding.FeatureSet:
+def build_bank(encode_fn: encoding.EncodeFn, params: PyTree, batches: Iterable[dict],
+               mesh: Mesh) -> encoding.FeatureSet:
   """Normalised features of the labelled bank, split over the devices (each keeps the rows it encoded)."""
   return KnnEvaluator(encode_fn, mesh).build_bank(params, batches)
 

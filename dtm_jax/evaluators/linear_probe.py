@@ -3,9 +3,9 @@
 The student never changes, so its features can be computed once (`config.precompute_features`) and the classifier
 trained on them for all epochs in one jitted scan per epoch: minutes on a CPU for small data. Without
 precomputation the student encodes every augmented training batch (MAE's ImageNet setting). LARS (MAE) or SGD with
-momentum, lr = base_lr × batch / 256, linear warm-up then cosine. `run` checkpoints the probe (weights, BatchNorm
-statistics, optimizer state, the training input's position) at each evaluation and when stopped (SIGTERM, Ctrl-C):
-rerunning the same command resumes after the epoch reached, with the result of an uninterrupted run.
+momentum, lr = base_lr × batch / 256, linear warm-up then cosine. With a checkpointer the fit is resumable (the
+probe's weights, BatchNorm statistics, optimizer state and the training input's position), one epoch a step of the
+one training loop (dtm_jax/runner/loop.py).
 """
 from __future__ import annotations
 
@@ -16,15 +16,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import logging
 from jax.sharding import Mesh
 
 from dtm_jax import optim, sharding
 from dtm_jax import images as images_lib
 from dtm_jax.evaluators import classification, encoding
+from dtm_jax.runner import loop, resume
 from dtm_jax.runtime import checkpoint as checkpoint_lib
-from dtm_jax.runtime import errors, metrics
-from dtm_jax.runtime import preemption as preemption_lib
+from dtm_jax.runtime import metrics
 
 PyTree = Any
 
@@ -102,12 +101,13 @@ def _fit(config: ml_collections.ConfigDict, *, feature_dim: int, steps_per_epoch
          writer: metrics.MetricsWriter, train_epoch: Callable, evaluate: Callable,
          checkpointer: checkpoint_lib.Checkpointer | None = None,
          train_data: checkpoint_lib.SavableIterator | None = None) -> dict:
-  """The epoch loop both ways share: `train_epoch(state, epoch, train_step) -> (state, mean loss)`,
-  `evaluate(state) -> accuracy` every `config.eval_every_epochs` and at the end.
+  """The epoch loop both ways share (dtm_jax.runner.loop, one step = one epoch): `train_epoch(state, epoch,
+  train_step) -> (state, mean loss)`, `evaluate(state) -> accuracy` every `config.eval_every_epochs` and at the end.
 
-  With a `checkpointer` it resumes after the newest saved epoch and saves the probe (and `train_data`'s position) at
-  each evaluation and when a SIGTERM or Ctrl-C stops it after an epoch; every epoch's shuffle or batches follow
-  from the epoch number or the saved position, so a resumed run ends as an uninterrupted one."""
+  With a `checkpointer` it resumes after the newest saved epoch (dtm_jax.runner.resume) and saves the probe (and
+  `train_data`'s position) at each evaluation and when a SIGTERM or Ctrl-C stops it after an epoch; every epoch's
+  shuffle or batches follow from the epoch number or the saved position, so a resumed run ends as an uninterrupted
+  one."""
   if steps_per_epoch <= 0:
     raise ValueError(f"config.batch_size={config.batch_size} exceeds the number of training examples; lower it.")
   total_steps = config.epochs * steps_per_epoch
@@ -119,56 +119,41 @@ def _fit(config: ml_collections.ConfigDict, *, feature_dim: int, steps_per_epoch
     return {**probe, "opt_state": tx.init(probe["params"])}
 
   rep = sharding.replicated(mesh)
-  config_hash = checkpoint_lib.config_hash(config.to_dict())
+  config_dict = config.to_dict()
   best_top1, result, epoch = 0.0, {}, 0
-  restored = None
-  if checkpointer is not None and checkpointer.latest_step() is not None:
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-                            jax.eval_shape(init_state, jax.random.key(config.seed)))
-    restored = checkpointer.restore_latest_good(
-        params=abstract["params"], train={k: v for k, v in abstract.items() if k != "params"},
-        data_iterator=train_data, required_metadata=("epoch", "best_top1"))
-  if restored is None:
+  found = resume.find(checkpointer, config, required=("epoch", "best_top1")) if checkpointer is not None else None
+  if found is None:
     state = jax.jit(init_state, out_shardings=rep)(jax.random.key(config.seed))
   else:
-    _, params, train_items, metadata = restored
-    state, epoch, best_top1 = {"params": params, **train_items}, metadata["epoch"], metadata["best_top1"]
-    if metadata.get("config_hash") != config_hash:
-      logging.warning("Resuming the linear probe in %s with a config that differs from the one it started with.",
-                      checkpointer.directory)
-    logging.info("Resumed the linear probe after epoch %d of %d from %s.", epoch, config.epochs,
-                 checkpointer.directory)
-  stopped = False
-  preemption = preemption_lib.PreemptionFlag().install()  # SIGTERM / Ctrl-C: save after the current epoch, stop
-  try:
-    for epoch in range(epoch + 1, config.epochs + 1):
-      state, loss = train_epoch(state, epoch, train_step)
-      step = epoch * steps_per_epoch
-      scalars = {"train_loss": loss, "lr": schedule(step - 1)}
-      evaluating = epoch % config.eval_every_epochs == 0 or epoch == config.epochs
-      if evaluating:
-        result = evaluate(state)
-        best_top1 = max(best_top1, result["top1"])
-        scalars.update(top1=result["top1"], top5=result["top5"])
-      writer.write_scalars(step, scalars)
-      stopped = preemption.should_stop() and epoch < config.epochs  # asked every epoch on every process
-      if checkpointer is not None and (evaluating or stopped):
-        writer.flush()  # the lines up to a checkpoint's epoch survive a kill (they are not computed again)
-        checkpointer.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
-                          data_iterator=train_data, metadata={"step": step, "epoch": epoch, "best_top1": best_top1,
-                                                              "config_hash": config_hash})
-      if stopped:
-        break
-  finally:
-    preemption.uninstall()
-    if checkpointer is not None:
-      checkpointer.close()  # waits for the last save; a failed one raises CheckpointSaveError
-  if stopped:
-    raise errors.Interrupted(
-        f"Linear probe stopped ({'Ctrl-C' if preemption.interrupted else 'SIGTERM'}) after epoch {epoch} of "
-        f"{config.epochs}; " + (f"its checkpoint is in {checkpointer.directory}. Rerun the same command to resume "
-                                "from it." if checkpointer is not None else "rerun it to start again."),
-        exit_code=errors.EXIT_INTERRUPTED if preemption.interrupted else 0)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                            jax.eval_shape(init_state, jax.random.key(config.seed)))
+    _, state, metadata, _ = found.restore(abstract, (lambda start: train_data) if train_data is not None else None)
+    epoch, best_top1 = metadata["epoch"], metadata["best_top1"]
+
+  def run_epoch(state, batch):
+    """One epoch, evaluated every `eval_every_epochs` and at the end: one metrics line per epoch."""
+    del batch  # each epoch reads its own batches
+    nonlocal epoch, result, best_top1
+    epoch += 1
+    state, loss = train_epoch(state, epoch, train_step)
+    scalars = {"train_loss": loss, "lr": schedule(epoch * steps_per_epoch - 1)}
+    if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
+      result = evaluate(state)
+      best_top1 = max(best_top1, result["top1"])
+      scalars.update(top1=result["top1"], top5=result["top5"])
+    return state, scalars
+
+  def save(state, at_epoch):
+    checkpointer.save_state(at_epoch * steps_per_epoch, state, data_iterator=train_data,
+                            metadata={"step": at_epoch * steps_per_epoch, "epoch": at_epoch, "best_top1": best_top1,
+                                      "config": config_dict, "config_hash": checkpoint_lib.config_hash(config_dict)})
+
+  finished = loop.train_loop(
+      state, what="Linear probe", step=epoch, total=config.epochs, train_step=run_epoch, next_batch=None,
+      log_every=1, writer=writer, save=save if checkpointer is not None else None,
+      save_every=config.eval_every_epochs, checkpointer=checkpointer, unit="epoch",
+      metrics_step=lambda at_epoch: at_epoch * steps_per_epoch, close_writer=False)
+  state = finished.state
   if not result:  # Resumed a probe that had already finished.
     result = evaluate(state)
   writer.flush()

@@ -188,7 +188,7 @@ class FCNHead(nnx.Module):
     return self.classifier(channel_dropout(self.conv(x, train=train), self.dropout, dropout_rng))
 
 
-class UperNetSegmenter(vit._ViTTrunk):  # pylint: disable=protected-access
+class UperNetSegmenter(vit.ViTTrunk):
   """The student's trunk (no mask token, no final norm) → BEiT's pyramid adapters → UperNet + auxiliary FCN head.
 
   Parameters: the trunk's at the top level (`patch_embed`, `cls_token`, `blocks/<i>`, ... as in `ViTClassifier`),

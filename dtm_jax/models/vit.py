@@ -78,6 +78,15 @@ def get_config(variant, **overrides):
   return ViTConfig(**{**fields, **overrides})
 
 
+def config_from_fields(fields: dict) -> ViTConfig:
+  """`ViTConfig` from a config block's fields: {"variant": ..., field overrides...}, dtype as a name ("bfloat16")."""
+  fields = dict(fields)
+  variant = fields.pop("variant")
+  if "dtype" in fields:
+    fields["dtype"] = jnp.dtype(fields["dtype"])
+  return get_config(variant, **fields)
+
+
 def finetune_config(pretrain_config, **overrides):
   """Classifier config that keeps a pretrained model's function (BEiT v2 recipe).
 
@@ -89,7 +98,7 @@ def finetune_config(pretrain_config, **overrides):
                              **overrides)
 
 
-class _ViTTrunk(nnx.Module):
+class ViTTrunk(nnx.Module):
   """Patch embedding, tokens and blocks shared by the pretraining model and the classifier.
 
   Parameters sit at the top level (`patch_embed`, `cls_token`, `blocks/<i>`, ...) so that both models, the
@@ -158,7 +167,7 @@ class _ViTTrunk(nnx.Module):
     return outputs
 
 
-class PretrainViT(_ViTTrunk):
+class PretrainViT(ViTTrunk):
   """Student for masked image modelling: `lm_head` predicts a teacher feature for every patch."""
 
   def __init__(self, config, *, rngs):
@@ -176,7 +185,7 @@ class PretrainViT(_ViTTrunk):
     return layers.per_token(self.lm_head, self.encode(images, mask, dropout_rng)[:, 1:])
 
 
-class ViTClassifier(_ViTTrunk):
+class ViTClassifier(ViTTrunk):
   """Fine-tuning model: mean-pooled patch tokens → `fc_norm` → `head` (BEiT), or final `norm` → CLS → `head`."""
 
   def __init__(self, config, num_classes, pooling="mean", head_init_scale=0.001, *, rngs):

@@ -106,13 +106,7 @@ def check_config(c: config_checks.Checker, num_devices: int, check_paths: bool =
   if epochs is not None and warmup is not None and warmup > epochs:
     c.add("probe.warmup_epochs", warmup, f"must not exceed probe.epochs={epochs}.")
   c.batch("probe.batch_size", num_devices)
-  c.string("probe.optimizer.name", ("lars", "sgd"))
-  c.number("probe.optimizer.base_lr", 0.0, min_open=True)
-  c.integer("probe.optimizer.lr_reference_batch", 1)
-  c.number("probe.optimizer.momentum", 0.0, 1.0, max_open=True)
-  c.number("probe.optimizer.weight_decay", 0.0)
-  c.number("probe.optimizer.min_lr", 0.0)
-  c.number("probe.bn_momentum", 0.0, 1.0, max_open=True)
+  config_checks.check_probe_training(c, prefix="probe.")
   config_checks.check_mesh(c, num_devices)
 
 

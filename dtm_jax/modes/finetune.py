@@ -25,7 +25,7 @@ from dtm_jax import images as images_lib
 from dtm_jax.evaluators import classification
 from dtm_jax.models import functional, vit
 from dtm_jax.program import Mode, Program
-from dtm_jax.runner import loop
+from dtm_jax.runner import loop, resume
 from dtm_jax.runtime import checkpoint as checkpoint_lib
 from dtm_jax.runtime import metrics
 
@@ -192,44 +192,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   shardings_of = lambda tree: sharding.param_shardings(tree, mesh, config.mesh.min_fsdp_size)
   use_ema = config.ema_decay > 0
 
-  # ----- Classifier: from the fine-tuning checkpoint when resuming, else from the pretrained student. The metadata
-  # goes through the same fallback as every other item: a damaged newest step leaves the older ones.
-  required = ("model_config", "pretrained", "best_top1")
-  readable = (checkpointer.latest_readable_metadata(required=required) if checkpointer.latest_step() is not None
-              else None)
-  latest = readable[0] if readable else None
-  if latest is None:
+  # ----- Classifier: from the fine-tuning checkpoint when resuming, else from the pretrained student.
+  found = resume.find(checkpointer, config, required=("model_config", "pretrained", "best_top1"))
+  if found is None:
     classifier, params = classifier_from_student(student_fn(), config, shardings_of)
   else:
-    metadata = readable[1]
-    clf_config = checkpoint_lib.model_config_from_metadata(metadata, vit.ViTConfig)
+    clf_config = checkpoint_lib.model_config_from_metadata(found.metadata, vit.ViTConfig)
     model, _ = functional.abstract_split(_classifier_constructor(clf_config, config))
-    classifier = Classifier(clf_config, model, metadata["pretrained"])
-    if metadata.get("config_hash") != checkpoint_lib.config_hash(config.to_dict()):
-      logging.warning("Resuming %s with a config that differs from the one it started with.", workdir)
-  # A checkpoint of another process count holds no input-iterator state that fits: restore without it, then build
-  # the input at the restored step (checkpoint.written_by_other_process_count).
-  other_layout = readable is not None and checkpoint_lib.written_by_other_process_count(readable[1]) is not None
-  train_data = None if other_layout else train_data_fn(classifier.config.image_size)
+    classifier = Classifier(clf_config, model, found.metadata["pretrained"])
   eval_data = lambda: eval_data_fn(classifier.config.image_size)
+  data_fn = lambda start_step: train_data_fn(classifier.config.image_size, start_step=start_step)
   program = build_program(config, classifier.config, mesh)
-  abstract_state, state_sh = program.abstract_state, program.state_shardings
 
   best_top1 = 0.0
-  if latest is None:
-    state = jax.jit(program.init_state, out_shardings=state_sh)(params)
+  if found is None:
+    state = jax.jit(program.init_state, out_shardings=program.state_shardings)(params)
+    train_data = data_fn(0)
     logging.info("Fine-tuning from %s for %d steps (%d epochs).", classifier.source, total_steps, config.epochs)
   else:
-    with_sh = abstract_state
-    step, params, train_items, metadata = checkpointer.restore_latest_good(
-        params=with_sh["params"], train={k: v for k, v in with_sh.items() if k != "params"},
-        data_iterator=train_data, required_metadata=required)
-    state = {"params": params, **train_items}
-    best_top1 = metadata["best_top1"]
-    logging.info("Resumed fine-tuning at step %d of %d from %s.", step, total_steps, checkpointer.directory)
-    if other_layout:
-      train_data = train_data_fn(classifier.config.image_size, start_step=step)
-      logging.warning("%s", checkpoint_lib.rebuilt_input_warning(step, metadata, train_data))
+    _, state, restored_metadata, train_data = found.restore(program.abstract_state, data_fn)
+    best_top1 = restored_metadata["best_top1"]
 
   # ----- Loop.
   normalization = images_lib.normalization_of(config.input)
@@ -238,9 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   rng = jax.random.key(config.seed)
   metadata = checkpoint_lib.run_metadata(classifier.config, classifier.source, config)
   step = int(state["step"])
-  writer = metrics.MetricsWriter(workdir, resume_step=step,  # drops lines past the checkpoint (computed again)
-                                 flush_every_secs=config.get("metrics_flush_secs", metrics.FLUSH_EVERY_SECS))
-  progress = metrics.Progress(total_steps, every_secs=config.progress_every_secs)
+  writer = metrics.MetricsWriter.for_run(workdir, config, step)  # drops lines past the checkpoint (computed again)
   result: dict[str, float] = {}
 
   def evaluate_and_record(state, step):
@@ -254,17 +234,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         "best_top1": best_top1, "epoch": step / steps_per_epoch})
 
   def save(state, step):
-    checkpointer.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
-                      data_iterator=train_data, metadata={**metadata, "step": step, "best_top1": best_top1})
+    checkpointer.save_state(step, state, data_iterator=train_data,
+                            metadata={**metadata, "step": step, "best_top1": best_top1})
 
-  state, step = loop.run_training_steps(
-      state, what="Fine-tuning", step=step, total_steps=total_steps, train_step=program.step,
-      next_batch=lambda: sharding.to_global(images_lib.training_batch(next(train_data)), mesh), rng=rng,
-      is_eval_step=lambda step: step % eval_every == 0, evaluate=evaluate_and_record, save=save,
-      checkpointer=checkpointer, writer=writer, progress=progress, log_every=config.log_every)
-  if not result:  # Resumed a run that had already finished.
+  finished = loop.train_loop(
+      state, what="Fine-tuning", step=step, total=total_steps, train_step=lambda s, b: program.step(s, b, rng),
+      next_batch=lambda: sharding.to_global(images_lib.training_batch(next(train_data)), mesh),
+      log_every=config.log_every, writer=writer, save=save, save_every=eval_every, checkpointer=checkpointer,
+      evaluate=evaluate_and_record, eval_every=eval_every, stop_after=config.get("stop_after_step"),
+      progress_every_secs=config.progress_every_secs)
+  state, step = finished.state, finished.step
+  if not result:  # Resumed a run that had already finished, or stopped before an evaluation (stop_after_step).
     result = evaluate(state["params"], eval_data())
-  return {"mode": "finetune", **classifier.source, "top1": result["top1"], "top5": result["top5"],
+  return {**classifier.source, "preempted": float(finished.stopped), "top1": result["top1"], "top5": result["top5"],
           "best_top1": max(best_top1, result["top1"]), "last_top1": result["top1"],
           **{k: v for k, v in result.items() if k.startswith("ema_")}, "num_eval_examples": result["num_examples"],
           "epochs": config.epochs, "steps": step}
@@ -286,6 +268,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict:
 
 
 def check_config(c: config_checks.Checker, num_devices: int, check_paths: bool = True) -> None:
+  c.boolean("allow_config_change", optional=True)
   config_checks.check_classifier_training(c, num_devices, check_paths)
   c.string("pooling", config_checks.POOLINGS)
   config_checks.check_optim(c)

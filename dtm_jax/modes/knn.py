@@ -1,10 +1,5 @@
-"""k-nearest-neighbour classification of frozen features (DINO's protocol).
-
-Features are L2-normalised; a query's k most cosine-similar bank entries vote for their labels with weight
-exp(similarity / T). The bank stays split over the devices: each device finds the k best of its own rows, the
-candidates are gathered, and the best k of those decide. So no device ever holds the whole bank or the full
-query × bank similarity matrix, which keeps it cheap enough to run during pretraining (every `config.eval.every`
-steps on slices of the data).
+"""`--mode=knn`: kNN accuracy (DINO's protocol, dtm_jax/evaluators/knn.py) of a pretrained student's frozen
+features, a bank from the training split against queries from the evaluation split.
 """
 from __future__ import annotations
 

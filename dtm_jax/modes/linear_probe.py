@@ -1,11 +1,7 @@
-"""Linear probe of a frozen student (MAE's protocol): BatchNorm without affine + linear classifier.
-
-The student never changes, so its features can be computed once (`config.precompute_features`) and the classifier
-trained on them for all epochs in one jitted scan per epoch: minutes on a CPU for small data. Without
-precomputation the student encodes every augmented training batch (MAE's ImageNet setting). LARS (MAE) or SGD with
-momentum, lr = base_lr × batch / 256, linear warm-up then cosine. `run` checkpoints the probe (weights, BatchNorm
-statistics, optimizer state, the training input's position) at each evaluation and when stopped (SIGTERM, Ctrl-C):
-rerunning the same command resumes after the epoch reached, with the result of an uninterrupted run.
+"""`--mode=linear_probe`: a linear probe (MAE's protocol, dtm_jax/evaluators/linear_probe.py) of a pretrained
+student's frozen features, on features computed once (`config.precompute_features`) or on every augmented training
+batch. Checkpointed at each evaluation and when stopped; rerunning the same command resumes after the epoch reached,
+with the result of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -98,18 +94,13 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict:
 
 
 def check_config(c: config_checks.Checker, num_devices: int, check_paths: bool = True) -> None:
+  c.boolean("allow_config_change", optional=True)
   config_checks.check_classifier_training(c, num_devices, check_paths)
   c.string("features.pooling", config_checks.POOLINGS)
   c.integer("features.num_blocks", 1)
   c.boolean("precompute_features")
   c.boolean("augment")
-  c.string("optimizer.name", ("lars", "sgd"))
-  c.number("optimizer.base_lr", 0.0, min_open=True)
-  c.integer("optimizer.lr_reference_batch", 1)
-  c.number("optimizer.momentum", 0.0, 1.0, max_open=True)
-  c.number("optimizer.weight_decay", 0.0)
-  c.number("optimizer.min_lr", 0.0)
-  c.number("bn_momentum", 0.0, 1.0, max_open=True)
+  config_checks.check_probe_training(c)
 
 
 MODE = Mode(

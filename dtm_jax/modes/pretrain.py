@@ -31,27 +31,20 @@ from dtm_jax import images as images_lib
 from dtm_jax.evaluators import knn
 from dtm_jax.models import functional, vit
 from dtm_jax.program import Mode, Program
+from dtm_jax.runner import loop, resume
 from dtm_jax.runtime import checkpoint as checkpoint_lib
-from dtm_jax.runtime import errors, metrics
-from dtm_jax.runtime import preemption as preemption_lib
+from dtm_jax.runtime import metrics
 
 PyTree = Any
 NONFINITE_LOSS, NONFINITE_GRAD = 1, 2
-# Config keys that may change between a run and its resumption without changing what is computed (the mesh: a run
-# resumes on another slice, its state resharded through the abstract shardings).
-RESUMABLE_KEYS = ("mode", "log_every", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "profile", "eval",
-                  "allow_config_change", "progress_every_secs", "stop_after_step", "metrics_flush_secs", "mesh")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config → model configs, step counts, checks.
 # ----------------------------------------------------------------------------------------------------------------
 def student_config(config: ml_collections.ConfigDict) -> vit.ViTConfig:
-  m = config.model
-  overrides = {k: v for k, v in m.to_dict().items() if k != "variant"}
-  if "dtype" in overrides:
-    overrides["dtype"] = jnp.dtype(overrides["dtype"])
-  return vit.get_config(m.variant, **overrides)
+  """The student a pretraining config describes (`config.model`)."""
+  return vit.config_from_fields(config.model.to_dict())
 
 
 def num_patches(config: ml_collections.ConfigDict) -> int:
@@ -70,24 +63,6 @@ def total_and_warmup_steps(config: ml_collections.ConfigDict) -> tuple[int, int]
       raise ValueError(f"config.{name}_epochs needs config.num_train_examples (images per epoch).")
     return int(round(epochs * config.num_train_examples / config.batch_size))
   return steps("total"), steps("warmup")
-
-
-def flatten_config(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(flatten_config(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
-def config_differences(old: dict, new: dict) -> list[str]:
-  """Keys (dotted) whose values differ, ignoring those that may change on resumption."""
-  a, b = flatten_config(json.loads(json.dumps(old, default=str))), flatten_config(json.loads(json.dumps(new, default=str)))
-  keys = sorted(set(a) | set(b))
-  return [k for k in keys if a.get(k) != b.get(k) and k.split(".")[0] not in RESUMABLE_KEYS]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -356,112 +331,57 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict[st
                                              async_save=config.async_checkpointing)
   config_dict = config.to_dict()
   metadata = {"config": config_dict, "config_hash": checkpoint_lib.config_hash(config_dict),
-              "model_config": checkpoint_lib.model_config_to_json(model_cfg), "process_count": jax.process_count(),
-              "device_count": jax.device_count(), "jax_version": jax.__version__, "target": target.description}
-  abstract_with_sh = program.abstract_state
-  restored, data = None, None
-  if checkpointer.latest_step() is not None:
-    # The metadata goes through the same fallback as every other item: a damaged newest step leaves the older ones.
-    readable = checkpointer.latest_readable_metadata(required=("config",))
-    diffs = config_differences(readable[1]["config"], config_dict) if readable else []
-    if diffs and not config.allow_config_change:
-      raise ValueError(
-          f"{workdir} holds a checkpoint of a run with a different config (differing keys: {', '.join(diffs)}). "
-          "Use a new --workdir, or pass --config.allow_config_change=True to resume with the new values.")
-    # Checked before restoring: the input-iterator states of another process count cannot be restored (nor those of
-    # its older steps), so the step is restored without them and the input is rebuilt at that step.
-    other_layout = readable is not None and checkpoint_lib.written_by_other_process_count(readable[1]) is not None
-    data = None if other_layout else build_pretrain_data(config, model_cfg)
-    restored = checkpointer.restore_latest_good(
-        params=abstract_with_sh["params"],
-        train={k: v for k, v in abstract_with_sh.items() if k != "params"}, data_iterator=data,
-        required_metadata=("config",))
-    if restored is not None and other_layout:
-      data = build_pretrain_data(config, model_cfg, start_step=restored[0])
-      logging.warning("%s", checkpoint_lib.rebuilt_input_warning(restored[0], restored[3], data))
-  if data is None:
-    data = build_pretrain_data(config, model_cfg)
-  if restored is None:
-    state = jax.jit(init_state, out_shardings=state_sh)()
+              "model_config": checkpoint_lib.model_config_to_json(model_cfg), "jax_version": jax.__version__,
+              "target": target.description, **checkpoint_lib.layout_metadata()}
+  data_fn = lambda start_step: build_pretrain_data(config, model_cfg, start_step=start_step)
+  found = resume.find(checkpointer, config, required=("config",))
+  if found is None:
+    state, data = jax.jit(init_state, out_shardings=state_sh)(), data_fn(0)
     logging.info("Starting from scratch at step 0 of %d.", total_steps)
   else:
-    step, params, train_items, _ = restored
-    state = {"params": params, **train_items}
-    logging.info("Resumed from the checkpoint of step %d in %s.", step, checkpointer.directory)
+    _, state, _, data = found.restore(program.abstract_state, data_fn)
   start_step = int(state["step"])
   checkpoint_lib.assert_processes_agree(start_step, metadata["config_hash"])
 
-  train_step = program.step
-
   # ----- Loop.
-  writer = metrics.MetricsWriter(workdir, resume_step=start_step,  # drops lines of steps past the checkpoint
-                                 flush_every_secs=config.get("metrics_flush_secs", metrics.FLUSH_EVERY_SECS))
+  writer = metrics.MetricsWriter.for_run(workdir, config, start_step)  # drops lines past the checkpoint
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str))
   throughput = metrics.Throughput(flops_per_step=program.flops_per_image * config.batch_size,
                                   images_per_step=config.batch_size)
-  progress = metrics.Progress(total_steps, every_secs=config.progress_every_secs)
-  preemption = preemption_lib.PreemptionFlag().install()  # SIGTERM and Ctrl-C: save the step reached, then stop
   evaluator = make_periodic_evaluator(config, program.student, mesh)
-  last_metrics: dict[str, float] = {}
-  step = start_step
-  profile = config.profile
-  next_batch = lambda: sharding.to_global(_pretrain_batch(next(data)), mesh)
-  batch = None  # the next step's batch, when it is already on its way to the devices
-  try:
-    throughput.start(step)
-    while step < total_steps:
-      if profile.num_steps and step == profile.start_step and jax.process_index() == 0:
-        jax.profiler.start_trace(str(workdir / "profile"))
-      state, step_metrics = train_step(state, target_params, batch if batch is not None else next_batch())
-      step += 1
-      is_last = step == total_steps
-      # Asked at every step on every process (a host call; all processes get the same answer at the same step).
-      preempted = step == config.get("stop_after_step") or preemption.should_stop()
-      saving = step % config.checkpoint_every == 0 or is_last or preempted
-      # Double buffering: the step was only dispatched, so the next batch is read and sent to the devices while
-      # they run it, before the waits below (metrics, evaluation, checkpoint). Not past a step that saves: a saved
-      # input position must be exactly the steps taken.
-      batch = None if saving else next_batch()
-      if profile.num_steps and step == profile.start_step + profile.num_steps and jax.process_index() == 0:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-      progress(step, done=step_metrics["loss"])
+  evaluated: dict[str, float] = {}
 
-      if step % config.log_every == 0 or is_last:
-        fetched = jax.device_get({**step_metrics, "nonfinite": state["nonfinite"]})
-        _check_finite(fetched.pop("nonfinite"))
-        last_metrics = {**{k: float(v) for k, v in fetched.items()}, **throughput.measure(step)}
-        last_metrics["corrupt_images"] = float(data.num_corrupt())
-        writer.write_scalars(step, last_metrics)
-      if evaluator and (step % config.eval.every == 0 or is_last):
-        eval_metrics = evaluator(state["params"])
-        writer.write_scalars(step, eval_metrics)
-        last_metrics.update(eval_metrics)
-        throughput.start(step)
-      if saving:
-        _check_finite(jax.device_get(state["nonfinite"]))
-        writer.flush()  # the lines up to a checkpoint's step survive a kill (they are not computed again)
-        checkpointer.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
-                          data_iterator=data, metadata={**metadata, "step": step})
-      if preempted:
-        logging.warning("Preempted: checkpoint of step %d written; exiting.", step)
-        break
-      if batch is None and not is_last:
-        batch = next_batch()
-    progress(step, force=True)
-  finally:
-    preemption.uninstall()
-    try:
-      checkpointer.close()  # waits for the last save; a failed one raises CheckpointSaveError
-    finally:
-      writer.close()
+  def train_step(state, batch):
+    state, scalars = program.step(state, target_params, batch)
+    return state, {**scalars, "nonfinite": state["nonfinite"]}
+
+  def check(fetched, step):
+    del step
+    _check_finite(fetched.pop("nonfinite"))  # the first bad step since the start, whichever step is read
+
+  def evaluate(state, step):
+    evaluated.update(evaluator(state["params"]))
+    writer.write_scalars(step, evaluated)
+    throughput.start(step)
+
+  def save(state, step):
+    checkpointer.save_state(step, state, data_iterator=data, metadata={**metadata, "step": step})
+
+  throughput.start(start_step)
+  finished = loop.train_loop(
+      state, what="Pretraining", step=start_step, total=total_steps, train_step=train_step,
+      next_batch=lambda: sharding.to_global(_pretrain_batch(next(data)), mesh), log_every=config.log_every,
+      writer=writer, save=save, save_every=config.checkpoint_every, checkpointer=checkpointer,
+      evaluate=evaluate if evaluator else None, eval_every=config.eval.every or None, check=check,
+      log_extra=lambda step: {**throughput.measure(step), "corrupt_images": float(data.num_corrupt())},
+      stop_after=config.get("stop_after_step"), progress_every_secs=config.progress_every_secs,
+      profile_dir=workdir / "profile", profile_start=config.profile.start_step,
+      profile_steps=config.profile.num_steps)
   if len(traces) > 1:
     logging.warning("The train step was compiled %d times; expected once.", len(traces))
-  if preemption.interrupted and step < total_steps:
-    raise errors.Interrupted(f"Interrupted (Ctrl-C) at step {step}; its checkpoint is in {checkpointer.directory}. "
-                             "Rerun the same command to resume from it.")
-  return {**last_metrics, "step": step, "preempted": float(step < total_steps), "step_compilations": len(traces)}
+  return {**finished.last_scalars, **evaluated, "step": finished.step, "preempted": float(finished.stopped),
+          "step_compilations": len(traces)}
 
 
 def build_pretrain_data(config: ml_collections.ConfigDict, model_cfg: vit.ViTConfig, start_step: int = 0):

@@ -29,7 +29,7 @@ from dtm_jax import images as images_lib
 from dtm_jax.evaluators import encoding, segmentation_metrics
 from dtm_jax.models import functional, segmentation, vit
 from dtm_jax.program import Mode, Program
-from dtm_jax.runner import loop
+from dtm_jax.runner import loop, resume
 from dtm_jax.runtime import checkpoint as checkpoint_lib
 from dtm_jax.runtime import metrics
 
@@ -245,7 +245,8 @@ def build_program(config: ml_collections.ConfigDict, mesh, vit_config: vit.ViTCo
 # The loop.
 # ---------------------------------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       student_fn: Callable[[], students.Student] | None, train_data_fn: Callable[[int], Iterator[dict]],
+                       student_fn: Callable[[], students.Student] | None,
+                       train_data_fn: Callable[[int], Iterator[dict]],
                        eval_data_fn: Callable[[], Iterable[dict]], mesh) -> dict:
   """Train the segmenter and evaluate it; resumes from `<workdir>/checkpoints` when it holds a checkpoint.
 
@@ -261,40 +262,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   shardings_of = lambda tree: sharding.param_shardings(tree, mesh, config.mesh.min_fsdp_size)
 
   # ----- Segmenter: from the segmentation checkpoint when resuming, else from the student (or random).
-  required = ("model_config", "pretrained", "best_miou")
-  readable = (checkpointer.latest_readable_metadata(required=required) if checkpointer.latest_step() is not None
-              else None)
-  if readable is None:
+  found = resume.find(checkpointer, config, required=("model_config", "pretrained", "best_miou"))
+  if found is None:
     segmenter, params, batch_stats = init_segmenter(config, student_fn() if student_fn else None, shardings_of)
   else:
-    metadata = readable[1]
-    vit_config = checkpoint_lib.model_config_from_metadata(metadata, vit.ViTConfig)
+    vit_config = checkpoint_lib.model_config_from_metadata(found.metadata, vit.ViTConfig)
     model, _, _ = functional.abstract_split_stateful(_constructor(vit_config, segmenter_config(config)))
-    segmenter = Segmenter(vit_config, model, metadata["pretrained"])
-    if metadata.get("config_hash") != checkpoint_lib.config_hash(config.to_dict()):
-      logging.warning("Resuming %s with a config that differs from the one it started with.", workdir)
-  # A checkpoint of another process count holds no input-iterator state that fits: restore without it, then build
-  # the input at the restored step (checkpoint.written_by_other_process_count).
-  other_layout = readable is not None and checkpoint_lib.written_by_other_process_count(readable[1]) is not None
-  train_data = None if other_layout else train_data_fn(config.crop_size)
+    segmenter = Segmenter(vit_config, model, found.metadata["pretrained"])
+  data_fn = lambda start_step: train_data_fn(config.crop_size, start_step=start_step)
   program = build_program(config, mesh, segmenter.vit_config)
 
   best_miou = 0.0
-  if readable is None:
+  if found is None:
     state = jax.jit(program.init_state, out_shardings=program.state_shardings)(params, batch_stats)
+    train_data = data_fn(0)
     logging.info("Segmentation fine-tuning from %s for %d steps.", segmenter.source, total_steps)
   else:
-    abstract = program.abstract_state
-    step, params, train_items, metadata = checkpointer.restore_latest_good(
-        params=abstract["params"], train={k: v for k, v in abstract.items() if k != "params"},
-        data_iterator=train_data, required_metadata=required)
-    state = {"params": params, **train_items}
-    best_miou = metadata["best_miou"]
-    logging.info("Resumed segmentation fine-tuning at step %d of %d from %s.", step, total_steps,
-                 checkpointer.directory)
-    if other_layout:
-      train_data = train_data_fn(config.crop_size, start_step=step)
-      logging.warning("%s", checkpoint_lib.rebuilt_input_warning(step, metadata, train_data))
+    _, state, restored_metadata, train_data = found.restore(program.abstract_state, data_fn)
+    best_miou = restored_metadata["best_miou"]
 
   # ----- Loop.
   eval_batches = lambda: encoding.take_batches(eval_data_fn(), config.eval_batch_size, config.eval.num_images)
@@ -302,9 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   rng = jax.random.key(config.seed)
   metadata = checkpoint_lib.run_metadata(segmenter.vit_config, segmenter.source, config)
   step = int(state["step"])
-  writer = metrics.MetricsWriter(workdir, resume_step=step,  # drops lines past the checkpoint (computed again)
-                                 flush_every_secs=config.get("metrics_flush_secs", metrics.FLUSH_EVERY_SECS))
-  progress = metrics.Progress(total_steps, every_secs=config.progress_every_secs)
+  writer = metrics.MetricsWriter.for_run(workdir, config, step)  # drops lines past the checkpoint (computed again)
   result: dict[str, Any] = {}
 
   def evaluate_and_record(state, step):
@@ -314,19 +297,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _write_evaluation(writer, workdir, step, result, best_miou)
 
   def save(state, step):
-    checkpointer.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
-                      data_iterator=train_data, metadata={**metadata, "step": step, "best_miou": best_miou})
+    checkpointer.save_state(step, state, data_iterator=train_data,
+                            metadata={**metadata, "step": step, "best_miou": best_miou})
 
-  state, step = loop.run_training_steps(
-      state, what="Segmentation fine-tuning", step=step, total_steps=total_steps, train_step=program.step,
-      next_batch=lambda: sharding.to_global(images_lib.training_batch(next(train_data)), mesh), rng=rng,
-      is_eval_step=lambda step: step % config.eval_every_steps == 0, evaluate=evaluate_and_record, save=save,
-      checkpointer=checkpointer, writer=writer, progress=progress, log_every=config.log_every,
-      stop_after=config.get("stop_after_step"))
+  finished = loop.train_loop(
+      state, what="Segmentation fine-tuning", step=step, total=total_steps,
+      train_step=lambda s, b: program.step(s, b, rng),
+      next_batch=lambda: sharding.to_global(images_lib.training_batch(next(train_data)), mesh),
+      log_every=config.log_every, writer=writer, save=save, save_every=config.eval_every_steps,
+      checkpointer=checkpointer, evaluate=evaluate_and_record, eval_every=config.eval_every_steps,
+      stop_after=config.get("stop_after_step"), progress_every_secs=config.progress_every_secs)
+  state, step = finished.state, finished.step
   if not result and step == total_steps:  # Resumed a run that had already finished.
     result = run_eval(state)
-  summary = {"mode": "segment", **segmenter.source, "steps": step, "total_steps": total_steps,
-             "preempted": float(step < total_steps), "best_miou": max([best_miou] + [result.get("miou", 0.0)])}
+  summary = {**segmenter.source, "steps": step, "total_steps": total_steps, "preempted": float(finished.stopped),
+             "best_miou": max([best_miou] + [result.get("miou", 0.0)])}
   if result:
     summary.update(miou=result["miou"], aacc=result["aacc"], macc=result["macc"],
                    num_eval_images=result["num_eval_images"], per_class_iou=_json_list(result["per_class_iou"]))
@@ -367,6 +352,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict:
 
 
 def check_config(c: config_checks.Checker, num_devices: int, check_paths: bool = True) -> None:
+  c.boolean("allow_config_change", optional=True)
   config_checks.check_run_basics(c)
   c.string("pretrained.workdir")  # "" trains from a random initialisation (the from-scratch baseline)
   c.integer("pretrained.step", 0, optional=True)

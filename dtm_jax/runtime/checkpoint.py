@@ -175,6 +175,12 @@ class Checkpointer:
       raise self._save_failed(step, e) from None
     self._in_flight = step
 
+  def save_state(self, step: int, state: dict, *, data_iterator: SavableIterator | None, metadata: dict) -> None:
+    """`save` of a train state dict: its "params" as the params item (what evaluation restores alone), the rest as
+    the train item."""
+    self.save(step, params=state["params"], train={k: v for k, v in state.items() if k != "params"},
+              data_iterator=data_iterator, metadata=metadata)
+
   def _restore_items(self, step: int, items: dict[str, ocp.args.CheckpointArgs]) -> dict[str, Any]:
     """Reads the items of a finished step with their handlers, on this process alone.
 

@@ -1,8 +1,8 @@
 """Errors whose message says everything a user needs, and how `main.py` turns them into exit statuses.
 
 `RunError` (and its kinds: an invalid config, a workdir in use, a checkpoint that could not be saved) is printed as one
-line without a traceback and exits with status 1; `Interrupted` (Ctrl-C after the step reached was saved) exits with
-130, the shell's status for SIGINT.
+line without a traceback and exits with status 1; `Interrupted` (SIGTERM or Ctrl-C after the step reached was saved)
+exits with 0 after SIGTERM and 130, the shell's status for SIGINT, after Ctrl-C.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ class ConfigError(RunError, ValueError):
 
 
 class Interrupted(KeyboardInterrupt):
-  """Ctrl-C (SIGINT), or SIGTERM in modes that return results: the run saved what it had and stopped. `main.py`
-  exits with `exit_code`: 130 after Ctrl-C, 0 after SIGTERM (a preemption the rerun recovers from)."""
+  """SIGTERM or Ctrl-C (SIGINT) in any mode: the run saved the step it reached and stopped (dtm_jax/runner/loop.py).
+  `main.py` exits with `exit_code`: 0 after SIGTERM (a preemption the rerun recovers from), 130 after Ctrl-C."""
 
   def __init__(self, message: str, exit_code: int = EXIT_INTERRUPTED):
     super().__init__(message)

@@ -13,7 +13,8 @@
 A launch that announces several processes but that JAX cannot join (a Kubernetes Indexed Job without the `kubernetes`
 package, Open MPI 5 without `OMPI_MCA_orte_hnp_uri`, …) is refused before anything starts, and so is a job whose
 processes, once initialised, did not join one another: each would believe it is process 0 of 1 and train alone into
-the same workdir. (The workdir lock, dtm_jax/runtime/workdir_lock.py, refuses a second writer on one workdir in general.)
+the same workdir. (The workdir lock, dtm_jax/runtime/workdir_lock.py, refuses a second writer on one workdir in
+general.)
 Nothing here imports TensorFlow.
 """
 from __future__ import annotations

@@ -97,6 +97,12 @@ class MetricsWriter:
         self._thread = threading.Thread(target=self._flush_periodically, name="metrics-flush", daemon=True)
         self._thread.start()
 
+  @classmethod
+  def for_run(cls, workdir: str | epath.Path, config, resume_step: int) -> "MetricsWriter":
+    """The writer of a run resuming at `resume_step`, flushed every `config.metrics_flush_secs` (default 30 s)."""
+    return cls(workdir, resume_step=resume_step,
+               flush_every_secs=config.get("metrics_flush_secs", FLUSH_EVERY_SECS))
+
   def write_scalars(self, step: int, scalars: Mapping[str, float], *, log: bool = True):
     scalars = {k: float(v) for k, v in scalars.items()}
     if log:

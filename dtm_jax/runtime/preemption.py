@@ -1,8 +1,8 @@
 """SIGTERM and Ctrl-C (SIGINT) during training: finish the current step, save it, then exit.
 
-SIGTERM (what schedulers send before preempting) ends the run with status 0 after the checkpoint; the first Ctrl-C
-does the same and then raises `errors.Interrupted` (main.py exits with 130); a second Ctrl-C exits at once (status
-130) without waiting for the checkpoint.
+SIGTERM (what schedulers send before preempting) and the first Ctrl-C both save the step reached; the training loop
+(dtm_jax/runner/loop.py) then raises `errors.Interrupted`, and main.py exits with status 0 after SIGTERM, 130 after
+Ctrl-C. A second Ctrl-C exits at once (status 130) without waiting for the checkpoint.
 
 Every process must save the same step. One process reads its own flag, set by the handlers below. Several processes
 (a pod slice; GKE and Spot VMs warn one host at a time) use JAX's preemption sync point: `jax.distributed.initialize`

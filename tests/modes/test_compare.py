@@ -37,6 +37,7 @@ def setup(tmp_path_factory):
   return root, config
 
 
+@pytest.mark.slow
 def test_compare_run_prints_and_saves_three_rows(setup, capsys):
   root, config = setup
   result = runner.run("compare", config, str(root / "compare"))

@@ -1,4 +1,5 @@
 """The persistent compilation cache that main.py turns on: a second process reuses what the first compiled."""
+import pytest
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ def _run(cache_dir, extra_env=None):
                         text=True, timeout=300, check=True)
 
 
+@pytest.mark.slow
 def test_programs_are_cached_across_processes_and_reused(tmp_path):
   cache = tmp_path / "cache"
   _run(str(cache))
@@ -32,6 +34,7 @@ def test_programs_are_cached_across_processes_and_reused(tmp_path):
   assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == entries  # a hit, not a new entry
 
 
+@pytest.mark.slow
 def test_empty_directory_turns_the_cache_off(tmp_path):
   cache = tmp_path / "cache"
   _run("", {"JAX_COMPILATION_CACHE_DIR": str(cache)})  # even where the environment names a folder

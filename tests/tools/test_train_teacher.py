@@ -38,6 +38,7 @@ def test_augment_flips_and_shifts_with_a_background_border():
   assert any(m != (False, 1, 1) for m in seen)  # something moved
 
 
+@pytest.mark.slow
 def test_teacher_learns_and_saves_a_loadable_clip_target_with_class_embeddings(tmp_path):
   config = semantic_teacher.tower_config(**TINY)
   data = bright_band_split(512, seed=0)

@@ -1,4 +1,5 @@
 """dtm_jax.cpu_host: XLA:CPU steps stop page-faulting once freed host memory is kept; YNNPACK fusions go off."""
+import pytest
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def _faults_per_step(mode):
   return float(out.split()[-1])
 
 
+@pytest.mark.slow
 def test_steps_stop_page_faulting():
   default, kept = _faults_per_step("default"), _faults_per_step("keep")
   assert default > 2000  # the step's fresh 25 MB buffers fault in every call by default...
@@ -89,6 +91,7 @@ _COMPILED_FUSIONS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_configured_processes_compile_without_ynnpack_fusions():
   def ynn_fusions(mode):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")

@@ -9,7 +9,6 @@ import types
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 from configs import finetune_demo, finetune_inat18, finetune_vit_b16_in1k_384
@@ -34,11 +33,13 @@ def _random_table(grid, heads=3, seed=0):
   return np.random.default_rng(seed).normal(size=(rows, heads)).astype(np.float32)
 
 
+@pytest.mark.torch
 @pytest.mark.filterwarnings("ignore::UserWarning")  # timm's interpolation helper warns about PyTorch indexing
 @pytest.mark.parametrize("old_grid, new_grid", [(3, 5), (14, 24), (14, 32), (7, 8)])
 def test_rel_pos_table_resize_matches_timm(old_grid, new_grid):
   """timm's `resize_rel_pos_bias_table` (BEiT's geometric-progression offsets, linear interpolation), as timm's
   BEiT loads a checkpoint at another size: 224² → 384² (14 → 24) and 512² (14 → 32) among them."""
+  torch = pytest.importorskip("torch")
   table = _random_table(old_grid)
   ours = position_resize.resize_rel_pos_table(jnp.asarray(table), old_grid, new_grid)
   rows = layers.num_relative_positions(new_grid)

@@ -103,10 +103,11 @@ def finetune_config(pretraining_workdir):
 
 def run_finetune(config, workdir, mesh, stream, student_fn):
   return finetune.train_and_evaluate(
-      config, str(workdir), student_fn=student_fn, train_data_fn=lambda image_size: stream,
+      config, str(workdir), student_fn=student_fn, train_data_fn=lambda image_size, start_step=0: stream,
       eval_data_fn=lambda image_size: eval_testing.tinted_eval_batches(200, config.eval_batch_size), mesh=mesh)
 
 
+@pytest.mark.slow
 def test_finetune_from_a_restored_checkpoint_learns_and_resumes(tmp_path):
   one_block = eval_testing.tiny_student_config(depth=1)  # Keeps the two compilations of the step short.
   eval_testing.save_pretraining_checkpoints(tmp_path / "pretrain", steps=(5, 7), config=one_block)
@@ -190,18 +191,17 @@ def mixup_enabled(config):
 
 
 def test_training_loop_stops_at_a_non_finite_loss_before_evaluating_or_saving(tmp_path):
-  """Fine-tuning and segmentation share loop.run_training_steps: a diverged state is never evaluated or saved."""
+  """Every mode shares runner.loop.train_loop: a diverged state is never evaluated or saved."""
   from dtm_jax.runtime import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   losses = [1.0, 0.5, float("nan"), float("nan")]
-  train_step = lambda state, batch, rng: (state + 1, {"train_loss": jnp.float32(losses[int(state)]),
-                                                      "lr": jnp.float32(0.1)})
+  train_step = lambda state, batch: (state + 1, {"train_loss": jnp.float32(losses[int(state)]),
+                                                 "lr": jnp.float32(0.1)})
   evaluated, saved = [], []
   writer = metrics.MetricsWriter(tmp_path, flush_every_secs=0.0)
   with pytest.raises(FloatingPointError, match="non-finite train_loss at step 3; no checkpoint"):
-    loop.run_training_steps(
-        jnp.int32(0), what="Fine-tuning", step=0, total_steps=4, train_step=train_step, next_batch=lambda: None,
-        rng=jax.random.key(0), is_eval_step=lambda step: step % 3 == 0 or step == 2,
-        evaluate=lambda state, step: evaluated.append(step), save=lambda state, step: saved.append(step),
-        checkpointer=checkpoint_lib.Checkpointer(tmp_path, async_save=False), writer=writer,
-        progress=metrics.Progress(4), log_every=100)
-  assert evaluated == saved == [2]  # the last good state is the last checkpoint
+    loop.train_loop(
+        jnp.int32(0), what="Fine-tuning", step=0, total=4, train_step=train_step, next_batch=lambda: None,
+        eval_every=1, evaluate=lambda state, step: evaluated.append(step), save_every=1,
+        save=lambda state, step: saved.append(step),
+        checkpointer=checkpoint_lib.Checkpointer(tmp_path, async_save=False), writer=writer, log_every=100)
+  assert evaluated == saved == [1, 2]  # the last good state is the last checkpoint

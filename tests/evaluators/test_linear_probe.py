@@ -17,11 +17,6 @@ from dtm_jax.models import functional, vit
 from dtm_jax.runtime import checkpoint, errors, metrics
 
 
-@pytest.fixture(scope="module")
-def mesh():
-  return sharding.make_mesh(data=4, fsdp=2)
-
-
 def probe_config(**overrides):
   config = linear_probe_demo.get_config()
   config.update(num_classes=5, batch_size=64, epochs=12, warmup_epochs=2, eval_every_epochs=4, **overrides)
@@ -60,7 +55,8 @@ def test_probe_on_separable_features_reaches_100_percent(mesh, tmp_path, optimiz
 
 
 class _SigtermAfter(metrics.MetricsWriter):
-  """Sends this process SIGTERM once it has logged `step` (as a scheduler would, mid-run)."""
+  """Sends this process SIGTERM once it has logged `step` (as a scheduler would, mid-run); the loop sees it after
+  its next step (epoch), as it asks for a stop right after each step."""
 
   def __init__(self, workdir, step):
     super().__init__(workdir, resume_step=0)
@@ -85,7 +81,7 @@ def test_sigterm_saves_the_epoch_reached_and_the_rerun_ends_as_an_uninterrupted_
 
   reference = run(tmp_path / "reference", metrics.MetricsWriter(tmp_path / "reference"))
   with pytest.raises(errors.Interrupted) as stopped:
-    run(tmp_path / "probe", _SigtermAfter(tmp_path / "probe", 6 * 15))
+    run(tmp_path / "probe", _SigtermAfter(tmp_path / "probe", 5 * 15))  # seen after epoch 6
   assert stopped.value.exit_code == 0 and "after epoch 6 of 12" in str(stopped.value)
   assert checkpoint.Checkpointer(tmp_path / "probe").all_steps() == [4 * 15, 6 * 15]  # an evaluation, then the stop
   resumed = run(tmp_path / "probe", metrics.MetricsWriter(tmp_path / "probe", resume_step=6 * 15))
@@ -115,7 +111,7 @@ def test_online_probe_stopped_by_sigterm_resumes_at_the_saved_input_position(mes
 
   reference = run(tmp_path / "reference", metrics.MetricsWriter(tmp_path / "reference"), eval_testing.TintedStream(16))
   with pytest.raises(errors.Interrupted):
-    run(tmp_path / "probe", _SigtermAfter(tmp_path / "probe", 3 * 3), eval_testing.TintedStream(16))
+    run(tmp_path / "probe", _SigtermAfter(tmp_path / "probe", 2 * 3), eval_testing.TintedStream(16))  # seen after epoch 3
   assert checkpoint.Checkpointer(tmp_path / "probe").all_steps() == [2 * 3, 3 * 3]
   stream = eval_testing.TintedStream(16)
   resumed = run(tmp_path / "probe", metrics.MetricsWriter(tmp_path / "probe", resume_step=3 * 3), stream)

@@ -1,4 +1,5 @@
-"""Failure scenarios of docs/RELIABILITY.md: kills, interrupted or corrupted checkpoints, preemption, NaNs, bad configs.
+"""Failure scenarios of docs/RELIABILITY.md through `main.py`: kills, interrupted or corrupted checkpoints, repeated
+preemptions, NaNs, bad configs; every interrupted run resumes to the result of an uninterrupted one.
 
 Subprocess runs use 2 fake CPU devices and the real Fashion-MNIST input pipeline, so resumption covers the data stream.
 """
@@ -8,19 +9,22 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from train_testing import REPO, free_port, losses_by_step, tiny_config
+from train_testing import free_port, losses_by_step, main_command, main_env, tiny_config
 
 from dtm_jax.runner import run as runner
 from dtm_jax.runtime import checkpoint
 
 STEPS = 20  # every run is stopped at or before this step; total_steps is larger so no run ends on its own
+
+
 TOTAL_STEPS = 1000
+
+
 # Synchronous saves: a kill a few steps after a checkpoint then finds it complete (async saves are covered by
 # tests/test_train.py's resume test).
 COMMON_FLAGS = ["--config.log_every=1", "--config.checkpoint_every=5", f"--config.total_steps={TOTAL_STEPS}",
@@ -28,14 +32,7 @@ COMMON_FLAGS = ["--config.log_every=1", "--config.checkpoint_every=5", f"--confi
 
 
 def _command(workdir, *extra):
-  return [sys.executable, os.path.join(REPO, "main.py"), "--config=" + os.path.join(REPO, "configs/test_tiny.py"),
-          f"--workdir={workdir}", *COMMON_FLAGS, *extra]
-
-
-def _env():
-  env = dict(os.environ)
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  return env
+  return main_command(workdir, *COMMON_FLAGS, *extra)
 
 
 def _logged_steps(workdir):
@@ -50,7 +47,7 @@ def _final_params(workdir):
 
 def _run_until(workdir, step, sig, *extra):
   """Starts the run and sends `sig` once `step` steps have been logged; returns the process's exit code and log."""
-  proc = subprocess.Popen(_command(workdir, *extra), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+  proc = subprocess.Popen(_command(workdir, *extra), env=main_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
   deadline = time.time() + 300
   while _logged_steps(workdir) < step and proc.poll() is None and time.time() < deadline:
@@ -64,7 +61,7 @@ def _run_until(workdir, step, sig, *extra):
 def _run(workdir, *extra):
   """Runs to step STEPS (or to the given stop) and checks that it exits cleanly; returns its log."""
   extra = extra or (f"--config.stop_after_step={STEPS}",)
-  done = subprocess.run(_command(workdir, *extra), env=_env(), capture_output=True, text=True, timeout=600)
+  done = subprocess.run(_command(workdir, *extra), env=main_env(), capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   return done.stdout + done.stderr
 
@@ -86,6 +83,7 @@ def _assert_same_run(workdir, reference):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_kill_9_between_checkpoints_then_rerun_equals_uninterrupted(tmp_path, reference):
   workdir = tmp_path / "run"
   kill_at = random.Random(os.getpid()).randint(6, 9)  # after the checkpoint of step 5, before the one of step 10
@@ -100,6 +98,7 @@ def test_kill_9_between_checkpoints_then_rerun_equals_uninterrupted(tmp_path, re
   _assert_same_run(workdir, reference)
 
 
+@pytest.mark.slow
 def test_repeated_preemptions_lose_no_steps(tmp_path, reference):
   workdir = tmp_path / "run"
   for stop_after in (4, 11):
@@ -117,6 +116,7 @@ def _copy_run(reference, tmp_path):
   return workdir
 
 
+@pytest.mark.slow
 def test_interrupted_checkpoint_write_is_ignored(tmp_path, reference, caplog):
   workdir = _copy_run(reference, tmp_path)
   # What a kill during the save of step 20 leaves: the step directory under its temporary name, never renamed.
@@ -141,6 +141,7 @@ def _corrupt(step_dir):
       path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 3)])
 
 
+@pytest.mark.slow
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_path, reference, caplog):
   workdir = _copy_run(reference, tmp_path)
   _corrupt(workdir / "checkpoints" / "20")
@@ -154,6 +155,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_pat
   assert checkpoint.find_step_directory(workdir)[1] == STEPS
 
 
+@pytest.mark.slow
 def test_all_checkpoints_corrupted_is_a_clear_error(tmp_path, reference):
   workdir = _copy_run(reference, tmp_path)
   for step_dir in (workdir / "checkpoints").iterdir():
@@ -163,6 +165,7 @@ def test_all_checkpoints_corrupted_is_a_clear_error(tmp_path, reference):
     runner.run("pretrain", _config(), str(workdir))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
   runner.run("pretrain", _config(stop_after_step=5), str(tmp_path))
   with pytest.raises(FloatingPointError, match=r"Non-finite (loss|gradient norm).* at step (\d+)") as error:
@@ -192,21 +195,23 @@ def test_bad_configs_fail_before_compiling_with_what_to_change(tmp_path, overrid
   assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_unknown_config_key_is_refused(tmp_path):
-  done = subprocess.run(_command(tmp_path, "--config.optim.base_lrr=1e-3"), env=_env(), capture_output=True,
+  done = subprocess.run(_command(tmp_path, "--config.optim.base_lrr=1e-3"), env=main_env(), capture_output=True,
                         text=True, timeout=300)
   assert done.returncode != 0
   assert "base_lrr" in done.stderr
   assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_processes_that_disagree_on_the_config_refuse_to_start(tmp_path):
   port = free_port()
   procs = []
   for i, lr in enumerate(("1e-3", "2e-3")):
     flags = [f"--config.optim.base_lr={lr}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
              f"--process_id={i}", "--config.input.source=synthetic"]
-    procs.append(subprocess.Popen(_command(tmp_path, *flags), env=_env(), stdout=subprocess.PIPE,
+    procs.append(subprocess.Popen(_command(tmp_path, *flags), env=main_env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode != 0 for p in procs)

@@ -6,10 +6,27 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from dtm_jax.models import clip, convert, position_resize, vit
-from tests import torch_reference as ref
+
+# Every test here reads PyTorch files made by torch from tests/torch_reference models: all are marked `torch`, and
+# torch, transformers and torch_reference are imported through the fixtures below, so that collecting this file
+# needs none of them.
+# pylint: disable=redefined-outer-name
+pytestmark = pytest.mark.torch
+
+
+@pytest.fixture(scope="module")
+def torch():
+  return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def ref(torch):
+  del torch  # imported (or skipped) before torch_reference imports it
+  pytest.importorskip("transformers")
+  from tests import torch_reference  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  return torch_reference
 
 
 def _run_cli(tmp_path, fmt, source, *flags, output="converted"):
@@ -18,11 +35,13 @@ def _run_cli(tmp_path, fmt, source, *flags, output="converted"):
 
 
 def _torch_file(path, tree):
+  torch = pytest.importorskip("torch")
   torch.save(_to_torch(tree), path)
   return path
 
 
 def _to_torch(tree):
+  torch = pytest.importorskip("torch")
   if isinstance(tree, dict):
     return {k: _to_torch(v) for k, v in tree.items()}
   return torch.from_numpy(np.ascontiguousarray(tree)) if isinstance(tree, np.ndarray) else tree
@@ -30,6 +49,7 @@ def _to_torch(tree):
 
 def _torchscript_file(path, flat):
   """A TorchScript archive whose state dict is `flat`, the way OpenAI ships CLIP `.pt` files."""
+  torch = pytest.importorskip("torch")
   root = torch.nn.Module()
   for name, value in flat.items():
     *parents, leaf = name.split(".")
@@ -44,16 +64,16 @@ def _torchscript_file(path, flat):
 
 
 @pytest.fixture(scope="module")
-def hf_clip():
+def hf_clip(ref):
   return ref.hf_clip(seed=3)
 
 
 @pytest.fixture(scope="module")
-def hf_beit():
+def hf_beit(ref):
   return ref.hf_beit(seed=4)
 
 
-def _beit_pretrain_weights(hf_beit):
+def _beit_pretrain_weights(hf_beit, ref):
   weights = ref.beit_to_unilm(ref.numpy_state(hf_beit))
   rng = np.random.default_rng(0)
   weights["lm_head.weight"] = rng.normal(size=(16, 32)).astype(np.float32) / 6
@@ -61,7 +81,7 @@ def _beit_pretrain_weights(hf_beit):
   return weights
 
 
-def test_hf_clip_directory(tmp_path, hf_clip):
+def test_hf_clip_directory(tmp_path, hf_clip, ref):
   hf_clip.save_pretrained(tmp_path / "hf")  # model.safetensors + config.json (4 heads, not width // 64).
   out = _run_cli(tmp_path, "hf_clip", tmp_path / "hf")
   metadata = json.loads((out / convert.CONFIG_FILE).read_text())
@@ -83,7 +103,7 @@ def test_hf_clip_directory(tmp_path, hf_clip):
     _run_cli(tmp_path, "hf_clip", tmp_path / "hf" / "model.safetensors", "--num_heads=8", output="other")
 
 
-def test_openai_torchscript_with_text_tower(tmp_path, hf_clip):
+def test_openai_torchscript_with_text_tower(tmp_path, hf_clip, ref):
   weights = ref.clip_to_openai(ref.numpy_state(hf_clip))
   weights.update({  # The text tower and metadata of a full OpenAI archive are dropped on purpose.
       "transformer.resblocks.0.attn.in_proj_weight": np.zeros((96, 32), np.float32),
@@ -98,7 +118,7 @@ def test_openai_torchscript_with_text_tower(tmp_path, hf_clip):
   np.testing.assert_allclose(np.asarray(teacher(jnp.asarray(x))), want, atol=1e-4, rtol=0)
 
 
-def test_open_clip_needs_an_activation(tmp_path, hf_clip):
+def test_open_clip_needs_an_activation(tmp_path, hf_clip, ref):
   weights = {f"module.{k}": v for k, v in ref.clip_to_openai(ref.numpy_state(hf_clip)).items()}
   source = _torch_file(tmp_path / "open_clip.pt", {"epoch": 3, "state_dict": weights})
   with pytest.raises(SystemExit, match="--activation=gelu"):
@@ -109,8 +129,8 @@ def test_open_clip_needs_an_activation(tmp_path, hf_clip):
                              ref.hf_clip_patch_tokens(hf_clip, x_torch), atol=1e-4, rtol=0)
 
 
-def test_beit_pretraining_checkpoint(tmp_path, hf_beit):
-  weights = _beit_pretrain_weights(hf_beit)
+def test_beit_pretraining_checkpoint(tmp_path, hf_beit, torch, ref):
+  weights = _beit_pretrain_weights(hf_beit, ref)
   source = _torch_file(tmp_path / "dtm.pth", {"model": weights})
   out = _run_cli(tmp_path, "beit", source)
   student = convert.load_converted(out)
@@ -134,7 +154,7 @@ def test_beit_pretraining_checkpoint(tmp_path, hf_beit):
   assert larger(jnp.asarray(np.zeros((1, 48, 48, 3), np.float32)), jnp.zeros((1, 36), bool)).shape == (1, 36, 16)
 
 
-def test_beit_classifier_checkpoint(tmp_path):
+def test_beit_classifier_checkpoint(tmp_path, torch, ref):
   torch_model = ref.hf_beit_classifier(seed=5, num_labels=16)
   source = _torch_file(tmp_path / "finetuned.pth", {"model": ref.beit_to_unilm(ref.numpy_state(torch_model))})
   classifier = convert.load_converted(_run_cli(tmp_path, "beit", source))
@@ -145,8 +165,8 @@ def test_beit_classifier_checkpoint(tmp_path):
   np.testing.assert_allclose(np.asarray(classifier(jnp.asarray(x))), want, atol=1e-4, rtol=0)
 
 
-def test_errors_name_the_problem(tmp_path, hf_beit):
-  weights = _beit_pretrain_weights(hf_beit)
+def test_errors_name_the_problem(tmp_path, hf_beit, ref):
+  weights = _beit_pretrain_weights(hf_beit, ref)
 
   with pytest.raises(SystemExit, match="does not exist"):
     _run_cli(tmp_path, "beit", tmp_path / "missing.pth")

@@ -2,15 +2,15 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import train_testing
 from flax import nnx
-from train_testing import REPO, free_port, losses_by_step, tiny_config
+from train_testing import free_port, losses_by_step, main_command, main_env, tiny_config
 
 from dtm_jax import morphing, sharding, targets
 from dtm_jax.models import functional, vit
@@ -46,6 +46,7 @@ def _run_on_mesh(mesh, params, target, loss_and_grads, batch):
                            sharding.to_global(batch, mesh), jnp.int32(0)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", ["cpu_kernel", "pairwise", "scatter", "matmul"])
 def test_first_step_on_sharded_mesh_equals_one_device(implementation, monkeypatch):
   # Every morphing implementation, as GPUs/TPUs ("matmul") and CPUs without a compiler ("pairwise") run it too.
@@ -64,6 +65,7 @@ def test_first_step_on_sharded_mesh_equals_one_device(implementation, monkeypatc
     np.testing.assert_allclose(g_many, g_one, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_full_batch():
   config = tiny_config(batch_size=32)
   params, target, full = _components(config)
@@ -78,6 +80,7 @@ def test_gradient_accumulation_equals_full_batch():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_training_on_data_fsdp_mesh_learns_compiles_once_and_checkpoints(tmp_path):
   config = tiny_config(**{"mesh.data": 4, "mesh.fsdp": 2, "mesh.min_fsdp_size": 64, "log_every": 1})
   result = runner.run("pretrain", config, str(tmp_path))
@@ -91,6 +94,7 @@ def test_training_on_data_fsdp_mesh_learns_compiles_once_and_checkpoints(tmp_pat
   assert list((tmp_path / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
 def test_relative_workdir_checkpoints_and_restores(tmp_path, monkeypatch):
   # `make demo` passes --workdir=workdirs/demo; Orbax only accepts absolute paths.
   monkeypatch.chdir(tmp_path)
@@ -101,6 +105,7 @@ def test_relative_workdir_checkpoints_and_restores(tmp_path, monkeypatch):
   assert (tmp_path / "runs" / "relative" / "checkpoints" / "2" / "params").is_dir()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["synthetic", "fashion_mnist"])
 def test_resume_continues_exactly(tmp_path, source):
   overrides = {"log_every": 1, "checkpoint_every": 5, "input.source": source}
@@ -117,6 +122,7 @@ def test_resume_continues_exactly(tmp_path, source):
     assert abs(got[step] - expected[step]) <= 1e-6 * max(1.0, abs(expected[step])), step
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_config_is_refused(tmp_path):
   runner.run("pretrain", tiny_config(stop_after_step=5), str(tmp_path))
   with pytest.raises(ValueError, match="optim.base_lr"):
@@ -125,23 +131,15 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
   assert result["step"] == 20
 
 
-def _main_command(workdir, *extra):
-  return [sys.executable, os.path.join(REPO, "main.py"), "--config=" + os.path.join(REPO, "configs/test_tiny.py"),
-          f"--workdir={workdir}", *extra]
 
 
-def _env(devices):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = REPO
-  return env
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(tmp_path):
   workdir = tmp_path / "run"
-  proc = subprocess.Popen(_main_command(workdir, "--config.total_steps=100000", "--config.checkpoint_every=100000",
-                                        "--config.log_every=1"), env=_env(2), stdout=subprocess.PIPE,
+  proc = subprocess.Popen(main_command(workdir, "--config.total_steps=100000", "--config.checkpoint_every=100000",
+                                        "--config.log_every=1"), env=main_env(2), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 120
   while time.time() < deadline and len(losses_by_step(workdir) if (workdir / "metrics.jsonl").exists() else {}) < 3:
@@ -154,23 +152,24 @@ def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(tmp_path):
   logged = max(losses_by_step(workdir))
   assert steps[0] == logged  # the checkpoint is of the last step taken
   # The checkpoint restores: the same command resumes from it.
-  resumed = subprocess.run(_main_command(workdir, "--config.total_steps=100000", "--config.checkpoint_every=100000",
+  resumed = subprocess.run(main_command(workdir, "--config.total_steps=100000", "--config.checkpoint_every=100000",
                                          "--config.log_every=1", f"--config.stop_after_step={steps[0] + 2}"),
-                           env=_env(2), capture_output=True, text=True, timeout=300)
+                           env=main_env(2), capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
   assert f"Resumed from the checkpoint of step {steps[0]}" in resumed.stderr
   assert max(losses_by_step(workdir)) == steps[0] + 2
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   single = tmp_path / "single"
   runner.run("pretrain", tiny_config(log_every=1, total_steps=8, checkpoint_every=4), str(single))
   port = free_port()
   multi = tmp_path / "multi"
-  procs = [subprocess.Popen(_main_command(multi, "--config.log_every=1", "--config.total_steps=8",
+  procs = [subprocess.Popen(main_command(multi, "--config.log_every=1", "--config.total_steps=8",
                                           "--config.checkpoint_every=4", f"--coordinator_address=127.0.0.1:{port}",
                                           "--num_processes=2", f"--process_id={i}"),
-                            env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=main_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outs):
@@ -218,7 +217,8 @@ def test_the_next_batch_is_sent_while_the_step_runs_and_never_past_a_checkpoint(
 
   write_scalars, save = metrics.MetricsWriter.write_scalars, checkpoint.Checkpointer.save
   monkeypatch.setattr(train, "build_program", recording_program)
-  monkeypatch.setattr(train, "build_pretrain_data", lambda *args: _Recording(build_data(*args), events))
+  monkeypatch.setattr(train, "build_pretrain_data",
+                      lambda *args, **kwargs: _Recording(build_data(*args, **kwargs), events))
   monkeypatch.setattr(metrics.MetricsWriter, "write_scalars",
                       lambda self, *args: (events.append("metrics"), write_scalars(self, *args))[1])
   monkeypatch.setattr(checkpoint.Checkpointer, "save", lambda self, *args, **kwargs: (
@@ -251,3 +251,13 @@ def test_uint8_images_are_normalised_in_the_step():
     _, step_metrics = program.step(state, target_params, {"image": jnp.asarray(images), "mask": mask})
     losses.append(float(step_metrics["loss"]))
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_in_training_knn_runs(tmp_path):
+  # eval.every > 0 used to fail with a TypeError (the kNN's arguments had changed); its batch is checked too.
+  config = train_testing.long_tiny_config(stop_after_step=5, **{"input.source": "fashion_mnist", "input.eval_split": "test", "eval.every": 5,
+                                         "eval.batch_size": 32, "eval.k": 5, "eval.num_train_examples": 64,
+                                         "eval.num_eval_examples": 32})
+  result = runner.run("pretrain", config, str(tmp_path))
+  assert result["knn_bank_size"] == 64 and 0.0 <= result["knn_top1"] <= 100.0

@@ -7,13 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 from flax import nnx
 
 from dtm_jax import platform
 from dtm_jax.models import convert, functional, layers, vit
-from tests import torch_reference as ref
 
 # One small geometry for every test: JAX compiles each initialiser and op once per shape, so sharing it keeps the
 # file fast. It matches tests/torch_reference.TINY_BEIT.
@@ -24,6 +21,28 @@ CONFIG = vit.get_config("test", **SMALL)
 @pytest.fixture(scope="module")
 def model():
   return vit.PretrainViT(CONFIG, rngs=nnx.Rngs(0))
+
+
+# torch, transformers and tests/torch_reference are imported by the tests marked `torch`, through these fixtures, so
+# the other tests run without them.
+# pylint: disable=redefined-outer-name
+
+
+@pytest.fixture(scope="module")
+def torch():
+  return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def transformers():
+  return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def ref(torch, transformers):
+  del torch, transformers  # imported (or skipped) before torch_reference imports them
+  from tests import torch_reference  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  return torch_reference
 
 
 def _images(batch=2, seed=0):
@@ -49,12 +68,13 @@ def _masked(batch=2, num_patches=16, positions=(1, 5, 6, 11)):
   return mask
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("overrides", [
     {},  # DTM default: per-block + shared relative bias, layer scale.
     dict(use_absolute_position_embeddings=True, use_shared_relative_position_bias=False,
          layer_scale_init_value=0.0),
 ])
-def test_student_matches_hf_beit(overrides):
+def test_student_matches_hf_beit(overrides, torch, ref):
   torch_model = ref.hf_beit(**overrides)
   x, x_torch = ref.images(2, 32)
   mask = _masked()
@@ -76,7 +96,8 @@ def test_student_matches_hf_beit(overrides):
   np.testing.assert_allclose(predictions, expected, atol=1e-4, rtol=0)
 
 
-def test_classifier_matches_hf_beit_mean_pooling():
+@pytest.mark.torch
+def test_classifier_matches_hf_beit_mean_pooling(torch, ref):
   torch_model = ref.hf_beit_classifier(num_labels=16)
   x, x_torch = ref.images(3, 32, seed=2)
   with torch.no_grad():
@@ -181,6 +202,7 @@ def test_split_state_holds_only_params_and_jits():
                              np.asarray(model(x, mask, jax.random.key(3))), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(vit.VARIANTS))
 def test_variant_shapes(variant):
   config = vit.get_config(variant)
@@ -196,8 +218,9 @@ def test_variant_shapes(variant):
   assert state["blocks"][0]["attn"]["rel_pos_bias"].shape == (732, heads)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("variant", ["small", "base", "large"])
-def test_parameter_counts_match_beit(variant):
+def test_parameter_counts_match_beit(variant, torch, transformers):
   width, depth, heads = vit.VARIANTS[variant]
   hf = dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=4 * width,
             layer_scale_init_value=0.1, use_relative_position_bias=True)
@@ -267,6 +290,7 @@ def test_config_errors_say_what_to_do(model):
     model(jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 15), bool))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bias_shape", [None, (1, 3, 7, 7), (2, 3, 7, 7), (2, 1, 7, 7)])
 def test_cpu_attention_matches_dot_product_attention_with_gradients(bias_shape):
   """The CPU default (head-major, unnormalised probabilities, hand-written gradient) against JAX's reference."""
@@ -286,7 +310,8 @@ def test_cpu_attention_matches_dot_product_attention_with_gradients(bias_shape):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_gelu_is_exact_gelu_with_its_gradient():
+@pytest.mark.torch
+def test_gelu_is_exact_gelu_with_its_gradient(torch):
   """The erf formula loses digits to cancellation (< 1e-6 absolute) only where GELU is ~0."""
   x = jnp.linspace(-9.0, 9.0, 1001)
   np.testing.assert_allclose(layers.gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
@@ -297,6 +322,7 @@ def test_gelu_is_exact_gelu_with_its_gradient():
                              rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["dots", "full"])
 def test_remat_gradients_equal_gradients_without_remat(policy):
   """Rematerialised blocks recompute what they do not keep: same loss and gradients (with drop path active), and
@@ -355,6 +381,7 @@ def test_bf16_blocks_keep_tiny_layer_scaled_updates_in_float32():
     stream = output
 
 
+@pytest.mark.slow
 def test_bf16_forward_of_vit_b16_stays_close_to_float32():
   """ViT-B/16 (DTM's defaults) on random images: bf16 compute is within 2% (relative, max-norm) of float32."""
   config = vit.get_config("base", out_dim=512)

@@ -4,6 +4,7 @@ Parameters and optimizer state reshard through the abstract shardings; the per-p
 be restored, so the input is rebuilt at the checkpoint's step, with one warning. The synthetic source's global
 batches depend on the step alone, so there the resumed run must take exactly the step an uninterrupted run takes.
 """
+import pytest
 import logging
 import shutil
 
@@ -21,6 +22,7 @@ from dtm_jax.runtime import checkpoint
 _FLAGS = ("--config.log_every=1", "--config.checkpoint_every=4", "--config.total_steps=12")
 
 
+@pytest.mark.slow
 def test_another_process_count_restores_the_newest_step_without_trying_its_iterator_state(tmp_path, monkeypatch,
                                                                                            caplog):
   config = lambda **overrides: tiny_config(log_every=1, checkpoint_every=4, total_steps=12, async_checkpointing=False,
@@ -35,7 +37,8 @@ def test_another_process_count_restores_the_newest_step_without_trying_its_itera
   monkeypatch.setattr(checkpoint.DataIteratorHandler, "restore",
                       lambda self, directory, args: (tried.append(str(directory)), restore(self, directory, args))[1])
   with caplog.at_level(logging.INFO):  # on another mesh too: FSDP over 2 devices (the mesh may change on resume)
-    runner.run("pretrain", config(stop_after_step=9, **{"mesh.data": 4, "mesh.fsdp": 2, "mesh.min_fsdp_size": 16}), str(tmp_path))
+    runner.run("pretrain", config(stop_after_step=9, **{"mesh.data": 4, "mesh.fsdp": 2, "mesh.min_fsdp_size": 16}),
+               str(tmp_path))
   assert tried == []  # the process count is checked first: neither step 8's states nor an older step's are read
   assert "trying the previous one" not in caplog.text and "Resumed from the checkpoint of step 8" in caplog.text
   warnings = [r.getMessage() for r in caplog.records if "written by 2 processes" in r.getMessage()]
@@ -45,6 +48,7 @@ def test_another_process_count_restores_the_newest_step_without_trying_its_itera
   np.testing.assert_allclose(resumed[9], reference[9], rtol=1e-5)  # the batch of step 9, on the restored parameters
 
 
+@pytest.mark.slow
 def test_a_run_saved_by_2_processes_of_4_devices_resumes_on_1_process_of_8_devices_and_of_2(tmp_path):
   saved = tmp_path / "2x4"
   codes, outs = run_main(saved, *_FLAGS, "--config.stop_after_step=9", num_processes=2, devices=4)

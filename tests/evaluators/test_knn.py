@@ -23,9 +23,6 @@ def feature_set(features, labels, valid, mesh):
   return encoding.FeatureSet(*(jax.device_put(x, rows) for x in (features, labels, valid)))
 
 
-@pytest.fixture(scope="module")
-def mesh():
-  return sharding.make_mesh(data=4, fsdp=2)
 
 
 @pytest.mark.parametrize("k", [1, 5, 20])

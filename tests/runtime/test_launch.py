@@ -147,6 +147,7 @@ def test_explicit_flags_win(env):
   assert env.calls == [{"coordinator_address": "127.0.0.1:1234", "num_processes": 4, "process_id": 1}]
 
 
+@pytest.mark.slow
 def test_main_refuses_an_uncoordinated_launch_with_one_line(tmp_path):
   """Through main.py: an MPI launch JAX cannot join is one clear error (today: a ValueError traceback)."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCH_VARS)}

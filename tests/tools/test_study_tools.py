@@ -177,6 +177,7 @@ def test_run_one_resumes_a_study_run_part_by_part(tmp_path, monkeypatch):
   registry.validate("finetune", config, check_paths=False)
 
 
+@pytest.mark.slow
 def test_floors_include_the_teacher_reference_and_are_computed_once(tmp_path, monkeypatch):
   from tools import semantic_teacher  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
@@ -196,6 +197,7 @@ def test_floors_include_the_teacher_reference_and_are_computed_once(tmp_path, mo
 
 
 # ----- frozen-feature scores -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_knn_and_probe_separate_easy_classes_and_not_random_labels():
   mesh = sharding.make_mesh(-1, 1)
   rng = np.random.default_rng(0)
@@ -318,6 +320,7 @@ def test_teacher_config_from_a_config_dict_builds_frozen_kinds():
   assert target.kind == "clip" and params is target.params
 
 
+@pytest.mark.slow
 def test_spatial_analysis_runs_end_to_end_on_fashion_mnist():
   from configs import demo  # pylint: disable=g-import-not-at-top
   config = demo.get_config()

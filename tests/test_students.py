@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dtm_jax import sharding, students
+from dtm_jax import students
 from dtm_jax.models import convert, functional, vit
 
 
@@ -16,9 +16,6 @@ def pretraining_workdir(tmp_path_factory):
   return workdir, eval_testing.save_pretraining_checkpoints(workdir, steps=(10, 20, 30))
 
 
-@pytest.fixture(scope="module")
-def mesh():
-  return sharding.make_mesh(data=4, fsdp=2)
 
 
 def pretrained(workdir, step=None):

@@ -5,8 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from flax import nnx
 
 from dtm_jax.evaluators import segmentation_metrics as seg_metrics
@@ -92,16 +90,27 @@ def test_predictions_on_ignored_pixels_do_not_count():
 # ---------------------------------------------------------------------------------------------------------------
 # Resizing and pooling as PyTorch computes them
 
+# The tests marked `torch` import it themselves, so the others run without it.
+
+@pytest.fixture(scope="module")
+def torch():
+  return pytest.importorskip("torch")
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("size", [(20, 28), (3, 4), (1, 1), (13, 9)])
-def test_resize_bilinear_matches_torch(size):
+def test_resize_bilinear_matches_torch(size, torch):  # pylint: disable=redefined-outer-name
+  F = torch.nn.functional  # pylint: disable=invalid-name
   x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
   expected = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=size, mode="bilinear",
                            align_corners=False).permute(0, 2, 3, 1).numpy()
   np.testing.assert_allclose(segmentation.resize_bilinear(jnp.asarray(x), size), expected, atol=1e-5)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("in_size,out_size", [(2, 6), (7, 3), (16, 6), (5, 1)])
-def test_adaptive_avg_pool_matches_torch(in_size, out_size):
+def test_adaptive_avg_pool_matches_torch(in_size, out_size, torch):  # pylint: disable=redefined-outer-name
+  F = torch.nn.functional  # pylint: disable=invalid-name
   x = np.random.default_rng(0).normal(size=(2, in_size, in_size + 1, 3)).astype(np.float32)
   expected = F.adaptive_avg_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), out_size).permute(0, 2, 3, 1).numpy()
   np.testing.assert_allclose(segmentation.adaptive_avg_pool(jnp.asarray(x), out_size), expected, atol=1e-6)
@@ -112,6 +121,8 @@ def test_adaptive_avg_pool_matches_torch(in_size, out_size):
 
 def _mmseg_slide(apply_fn, images, num_classes, window, stride):
   """mmseg's slide_inference loop, written from its description: windows at i·stride clamped to the border."""
+  torch = pytest.importorskip("torch")  # pylint: disable=redefined-outer-name
+  F = torch.nn.functional  # pylint: disable=invalid-name
   batch, height, width, _ = images.shape
   preds = np.zeros((batch, height, width, num_classes), np.float64)
   count = np.zeros((height, width))
@@ -139,6 +150,7 @@ def _position_dependent_fn(num_classes):
   return apply_fn
 
 
+@pytest.mark.torch  # _mmseg_slide resizes with torch
 def test_sliding_window_averages_overlapping_windows_as_mmseg():
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 40, 56, 3)), jnp.float32)
   apply_fn = _position_dependent_fn(4)
@@ -156,6 +168,7 @@ def test_sliding_window_of_a_pixelwise_model_is_the_whole_image_prediction():
   np.testing.assert_allclose(got, pixelwise(images), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sliding_window_equals_whole_image_inference_when_the_image_fits_one_window(stateful):
   view, params, stats = stateful
   images = _images(seed=4)
@@ -218,6 +231,7 @@ def _loss_fn(view, stats, images, labels, dropout_rng=None):
   return loss_fn
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_parameter(stateful):
   view, params, stats = stateful
   labels = jnp.asarray(_labels((2, 32, 32)))
@@ -266,7 +280,9 @@ def test_dropout_follows_the_key_and_only_in_training(stateful):
 # ---------------------------------------------------------------------------------------------------------------
 # The loss
 
-def test_loss_equals_mmseg_cross_entropy_with_ignored_pixels():
+@pytest.mark.torch
+def test_loss_equals_mmseg_cross_entropy_with_ignored_pixels(torch):  # pylint: disable=redefined-outer-name
+  F = torch.nn.functional  # pylint: disable=invalid-name
   rng = np.random.default_rng(8)
   logits = rng.normal(size=(2, 8, 8, NUM_CLASSES)).astype(np.float32)
   aux_logits = rng.normal(size=(2, 2, 2, NUM_CLASSES)).astype(np.float32)

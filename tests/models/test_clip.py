@@ -5,20 +5,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 from flax import nnx
 
 from dtm_jax.models import clip, convert
-from tests import torch_reference as ref
+
+# torch, transformers and tests/torch_reference are imported by the tests marked `torch`, through these fixtures, so
+# the other tests run without them.
+# pylint: disable=redefined-outer-name
 
 
 @pytest.fixture(scope="module")
-def hf_model():
+def torch():
+  return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def transformers():
+  return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def ref(torch, transformers):
+  del torch, transformers  # imported (or skipped) before torch_reference imports them
+  from tests import torch_reference  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  return torch_reference
+
+
+@pytest.fixture(scope="module")
+def hf_model(ref):
   return ref.hf_clip()
 
 
-def test_patch_tokens_match_hf_clip(hf_model):
+@pytest.mark.torch
+def test_patch_tokens_match_hf_clip(hf_model, torch, ref):
   x, x_torch = ref.images(2, 32)
   converted = convert.convert_weights(ref.numpy_state(hf_model), "hf_clip", num_heads=4)
   assert converted.config.activation == "quick_gelu"
@@ -35,7 +54,8 @@ def test_patch_tokens_match_hf_clip(hf_model):
                              atol=1e-4, rtol=0)
 
 
-def test_openai_layout_matches_hf_clip(hf_model):
+@pytest.mark.torch
+def test_openai_layout_matches_hf_clip(hf_model, ref):
   x, x_torch = ref.images(2, 32, seed=1)
   want = ref.hf_clip_patch_tokens(hf_model, x_torch)
   weights = ref.clip_to_openai(ref.numpy_state(hf_model))
@@ -46,8 +66,9 @@ def test_openai_layout_matches_hf_clip(hf_model):
   assert np.abs(np.asarray(wrong(jnp.asarray(x))) - want).max() > 1e-2
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("new_grid", [4, 6, 3, (5, 8)])
-def test_resize_pos_embed_matches_torch_bicubic(new_grid):
+def test_resize_pos_embed_matches_torch_bicubic(new_grid, torch):
   pos_embed = np.random.default_rng(0).normal(size=(1, 1 + 16, 8)).astype(np.float32)
   rows, cols = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
   resized = np.asarray(clip.resize_pos_embed(jnp.asarray(pos_embed), new_grid))
@@ -58,7 +79,8 @@ def test_resize_pos_embed_matches_torch_bicubic(new_grid):
   np.testing.assert_allclose(resized[0, 1:], want[0].permute(1, 2, 0).reshape(-1, 8).numpy(), atol=1e-5)
 
 
-def test_interpolated_positions_match_hf(hf_model):
+@pytest.mark.torch
+def test_interpolated_positions_match_hf(hf_model, ref):
   x, x_torch = ref.images(1, 48, seed=2)
   teacher = convert.build_module(convert.convert_weights(ref.numpy_state(hf_model), "hf_clip", num_heads=4))
   with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
@@ -68,7 +90,8 @@ def test_interpolated_positions_match_hf(hf_model):
                              atol=1e-4, rtol=0)
 
 
-def test_vit_b16_shapes_match_hf_clip():
+@pytest.mark.torch
+def test_vit_b16_shapes_match_hf_clip(torch, transformers, ref):
   """The real teacher's shapes (768 wide, 12 blocks, 197 positions, 512-d projection) at random weights."""
   torch.manual_seed(0)
   hf_model = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
@@ -85,7 +108,8 @@ def test_vit_b16_shapes_match_hf_clip():
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
 
 
-def test_parameter_count_matches_hf_clip():
+@pytest.mark.torch
+def test_parameter_count_matches_hf_clip(torch, transformers):
   config = clip.get_config("B/16")
   with torch.device("meta"):
     hf_model = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(

@@ -59,6 +59,7 @@ def test_linear_probe_run(setup):
   assert [r["step"] for r in metrics.read_jsonl(root / "probe" / "metrics.jsonl") if "top1" in r] == [8, 16]
 
 
+@pytest.mark.slow
 def test_finetune_run(setup):
   root, input_config = setup
   config = configure(finetune_demo.get_config(), root, input_config, num_classes=eval_testing.NUM_CLASSES,
@@ -73,6 +74,7 @@ def test_finetune_run(setup):
     runner.run("finetune", config, str(root / "pretrain"))
 
 
+@pytest.mark.slow
 def test_finetune_run_at_a_larger_image_size(setup):
   """A student pretrained at 16² fine-tunes at 24² (`config.model.image_size`): restored at its own size, its
   position tables resized for the classifier, the input pipeline cropping 24² images."""

@@ -95,7 +95,8 @@ def tiny_config(pretraining_workdir, **fields):
 
 
 def run_segment(config, workdir, mesh, stream, student_fn):
-  return segment.train_and_evaluate(config, str(workdir), student_fn=student_fn, train_data_fn=lambda crop: stream,
+  return segment.train_and_evaluate(config, str(workdir), student_fn=student_fn,
+                                    train_data_fn=lambda crop, start_step=0: stream,
                                     eval_data_fn=scene_eval_batches, mesh=mesh)
 
 
@@ -114,6 +115,7 @@ def pretrained(tmp_path_factory):
   return root
 
 
+@pytest.mark.slow
 def test_segment_learns_and_resumes_and_preempts_like_an_uninterrupted_run(pretrained):
   mesh = sharding.make_mesh(data=4, fsdp=2)
   config = tiny_config(pretrained / "pretrain")
@@ -157,6 +159,7 @@ def test_segment_learns_and_resumes_and_preempts_like_an_uninterrupted_run(pretr
                final_params(pretrained / "whole"))
 
 
+@pytest.mark.slow
 def test_segmentation_resumes_a_checkpoint_of_another_process_count_at_its_step(pretrained, caplog):
   """Another slice (issue 17): the step is restored without the 2-process job's iterator states, and the input is
   rebuilt at that step, with one warning."""
@@ -198,6 +201,7 @@ def test_segment_configs_are_valid_and_mistakes_are_named():
     assert f"config.{field}" in found, field
 
 
+@pytest.mark.slow
 def test_segment_run_end_to_end_from_scratch_on_fashion_mnist(tmp_path):
   """`main.py --mode=segment` on the offline demo task through the real input pipeline, from a random
   initialisation (`pretrained.workdir=""`): results.json with mIoU, aAcc and per-class IoU of the 11 classes."""
@@ -214,6 +218,7 @@ def test_segment_run_end_to_end_from_scratch_on_fashion_mnist(tmp_path):
   assert saved["miou"] == result["miou"] and 0.0 <= saved["miou"] <= 100.0 and 0.0 <= saved["aacc"] <= 100.0
 
 
+@pytest.mark.slow
 def test_segment_programs_compile_for_a_tpu_slice():
   topo = aot.topology("v5e:2x2")
   config = segment_demo.get_config()

@@ -1,0 +1,64 @@
+"""One writer per workdir: a second run is refused naming the holder, a dead run's lock is recovered.
+"""
+import json
+import logging
+import os
+import signal
+import socket
+import time
+
+import eval_testing
+import pytest
+import train_testing
+
+from dtm_jax.runner import run as runner
+from dtm_jax.runtime import workdir_lock
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_locked_workdir_is_refused_naming_the_holder(tmp_path):
+  workdir = tmp_path / "run"
+  holder = train_testing.hold_lock(workdir)
+  try:
+    with pytest.raises(workdir_lock.WorkdirLockedError) as error:
+      runner.run("pretrain", train_testing.long_tiny_config(stop_after_step=2), str(workdir))
+    message = str(error.value)
+    assert socket.gethostname() in message and f"pid {holder.pid}" in message and "started" in message
+    assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
+    for mode, config in eval_testing.eval_configs(tmp_path).items():  # every mode takes the lock, kNN included
+      with pytest.raises(workdir_lock.WorkdirLockedError, match=f"pid {holder.pid}"):
+        runner.run(mode, config, str(workdir))
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+@pytest.mark.slow
+def test_a_stale_lock_left_by_kill_9_is_recovered(tmp_path, caplog):
+  workdir = tmp_path / "run"
+  holder = train_testing.hold_lock(workdir)
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  assert (workdir / workdir_lock.LOCK_FILE).exists()
+  with caplog.at_level(logging.WARNING):
+    result = runner.run("pretrain", train_testing.long_tiny_config(stop_after_step=2), str(workdir))
+  assert result["step"] == 2
+  assert "stale" in caplog.text and str(holder.pid) in caplog.text
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()  # released at the end of the run
+
+
+def test_stale_lock_rule_for_other_hosts(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  now = time.time()
+  holder = {"host": "some-other-host", "pid": 12345, "start_time": now - 3600, "heartbeat": now - 5,
+            "token": "abc", "mode": "pretrain"}
+  (workdir / workdir_lock.LOCK_FILE).write_text(json.dumps(holder))
+  with pytest.raises(workdir_lock.WorkdirLockedError, match="some-other-host.*pid 12345"):
+    workdir_lock.WorkdirLock(workdir).acquire()
+  holder["heartbeat"] = now - workdir_lock.STALE_AFTER_S - 60  # no heartbeat for longer than the rule allows
+  (workdir / workdir_lock.LOCK_FILE).write_text(json.dumps(holder))
+  lock = workdir_lock.WorkdirLock(workdir).acquire()
+  assert json.loads((workdir / workdir_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
+  lock.release()
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()
