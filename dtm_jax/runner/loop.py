@@ -12,6 +12,7 @@ batch; for the linear probe, an epoch) with one behaviour for every mode:
 * Stopping: SIGTERM, Ctrl-C and JAX's preemption notice (dtm_jax.runtime.preemption; every process stops at the same
   step) save the step reached and raise `errors.Interrupted`: exit status 0 after SIGTERM (a preemption the rerun
   recovers from), 130 after Ctrl-C; `stop_after` saves and returns normally (`Finished.stopped`).
+* A run whose workdir lock another run took over (dtm_jax.runtime.workdir_lock) stops before its next step.
 * On the way out the checkpointer is closed (waiting for the last save) and the metrics writer closed; an error
   while closing the writer is logged, never put in place of the error that ended the run.
 """
@@ -25,7 +26,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from dtm_jax.runtime import checkpoint, errors, metrics
+from dtm_jax.runtime import checkpoint, errors, metrics, workdir_lock
 from dtm_jax.runtime import preemption as preemption_lib
 
 PyTree = Any
@@ -79,6 +80,7 @@ def train_loop(state: PyTree, *, what: str, step: int, total: int, train_step: C
   last_scalars: dict = {}
   try:
     while step < total:
+      workdir_lock.raise_if_taken_over()  # another run took this workdir's lock: stop before writing anything more
       if tracing and step == profile_start:
         jax.profiler.start_trace(str(profile_dir))
       state, scalars = train_step(state, batch if batch is not None else (next_batch() if next_batch else None))

@@ -1,20 +1,26 @@
-"""One writer per workdir: a lock file taken at start, refreshed by a heartbeat, released at the end.
+"""One writer per workdir: an OS file lock held for the whole run, and a record of its holder.
 
-`<workdir>/lock.json` holds the holder: host, pid, start time, mode, a random token and the time of its last
-heartbeat (rewritten every HEARTBEAT_S seconds by a daemon thread). A run that finds the file refuses to start and
-names the holder, unless the lock is stale:
+On a local (or NFS) workdir the lock is the kernel's: `<workdir>/lock.json.flock` is locked exclusively with
+`filelock` (flock) for the whole run, so two runs that start in the same instant cannot both take it, and the kernel
+releases it when its holder dies (kill -9, crash) — nothing to time out. `<workdir>/lock.json` names the holder
+(host, pid, start time, mode, a random token, the time of its last heartbeat); it is written whole under a temporary
+name and renamed into place, so a reader never sees it half-written. A run that cannot take the OS lock refuses and
+names the holder from lock.json.
 
-  * same host, and the process `pid` no longer exists (killed with -9, crashed, machine rebooted) → stale;
-  * same host and pid as this process, but not a lock this process holds now (left by an earlier run in the same
-    Python process, e.g. a notebook) → stale;
-  * any host: no heartbeat for STALE_AFTER_S seconds (10 minutes; a live run refreshes it every 30 s) → stale
-    (this is how a lock of a dead run on another machine is recovered).
+The record also covers what the OS lock may not see: a holder on another host of a filesystem whose locks do not
+reach this one. While our OS lock is held, a lock.json that names a live holder on another host (heartbeat within
+STALE_AFTER_S; a live run refreshes it every HEARTBEAT_S) is respected: the run refuses. A record of this host is
+stale (its holder's OS lock is gone), and so is one whose heartbeat is older than STALE_AFTER_S, or one that cannot be
+read (other bytes, half a file from an old version) once it has stayed so for UNREADABLE_GRACE_S; a stale record is
+replaced with a warning naming its former holder. A lock.json that is a directory is refused with what to remove.
 
-A stale lock is replaced with a warning naming its former holder. On local disks the file is created with O_EXCL, so
-two runs that start together cannot both take it. On object stores (`gs://`, through etils.epath) there is no
-exclusive create: the run writes its token and reads it back after a short pause, which catches all but starts
-within that pause of each other. In a multi-process job only process 0 takes the lock; the others wait for its
-verdict and refuse together with it.
+On object stores (`gs://`, through etils.epath) there is no OS lock and no exclusive create through epath: the run
+writes its token and reads it back after a short pause, which catches all but starts within that pause of each
+other (docs/RELIABILITY.md says what GCS's generation preconditions would add). On every kind of path the heartbeat
+thread checks that the record still names this run; a run whose lock was taken over stops before its next step
+(`raise_if_taken_over`, asked by the training loop) with a message naming the other holder.
+
+In a multi-process job only process 0 takes the lock; the others wait for its verdict and refuse together with it.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import threading
 import time
 import uuid
 
+import filelock
 from absl import logging
 from etils import epath
 
@@ -35,12 +42,14 @@ from dtm_jax.runtime import errors
 LOCK_FILE = "lock.json"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0
+UNREADABLE_GRACE_S = 5.0
 _OBJECT_STORE_SETTLE_S = 2.0
 _held_tokens: set[str] = set()  # locks this process holds now
+_taken_over: dict[str, str] = {}  # token -> why: locks of this process that another run took
 
 
 class WorkdirLockedError(errors.RunError):
-  """Another run holds the workdir."""
+  """Another run holds the workdir (or its lock file cannot be used)."""
 
 
 def _is_local(path: epath.Path) -> bool:
@@ -59,8 +68,8 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-def _when(seconds: float | None) -> str:
-  if seconds is None:
+def _when(seconds) -> str:
+  if not isinstance(seconds, (int, float)):
     return "?"
   return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -71,7 +80,7 @@ def describe(holder: dict) -> str:
 
 
 def stale_reason(holder: dict, *, now: float | None = None, stale_after_s: float = STALE_AFTER_S) -> str | None:
-  """Why the lock of `holder` is stale (see the module docstring), or None if its run may still be alive."""
+  """Why the record `holder` is stale, or None if its run may still be alive (see the module docstring)."""
   now = time.time() if now is None else now
   heartbeat = holder.get("heartbeat")
   if not isinstance(heartbeat, (int, float)):
@@ -84,54 +93,57 @@ def stale_reason(holder: dict, *, now: float | None = None, stale_after_s: float
       return "it was left by an earlier run in this process"
   if now - heartbeat > stale_after_s:
     return f"no heartbeat for {now - heartbeat:.0f} s (more than {stale_after_s:.0f} s)"
+  if heartbeat - now > stale_after_s:  # a clock far ahead wrote it: its age cannot be told, so it counts as stale
+    return f"its heartbeat lies {heartbeat - now:.0f} s in the future (a skewed clock)"
   return None
+
+
+def raise_if_taken_over() -> None:
+  """WorkdirLockedError if another run took a lock this process holds (the training loop asks before each step)."""
+  if _taken_over:
+    raise WorkdirLockedError(next(iter(_taken_over.values())))
 
 
 class WorkdirLock:
   """The lock of one workdir (process-local; see `hold` for multi-process jobs)."""
 
   def __init__(self, workdir, *, mode: str = "pretrain", heartbeat_s: float = HEARTBEAT_S,
-               stale_after_s: float = STALE_AFTER_S):
+               stale_after_s: float = STALE_AFTER_S, unreadable_grace_s: float = UNREADABLE_GRACE_S):
     self.workdir = epath.Path(workdir)
     self.path = self.workdir / LOCK_FILE
     self.mode = mode
     self._heartbeat_s = heartbeat_s
     self._stale_after_s = stale_after_s
+    self._grace_s = unreadable_grace_s
     self._token = uuid.uuid4().hex
     self._holder = None
+    self._os_lock = None
     self._stop = threading.Event()
     self._thread = None
 
-  # --- Reading and writing the lock file.
+  # --- Reading and writing the record.
   def read(self) -> dict | None:
-    """The holder recorded in the lock file; {} when it exists but cannot be parsed; None when there is none."""
+    """The holder recorded in lock.json; {} when it exists but cannot be parsed; None when there is none."""
     try:
-      text = self.path.read_text()
+      text = self.path.read_bytes().decode("utf-8")
     except FileNotFoundError:
       return None
+    except (UnicodeDecodeError, OSError):
+      return {} if self.path.is_file() else self._refuse_odd_file()
     try:
       holder = json.loads(text)
       return holder if isinstance(holder, dict) else {}
     except ValueError:
       return {}
 
-  def _create_exclusively(self, text: str) -> bool:
-    if _is_local(self.path):
-      try:
-        fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        return False
-      with os.fdopen(fd, "w") as f:
-        f.write(text)
-      return True
-    if self.path.exists():
-      return False
-    self.path.write_text(text)
-    time.sleep(_OBJECT_STORE_SETTLE_S)  # another writer in the same instant overwrote ours → it wins, we refuse
-    current = self.read() or {}
-    return current.get("token") == self._token
+  def _refuse_odd_file(self):
+    kind = "a directory" if self.path.is_dir() else "not a readable file"
+    raise WorkdirLockedError(
+        f"{self.path} is {kind}, so this workdir's lock cannot be taken. If no run uses {self.workdir}, remove it "
+        f"(rm -r {self.path}) and rerun.")
 
   def _write(self, holder: dict) -> None:
+    """The whole record at once: written under a temporary name, then renamed into place (atomic on local disks)."""
     text = json.dumps(holder)
     if _is_local(self.path):
       tmp = self.path.parent / f".{LOCK_FILE}.{self._token}.tmp"
@@ -142,50 +154,96 @@ class WorkdirLock:
 
   # --- Taking and giving back.
   def acquire(self) -> "WorkdirLock":
-    """Takes the lock or raises WorkdirLockedError naming the holder; replaces a stale lock with a warning."""
+    """Takes the lock or raises WorkdirLockedError naming the holder; replaces a stale record with a warning."""
     self.workdir.mkdir(parents=True, exist_ok=True)
+    if self.path.is_dir():
+      self._refuse_odd_file()
     now = time.time()
     self._holder = {"host": socket.gethostname(), "pid": os.getpid(), "start_time": now, "heartbeat": now,
                     "mode": self.mode, "token": self._token, "workdir": str(self.workdir)}
-    for _ in range(3):
-      if self._create_exclusively(json.dumps(self._holder)):
-        _held_tokens.add(self._token)
-        self._start_heartbeat()
-        return self
+    if _is_local(self.path):
+      self._take_os_lock()
+    try:
+      self._take_record()
+    except BaseException:
+      self._drop_os_lock()
+      raise
+    _held_tokens.add(self._token)
+    self._start_heartbeat()
+    return self
+
+  def _take_os_lock(self) -> None:
+    self._os_lock = filelock.FileLock(os.fspath(self.path) + ".flock", timeout=0)
+    try:
+      self._os_lock.acquire()
+    except filelock.Timeout:
+      self._os_lock = None
+      holder = self.read() or {}
+      raise WorkdirLockedError(
+          f"{self.workdir} is in use by another run ({describe(holder)}; lock file {self.path}). Only one run may "
+          "write a workdir: wait for that run to end, or use another --workdir.") from None
+
+  def _drop_os_lock(self) -> None:
+    if self._os_lock is not None:
+      self._os_lock.release()
+      self._os_lock = None
+
+  def _take_record(self) -> None:
+    local = _is_local(self.path)
+    deadline = time.time() + self._grace_s
+    while True:
       holder = self.read()
       if holder is None:
-        continue  # released in between: try again
+        if local:
+          self._write(self._holder)
+          return
+        if self._create_on_object_store():
+          return
+        continue
       reason = stale_reason(holder, stale_after_s=self._stale_after_s)
-      if reason is None:
+      if reason == "the lock file is unreadable":
+        # A writer on another host (or of an older version) may be mid-write: unreadable counts as stale only once
+        # it has stayed so for the grace period.
+        wait = self._grace_s - self._age() if local else deadline - time.time()
+        if wait > 0:
+          time.sleep(min(wait, 0.5))
+          continue
+      if reason is None and not (local and holder.get("host") == socket.gethostname()):
         raise WorkdirLockedError(
             f"{self.workdir} is in use by another run ({describe(holder)}; lock file {self.path}). Only one run may "
             "write a workdir: wait for that run to end, or use another --workdir. If that run is dead (its host "
             f"cannot be checked from here), the lock counts as stale {self._stale_after_s / 60:.0f} minutes after "
             "its last heartbeat, or delete the lock file.")
+      if reason is None:  # this host, and we hold the OS lock: its holder is gone
+        reason = "its holder no longer holds the workdir's OS lock"
       logging.warning("Replacing the stale lock of %s (%s): %s.", self.workdir, describe(holder), reason)
-      self._remove_if(holder)
-    raise WorkdirLockedError(f"Could not take the lock {self.path}: other runs keep taking it.")
+      if local:
+        self._write(self._holder)
+        return
+      if self._replace_on_object_store(holder):
+        return
 
-  def _remove_if(self, holder: dict) -> None:
-    """Removes the lock file if it still holds `holder` (a concurrent breaker may have replaced it)."""
-    if _is_local(self.path):
-      aside = self.path.parent / f".{LOCK_FILE}.{self._token}.stale"
-      try:
-        os.rename(os.fspath(self.path), os.fspath(aside))
-      except FileNotFoundError:
-        return
-      try:
-        taken = json.loads(aside.read_text())
-      except (OSError, ValueError):
-        taken = {}
-      if holder and taken.get("token") != holder.get("token"):
-        os.rename(os.fspath(aside), os.fspath(self.path))  # a fresh lock appeared meanwhile: put it back
-        return
-      aside.unlink()
-    else:
-      current = self.read()
-      if current is not None and current.get("token") == holder.get("token"):
-        self.path.unlink()
+  def _age(self) -> float:
+    """Seconds since lock.json was last written (local files)."""
+    try:
+      return time.time() - os.stat(os.fspath(self.path)).st_mtime
+    except OSError:
+      return float("inf")
+
+  def _create_on_object_store(self) -> bool:
+    if self.path.exists():
+      return False
+    self.path.write_text(json.dumps(self._holder))
+    time.sleep(_OBJECT_STORE_SETTLE_S)  # another writer in the same instant overwrote ours → it wins, we refuse
+    return (self.read() or {}).get("token") == self._token
+
+  def _replace_on_object_store(self, stale: dict) -> bool:
+    current = self.read()
+    if current is not None and current.get("token") != stale.get("token"):
+      return False  # replaced meanwhile: judge the new record
+    self.path.write_text(json.dumps(self._holder))
+    time.sleep(_OBJECT_STORE_SETTLE_S)
+    return (self.read() or {}).get("token") == self._token
 
   def _start_heartbeat(self) -> None:
     def beat():
@@ -193,8 +251,10 @@ class WorkdirLock:
         try:
           current = self.read()
           if current is None or current.get("token") != self._token:
-            logging.error("The lock %s no longer names this run (%s); another run may be writing %s.", self.path,
-                          describe(current or {}), self.workdir)
+            why = (f"The lock {self.path} of this run was taken over by another run ({describe(current or {})}); "
+                   f"two runs may be writing {self.workdir}. This run stops; check which run should own it.")
+            logging.error("%s", why)
+            _taken_over[self._token] = why
             return
           self._holder["heartbeat"] = time.time()
           self._write(self._holder)
@@ -211,12 +271,15 @@ class WorkdirLock:
     if self._thread is not None:
       self._thread.join(timeout=10)
     _held_tokens.discard(self._token)
+    _taken_over.pop(self._token, None)
     try:
       current = self.read()
       if current is not None and current.get("token") == self._token:
         self.path.unlink()
-    except OSError as e:
+    except (OSError, WorkdirLockedError) as e:
       logging.warning("Could not remove the lock %s: %s", self.path, e)
+    finally:
+      self._drop_os_lock()
 
   def __enter__(self):
     return self.acquire()

@@ -62,3 +62,55 @@ def test_stale_lock_rule_for_other_hosts(tmp_path):
   assert json.loads((workdir / workdir_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
   lock.release()
   assert not (workdir / workdir_lock.LOCK_FILE).exists()
+
+
+def test_a_directory_in_place_of_the_lock_file_is_one_clear_refusal(tmp_path):
+  workdir = tmp_path / "run"
+  (workdir / workdir_lock.LOCK_FILE).mkdir(parents=True)
+  with pytest.raises(workdir_lock.WorkdirLockedError, match=r"is a directory.*rm -r"):
+    workdir_lock.WorkdirLock(workdir).acquire()
+  assert (workdir / workdir_lock.LOCK_FILE).is_dir() and os.listdir(workdir) == [workdir_lock.LOCK_FILE]
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00 not text", b'{"host": "half a fi'])
+def test_an_unreadable_lock_file_is_replaced_once_it_stayed_unreadable_for_the_grace_period(tmp_path, caplog, content):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  path = workdir / workdir_lock.LOCK_FILE
+  path.write_bytes(content)
+  started = time.time()
+  with caplog.at_level(logging.WARNING):
+    lock = workdir_lock.WorkdirLock(workdir, unreadable_grace_s=0.5).acquire()
+  assert time.time() - started >= 0.4  # it waited: a writer might have been mid-write
+  assert "unreadable" in caplog.text and json.loads(path.read_text())["pid"] == os.getpid()
+  lock.release()
+
+
+def test_a_heartbeat_far_in_the_future_counts_as_stale():
+  now = time.time()
+  holder = {"host": "some-other-host", "pid": 1, "heartbeat": now + 2 * workdir_lock.STALE_AFTER_S}
+  assert "future" in workdir_lock.stale_reason(holder, now=now)
+  assert workdir_lock.stale_reason({**holder, "heartbeat": now + 5}, now=now) is None
+
+
+def test_a_run_whose_lock_is_taken_over_stops_naming_the_other_holder(tmp_path):
+  workdir = tmp_path / "run"
+  lock = workdir_lock.WorkdirLock(workdir, heartbeat_s=0.05).acquire()
+  try:
+    workdir_lock.raise_if_taken_over()  # ours: nothing to say
+    other = {"host": "some-other-host", "pid": 4242, "start_time": time.time(), "heartbeat": time.time(),
+             "token": "theirs", "mode": "finetune"}
+    (workdir / workdir_lock.LOCK_FILE).write_text(json.dumps(other))
+    deadline = time.time() + 5
+    while time.time() < deadline:
+      try:
+        workdir_lock.raise_if_taken_over()
+      except workdir_lock.WorkdirLockedError as error:
+        assert "taken over" in str(error) and "some-other-host" in str(error) and "pid 4242" in str(error)
+        break
+      time.sleep(0.05)
+    else:
+      pytest.fail("the takeover was not noticed")
+  finally:
+    lock.release()
+  workdir_lock.raise_if_taken_over()  # released: nothing held, nothing to report
