@@ -12,8 +12,12 @@ import os
 import socket
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# Before anything imports TensorFlow (a config file's input block does, while the flags are parsed): its C++ start-up
+# lines would otherwise land after a run's last line.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -28,6 +32,8 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache_dir", None, "Persistent compilation cache (default: $JAX_COMPILATION_CACHE_DIR or "
     "~/.cache/dtm_jax/jax_compilation_cache; '' turns it off). See dtm_jax/runtime/compilation_cache.py.")
 _HBM_LIMIT = flags.DEFINE_float("hbm_limit", 0.9, "--mode=compile: fraction of a chip's HBM a program may use.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Also print the traceback of errors that are otherwise reported as "
+                             "one line (a bad config, a workdir in use, a failed save, unusable data).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process jobs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process job.")
@@ -39,6 +45,18 @@ def _initialize_distributed():
   a launch whose processes cannot or did not join one job is refused (launch.LaunchError, one line)."""
   from dtm_jax.runtime import launch  # pylint: disable=g-import-not-at-top
   launch.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+
+def _config():
+  """The loaded config; a config file that cannot be loaded (missing, a syntax error) is one line, not a traceback."""
+  from dtm_jax.runtime import errors  # pylint: disable=g-import-not-at-top  # imports no JAX
+  config = _CONFIG.value
+  try:
+    config.get("mode")  # a config that failed to load raises on first use
+  except OSError as error:
+    reason = str(error).strip().splitlines()[-1].strip()
+    raise errors.ConfigError(f"Cannot load the config file: {reason}") from None
+  return config
 
 
 def _compile(config, workdir):
@@ -58,9 +76,8 @@ def _compile(config, workdir):
 
 def main(argv):
   del argv
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if _MODE.value == "compile":
-    _compile(_CONFIG.value, _WORKDIR.value)
+    _compile(_config(), _WORKDIR.value)
     return
   from dtm_jax.runtime import cpu_host  # pylint: disable=g-import-not-at-top
   cpu_host.configure()  # before JAX starts its backend and threads
@@ -72,7 +89,7 @@ def main(argv):
   from dtm_jax.runtime import compilation_cache, metrics  # pylint: disable=g-import-not-at-top
   compilation_cache.enable(_COMPILATION_CACHE.value)
   metrics.quiet_library_logs()
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir = _config(), _WORKDIR.value
   mode = registry.mode_of(config, _MODE.value)
   logging.info("Host %s: process %d of %d; %d local / %d global devices (%s); jax %s.", socket.gethostname(),
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
@@ -89,4 +106,4 @@ if __name__ == "__main__":
   from dtm_jax.runtime import errors  # pylint: disable=g-import-not-at-top  # imports no JAX
   # Config override errors, RunErrors (bad config, workdir in use, failed save) and Ctrl-C: one clear line and an
   # exit status instead of a traceback.
-  app.run(errors.cli(main), flags_parser=cli.parse_flags)
+  app.run(errors.cli(main, verbose=lambda: _VERBOSE.value), flags_parser=cli.parse_flags)

@@ -413,6 +413,10 @@ def format_report(report: dict[str, Any], topo: Topology) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str | None, *, topology_name: str, num_slices: int = 1,
         search: bool = False, hbm_limit: float = DEFAULT_HBM_LIMIT) -> dict[str, Any]:
   """`main.py --mode=compile`: compile (or `search` for the cheapest fitting setting), print, write JSON."""
+  if num_slices < 1:
+    raise ValueError(f"--num_slices={num_slices}: a program runs on at least one slice; pass 1 or more.")
+  if not 0 < hbm_limit <= 1:
+    raise ValueError(f"--hbm_limit={hbm_limit}: a fraction of a chip's HBM, in (0, 1].")
   mode = compilable(registry.mode_of(config)).name  # before the TPU runtime: refused at once if it cannot be
   topo = topology(topology_name, num_slices)
   setting = None

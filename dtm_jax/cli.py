@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import ast
+import re
 import sys
 from typing import Sequence
 
@@ -23,17 +25,31 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _unknown_field_message(error: Exception, argv: list[str]) -> str:
-  name = str(error).strip("\"'")
+  """ml_collections' error text (the field in quotes, maybe a second line "Did you mean ...") as one plain line."""
+  text = str(error.args[0]) if error.args else str(error)
+  for _ in range(3):  # some versions nest the message in repr()s: undo them
+    try:
+      unquoted = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      break
+    if not isinstance(unquoted, str) or unquoted == text:
+      break
+    text = unquoted
+  first, _, rest = text.partition("\n")
+  name = first.strip().strip("\"'")
+  suggestion = re.search(r'Did you mean "([^"]+)"', rest)
   flags_named = [a for a in argv[1:] if a.startswith("--config.") and
                  a.split("=", 1)[0].rsplit(".", 1)[-1] == name]
   where = f" ({flags_named[0]})" if flags_named else ""
-  return (f"Invalid config: unknown field {name!r}{where}. Check its spelling against the config file; only fields "
-          "the config defines can be overridden.")
+  hint = f" Did you mean {suggestion.group(1)!r}?" if suggestion else " Check its spelling against the config file."
+  return f"Invalid config: unknown field {name!r}{where}.{hint} Only fields the config defines can be overridden."
 
 
 def _exit_with(message: str, argv: Sequence[str]) -> None:
   del argv
-  print(f"FATAL Flags parsing error: {message}" if not message.startswith("Invalid config") else message,
-        file=sys.stderr, flush=True)
-  print("Pass --helpfull to see the flags.", file=sys.stderr, flush=True)
+  if message.startswith("Invalid config"):
+    print(message, file=sys.stderr, flush=True)  # the cause, last
+  else:
+    print("Pass --helpfull to see the flags.", file=sys.stderr, flush=True)
+    print(f"FATAL Flags parsing error: {message}", file=sys.stderr, flush=True)
   sys.exit(2)

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from dtm_jax import sharding
 from dtm_jax.models import convert, functional, vit
-from dtm_jax.runtime import checkpoint
+from dtm_jax.runtime import checkpoint, errors
 
 PyTree = Any
 
@@ -42,6 +42,18 @@ def _read_metadata(step_dir: epath.Path) -> dict:
   return json.loads(path.read_text())
 
 
+def run_kind(metadata: dict) -> str:
+  """Which mode wrote a checkpoint, from what its metadata holds: "pretraining", "fine-tuning", "segmentation" or
+  "linear-probe"."""
+  if "best_top1" in metadata and "pretrained" in metadata:
+    return "fine-tuning"
+  if "best_miou" in metadata:
+    return "segmentation"
+  if "epoch" in metadata:
+    return "linear-probe"
+  return "pretraining"
+
+
 def pretraining_config(step_dir: epath.Path) -> dict:
   """The config of the pretraining run that saved the checkpoint in `step_dir` (as its metadata holds it)."""
   return _read_metadata(step_dir).get("config", {})
@@ -63,7 +75,13 @@ def restore_student(pretrained: ml_collections.ConfigDict, mesh: Mesh, *, min_fs
     return _restore_converted(pretrained, mesh, min_fsdp_size, overrides)
   directory, step = checkpoint.find_step_directory(pretrained.workdir, pretrained.get("step"))
   step_dir = directory / str(step)
-  config = checkpoint.model_config_from_metadata(_read_metadata(step_dir), vit.ViTConfig, **overrides)
+  metadata = _read_metadata(step_dir)
+  kind = run_kind(metadata)
+  if kind != "pretraining":
+    raise errors.ConfigError(
+        f"{pretrained.workdir} is a {kind} run (its checkpoint {step_dir}); --config.pretrained.workdir wants a "
+        "pretraining run's workdir (or a converted checkpoint).")
+  config = checkpoint.model_config_from_metadata(metadata, vit.ViTConfig, **overrides)
   model, abstract = functional.abstract_split(lambda: vit.PretrainViT(config, rngs=nnx.Rngs(0)))
   shardings = sharding.param_shardings(abstract, mesh, min_fsdp_size)
   target = sharding.with_shardings(abstract, shardings)

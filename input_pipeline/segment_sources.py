@@ -9,6 +9,7 @@ import os
 import tensorflow as tf
 from absl import logging
 
+from dtm_jax.runtime import errors  # pure Python: the errors main.py prints as one line
 from input_pipeline import sources
 
 ADE20K_FOLDER = "ADEChallengeData2016"
@@ -57,18 +58,20 @@ class Ade20kFolderSource(sources.IndexedSource):
     label_dir = os.path.join(self._root, "annotations", split)
     missing = [d for d in (image_dir, label_dir) if not tf.io.gfile.isdir(d)]
     if missing:
-      raise FileNotFoundError(
+      raise errors.MissingDataError(
           f"ADE20K split {split!r} not found: {' and '.join(missing)} missing. Expected {image_dir}/*.jpg and "
           f"{label_dir}/*.png with the same file names, as in {ADE20K_FOLDER}.zip: download {ADE20K_URL} (923 MB) "
           f"and unzip it in input.data_dir={self._data_dir} (README: 'ADE20K'). Splits are 'training' and "
           "'validation'.")
     stems = sorted(os.path.splitext(f)[0] for f in tf.io.gfile.listdir(image_dir) if f.lower().endswith(".jpg"))
     if not stems:
-      raise FileNotFoundError(f"No .jpg images in {image_dir}; expected ADE20K's {ADE20K_FOLDER}/images/{split}/.")
+      raise errors.MissingDataError(
+          f"No .jpg images in {image_dir}; expected ADE20K's {ADE20K_FOLDER}/images/{split}/.")
     labels = set(tf.io.gfile.listdir(label_dir))
     unlabelled = [s + ".jpg" for s in stems if s + ".png" not in labels]
     if unlabelled:
-      raise FileNotFoundError(f"{len(unlabelled)} images in {image_dir} have no label map <name>.png in {label_dir}, "
+      raise errors.MissingDataError(
+          f"{len(unlabelled)} images in {image_dir} have no label map <name>.png in {label_dir}, "
                               f"e.g. {', '.join(unlabelled[:3])}. Unzip {ADE20K_FOLDER}.zip again.")
     return ([os.path.join(image_dir, s + ".jpg") for s in stems],
             [os.path.join(label_dir, s + ".png") for s in stems])

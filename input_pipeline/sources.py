@@ -16,11 +16,14 @@ import functools
 import gzip
 import os
 import struct
+import zlib
 from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from dtm_jax.runtime import errors  # pure Python: the errors main.py prints as one line
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -117,7 +120,7 @@ class TfdsSource:
     except AssertionError as e:  # TFDS's "could not find data" for a dataset never prepared.
       if self._builder.is_prepared():
         raise
-      raise FileNotFoundError(_not_prepared_message(self._builder, self._name)) from e
+      raise errors.MissingDataError(_not_prepared_message(self._builder, self._name)) from e
     except ValueError as e:      # Unknown split names and malformed slices.
       raise ValueError(f"Split {requested!r} of TFDS dataset {self._builder.name!r}: {e}") from e
     return examples.map(self._select)
@@ -256,7 +259,7 @@ class FolderSource(IndexedSource):
     if not tf.io.gfile.isdir(path):
       present = (sorted(tf.io.gfile.listdir(self._root)) if tf.io.gfile.isdir(self._root)
                  else "nothing: the directory does not exist")
-      raise FileNotFoundError(f"Split folder {path} not found; {self._root} holds {present}. "
+      raise errors.MissingDataError(f"Split folder {path} not found; {self._root} holds {present}. "
                               "Check input.data_dir and the split name.")
     return path
 
@@ -349,7 +352,7 @@ class FashionMnistSource(IndexedSource):
       path = os.path.join(self._dir, candidate)
       if tf.io.gfile.exists(path):
         return path
-    raise FileNotFoundError(
+    raise errors.MissingDataError(
         f"Fashion-MNIST file {name}[.gz] not found in {self._dir}. Install Debian's package "
         "(sudo apt-get install dataset-fashion-mnist, which fills "
         f"{FASHION_MNIST_DIR}; `make fashion-mnist` does it) or point input.data_dir at the "
@@ -358,13 +361,25 @@ class FashionMnistSource(IndexedSource):
 
 @functools.lru_cache(maxsize=4)   # Train and eval pipelines of one run share the arrays.
 def _read_idx(path):
-  """An IDX array (the MNIST file format: big-endian header, then raw uint8 data)."""
+  """An IDX array (the MNIST file format: big-endian header, then raw uint8 data); errors.DataError naming the file
+  when it is truncated or not an IDX file."""
+  fix = ("Reinstall the files (sudo apt-get install --reinstall dataset-fashion-mnist) or download them again, and "
+         "point input.data_dir at them.")
   with tf.io.gfile.GFile(path, "rb") as f:
     data = f.read()
   if path.endswith(".gz"):
-    data = gzip.decompress(data)
+    try:
+      data = gzip.decompress(data)
+    except (EOFError, OSError, zlib.error) as e:
+      raise errors.DataError(f"{path} is truncated or not gzip data ({e}). {fix}") from None
+  if len(data) < 4:
+    raise errors.DataError(f"{path} is truncated: {len(data)} bytes, not even an IDX header. {fix}")
   zeros, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-  if zeros != 0 or dtype_code != 0x08:
-    raise ValueError(f"{path} is not a uint8 IDX file.")
+  if zeros != 0 or dtype_code != 0x08 or len(data) < 4 + 4 * ndim:
+    raise errors.DataError(f"{path} is not a uint8 IDX file. {fix}")
   shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+  expected, found = int(np.prod(shape)), len(data) - 4 - 4 * ndim
+  if found != expected:
+    raise errors.DataError(f"{path} is truncated: its header promises an array of shape {tuple(shape)} "
+                           f"({expected:,} bytes) but the file holds {found:,}. {fix}")
   return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)

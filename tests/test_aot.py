@@ -245,3 +245,9 @@ def test_missing_tpu_runtime_says_what_to_install(monkeypatch):
   monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None if name == "libtpu" else find_spec(name))
   with pytest.raises(RuntimeError, match=r'pip install "jax\[tpu\]=='):
     aot.topology("v5e:2x2")
+
+
+@pytest.mark.parametrize("num_slices, hbm_limit, message", [(0, 0.9, "--num_slices=0"), (1, 1.5, "--hbm_limit=1.5")])
+def test_impossible_compile_flags_are_refused_before_the_tpu_runtime_starts(num_slices, hbm_limit, message):
+  with pytest.raises(ValueError, match=message):
+    aot.run(test_tiny.get_config(), None, topology_name=SLICE, num_slices=num_slices, hbm_limit=hbm_limit)

@@ -116,3 +116,30 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
   assert "Invalid config: unknown field" in done.stderr and "nonexistent_key" in done.stderr
   assert "Traceback" not in done.stderr
   assert not workdir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag, expected", [
+    ("--config.totl_steps=5", "Invalid config: unknown field 'totl_steps' (--config.totl_steps=5). Did you mean "
+                              "'total_steps'?"),
+    ("--config.optim.zzz=5", "Invalid config: unknown field 'zzz' (--config.optim.zzz=5). Check its spelling")])
+def test_an_unknown_field_is_one_plain_last_line_with_a_suggestion(tmp_path, flag, expected):
+  done = subprocess.run(main_command(tmp_path / "run", flag), env=main_env(), capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 2
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith(expected) and "\\\\" not in last, done.stderr[-2000:]
+  assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_missing_config_file_is_one_line(tmp_path):
+  done = subprocess.run(main_command(tmp_path / "run", config="configs/no_such_config.py"), env=main_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith("Error: Cannot load the config file") and "no_such_config.py" in last, done.stderr[-2000:]
+  assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+  verbose = subprocess.run(main_command(tmp_path / "run", "--verbose", config="configs/no_such_config.py"),
+                           env=main_env(), capture_output=True, text=True, timeout=120)
+  assert "Traceback" in verbose.stderr and verbose.stderr.strip().splitlines()[-1] == last  # still last

@@ -1,4 +1,6 @@
 """Restoring the student for evaluation: the right step, its weights, sharded, and clear errors."""
+import json
+
 import eval_testing
 import jax
 import ml_collections
@@ -8,6 +10,7 @@ from flax import nnx
 
 from dtm_jax import students
 from dtm_jax.models import convert, functional, vit
+from dtm_jax.runtime import checkpoint, errors
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +77,30 @@ def test_converted_student(tmp_path, mesh):
   assert_same_params(student.params, saved)
   with pytest.raises(ValueError, match="no steps"):
     students.restore_student(pretrained(tmp_path / "converted", 5), mesh)
+
+
+@pytest.mark.parametrize("kind, keys", [("fine-tuning", {"best_top1": 70.0, "pretrained": {}}),
+                                        ("segmentation", {"best_miou": 20.0, "pretrained": {}}),
+                                        ("linear-probe", {"epoch": 3, "best_top1": 50.0})])
+def test_a_workdir_of_another_kind_of_run_is_named_as_such(tmp_path, mesh, kind, keys):
+  """pretrained.workdir pointing at a fine-tuning (or segmentation, probe) run: one line saying what it is."""
+  eval_testing.save_pretraining_checkpoints(tmp_path, steps=(4,))
+  path = tmp_path / "checkpoints" / "4" / "metadata" / "metadata"
+  path.write_text(json.dumps({**json.loads(path.read_text()), **keys}))
+  with pytest.raises(errors.ConfigError, match=f"is a {kind} run .*wants a pretraining run's workdir"):
+    students.restore_student(pretrained(tmp_path), mesh)
+
+
+def test_weights_of_another_architecture_name_the_parameters_and_shapes_that_differ(tmp_path, mesh):
+  eval_testing.save_pretraining_checkpoints(tmp_path, steps=(4,), config=eval_testing.tiny_student_config(depth=1))
+  path = tmp_path / "checkpoints" / "4" / "metadata" / "metadata"
+  metadata = json.loads(path.read_text())
+  metadata["model_config"]["depth"] = 2  # says 2 blocks, holds 1
+  metadata["model_config"]["mlp_ratio"] = 2.0  # and MLPs half as wide
+  path.write_text(json.dumps(metadata))
+  with pytest.raises(checkpoint.ParamsMismatchError) as error:
+    students.restore_student(pretrained(tmp_path), mesh)
+  message = str(error.value)
+  assert str(tmp_path / "checkpoints" / "4" / "params") in message
+  assert "blocks.0.mlp.fc1.kernel: saved" in message and "missing (blocks.1." in message, message
+  assert isinstance(error.value, errors.RunError)  # one line from main.py

@@ -33,7 +33,7 @@ from dtm_jax.models import functional, vit
 from dtm_jax.program import Mode, Program
 from dtm_jax.runner import loop, resume
 from dtm_jax.runtime import checkpoint as checkpoint_lib
-from dtm_jax.runtime import metrics
+from dtm_jax.runtime import errors, metrics
 
 PyTree = Any
 NONFINITE_LOSS, NONFINITE_GRAD = 1, 2
@@ -299,10 +299,8 @@ def _check_finite(nonfinite: np.ndarray) -> None:
   step, code = int(nonfinite[0]), int(nonfinite[1])
   if step >= 0:
     what = {NONFINITE_LOSS: "loss", NONFINITE_GRAD: "gradient norm"}.get(code, "loss and gradient norm")
-    raise FloatingPointError(
-        f"Non-finite {what} at step {step}; that update was not applied and no checkpoint of it was written. "
-        "Lower the learning rate or check the input, then rerun the same command to resume from the last "
-        "checkpoint.")
+    raise errors.NonFiniteError(f"Non-finite {what} at step {step}; that update was not applied and no checkpoint of "
+                                "it was written.")
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict[str, float]:
@@ -345,8 +343,6 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict[st
 
   # ----- Loop.
   writer = metrics.MetricsWriter.for_run(workdir, config, start_step)  # drops lines past the checkpoint
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str))
   throughput = metrics.Throughput(flops_per_step=program.flops_per_image * config.batch_size,
                                   images_per_step=config.batch_size)
   evaluator = make_periodic_evaluator(config, program.student, mesh)
@@ -367,6 +363,8 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict[st
 
   def save(state, step):
     checkpointer.save_state(step, state, data_iterator=data, metadata={**metadata, "step": step})
+    if jax.process_index() == 0:  # with this run's first checkpoint: config.json always describes the checkpoints
+      (workdir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str))
 
   throughput.start(start_step)
   finished = loop.train_loop(

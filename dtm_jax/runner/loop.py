@@ -6,7 +6,8 @@ batch; for the linear probe, an epoch) with one behaviour for every mode:
 * Double buffering: the next batch (`next_batch()`, already sent to the devices) is read while the devices run a step,
   never past a step that saves, so a saved input position is exactly the steps taken.
 * The scalars are read only at log, evaluation and save steps; a non-finite one (`check`) stops the run with
-  FloatingPointError before anything is evaluated or saved, so the last checkpoint stays the last good state.
+  errors.NonFiniteError (a FloatingPointError) before anything is evaluated or saved, so the last checkpoint stays
+  the last good state; the message says which step a rerun resumes from, or that none was saved.
 * Cadence: log every `log_every` steps, evaluate (`evaluate(state, step)`) every `eval_every`, save
   (`save(state, step)`) every `save_every`; all three at the last step, and a save when stopped.
 * Stopping: SIGTERM, Ctrl-C and JAX's preemption notice (dtm_jax.runtime.preemption; every process stops at the same
@@ -43,12 +44,19 @@ class Finished:
 
 
 def require_finite(scalars: dict, step: int, what: str) -> None:
-  """FloatingPointError naming every non-finite scalar and the step."""
+  """errors.NonFiniteError naming every non-finite scalar and the step."""
   bad = sorted(name for name, value in scalars.items() if not np.all(np.isfinite(value)))
   if bad:
-    raise FloatingPointError(
-        f"{what}: non-finite {', '.join(bad)} at step {step}; no checkpoint of this state was written. Lower the "
-        "learning rate or check the input, then rerun the same command to resume from the last checkpoint.")
+    raise errors.NonFiniteError(f"{what}: non-finite {', '.join(bad)} at step {step}; no checkpoint of this state "
+                                "was written.")
+
+
+def _what_to_do(checkpointer: checkpoint.Checkpointer | None) -> str:
+  latest = checkpointer.latest_step() if checkpointer is not None else None
+  if latest is None:
+    return "No checkpoint was written before it: lower the learning rate or check the input, then rerun."
+  return (f"Lower the learning rate or check the input, then rerun the same command: it resumes from the "
+          f"checkpoint of step {latest} (with --config.allow_config_change=True for a changed learning rate).")
 
 
 def train_loop(state: PyTree, *, what: str, step: int, total: int, train_step: Callable[[PyTree, Any], tuple],
@@ -100,7 +108,10 @@ def train_loop(state: PyTree, *, what: str, step: int, total: int, train_step: C
       logging_step = step % log_every == 0 or last
       if logging_step or evaluating or saving or stopped:  # never evaluate or save a diverged state
         fetched = jax.device_get(scalars)
-        check(fetched, step)
+        try:
+          check(fetched, step)
+        except errors.NonFiniteError as error:
+          raise errors.NonFiniteError(f"{error} {_what_to_do(checkpointer)}") from None
         if logging_step:
           last_scalars = {k: float(v) for k, v in fetched.items() if np.ndim(v) == 0}
           if log_extra is not None:

@@ -438,11 +438,44 @@ def restore_params(path: str | epath.Path, step: int | None = None,
   directory, step = find_step_directory(path, step)
   step_dir = directory / str(step)
   checkpointer = ocp.StandardCheckpointer()
+  if target is not None:
+    check_params_fit(checkpointer, step_dir, target)
   params = checkpointer.restore(step_dir / "params", target)
   metadata = json.loads((step_dir / "metadata" / "metadata").read_text()) \
       if (step_dir / "metadata" / "metadata").exists() else {}
   logging.info("Restored student parameters of step %d from %s.", step, step_dir)
   return params, metadata, step
+
+
+class ParamsMismatchError(errors.RunError, ValueError):
+  """Saved parameters that do not fit the model they are restored into (another architecture or kind of run)."""
+
+
+def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  def name(path):
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+  return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_params_fit(checkpointer: ocp.StandardCheckpointer, step_dir: epath.Path, target: PyTree) -> None:
+  """ParamsMismatchError naming the parameters (and shapes) of `step_dir/params` that do not fit `target`, before
+  Orbax would fail with its whole tree."""
+  saved_tree = checkpointer.metadata(step_dir / "params")
+  saved = _flat_shapes(getattr(saved_tree, "item_metadata", saved_tree))
+  wanted = _flat_shapes(target)
+  differ = [f"{k}: saved {saved[k]}, expected {wanted[k]}" for k in sorted(wanted) if k in saved and
+            saved[k] != wanted[k]]
+  missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+  if not (differ or missing or extra):
+    return
+  listed = lambda names, sep: sep.join(names[:3]) + (sep + "..." if len(names) > 3 else "")
+  parts = [f"{len(differ)} of other shapes ({listed(differ, '; ')})"] if differ else []
+  parts += [f"{len(missing)} missing ({listed(missing, ', ')})"] if missing else []
+  parts += [f"{len(extra)} not expected ({listed(extra, ', ')})"] if extra else []
+  raise ParamsMismatchError(
+      f"The parameters saved in {step_dir / 'params'} do not fit the model they are restored into: "
+      f"{'; '.join(parts)}. Point the config at a checkpoint of that architecture (or fix the architecture fields "
+      "of the config).")
 
 
 def model_config_to_json(config: Any) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import traceback
 
 EXIT_INTERRUPTED = 130
 _reported: set[str] = set()  # failures already explained to the user (see report/was_reported)
@@ -26,6 +27,18 @@ class RunError(RuntimeError):
   """A failure the message fully explains (what happened, what to change); no traceback is needed."""
 
 
+class DataError(RunError, ValueError):
+  """Input data that cannot be used (a truncated or corrupt file): the message names the file and what to do."""
+
+
+class MissingDataError(RunError, FileNotFoundError):
+  """Input data that is not where the config says: the message names the path and how to get the files."""
+
+
+class NonFiniteError(RunError, FloatingPointError):
+  """A loss, gradient norm or other logged scalar became NaN or infinite; nothing of that state was saved."""
+
+
 class ConfigError(RunError, ValueError):
   """The config cannot work; the message lists every field to change."""
 
@@ -39,8 +52,10 @@ class Interrupted(KeyboardInterrupt):
     self.exit_code = exit_code
 
 
-def cli(main):
-  """Wraps absl's `main(argv)`: RunError → its message and exit 1, Interrupted → its message and exit 130."""
+def cli(main, verbose=lambda: False):
+  """Wraps absl's `main(argv)`: RunError → its message as the last line and exit 1, Interrupted → its message and
+  its exit status (0 after SIGTERM, 130 after Ctrl-C). `verbose()` True (main.py's --verbose) prints the traceback
+  too. Other exceptions are internal errors and keep their traceback."""
 
   @functools.wraps(main)
   def wrapped(argv):
@@ -52,6 +67,8 @@ def cli(main):
       _flush_logs()
       sys.exit(e.exit_code)
     except RunError as e:
+      if verbose():
+        traceback.print_exc()
       logging.error("%s", e)
       _flush_logs()
       print(f"Error: {e}", file=sys.stderr, flush=True)

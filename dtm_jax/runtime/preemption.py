@@ -14,6 +14,7 @@ only Ctrl-C here and hand the first one to the manager as a SIGTERM of their own
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -108,3 +109,30 @@ def _flush():
     sys.stderr.flush()
   except Exception:  # pylint: disable=broad-except
     pass
+
+
+@contextlib.contextmanager
+def stop_at_once(what: str):
+  """SIGTERM and Ctrl-C outside the training loop (building programs, restoring, encoding features): stop at once
+  with errors.Interrupted, one line and the same exit statuses (0 after SIGTERM, 130 after Ctrl-C). The loop installs
+  its own handlers (PreemptionFlag), which save the step reached first; these come back after it."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handle(signum, frame):
+    del frame
+    ctrl_c = signum == signal.SIGINT
+    raise errors.Interrupted(
+        f"{what} stopped ({'Ctrl-C' if ctrl_c else 'SIGTERM'}) outside its training steps; nothing new was saved. "
+        "Rerun the same command to resume from its last checkpoint.",
+        exit_code=errors.EXIT_INTERRUPTED if ctrl_c else 0)
+
+  # With several processes JAX's preemption sync manager owns SIGTERM (see the module docstring).
+  signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+  previous = {sig: signal.signal(sig, handle) for sig in signals}
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)

@@ -111,7 +111,8 @@ def test_online_probe_stopped_by_sigterm_resumes_at_the_saved_input_position(mes
 
   reference = run(tmp_path / "reference", metrics.MetricsWriter(tmp_path / "reference"), eval_testing.TintedStream(16))
   with pytest.raises(errors.Interrupted):
-    run(tmp_path / "probe", _SigtermAfter(tmp_path / "probe", 2 * 3), eval_testing.TintedStream(16))  # seen after epoch 3
+    # Seen after epoch 3.
+    run(tmp_path / "probe", _SigtermAfter(tmp_path / "probe", 2 * 3), eval_testing.TintedStream(16))
   assert checkpoint.Checkpointer(tmp_path / "probe").all_steps() == [2 * 3, 3 * 3]
   stream = eval_testing.TintedStream(16)
   resumed = run(tmp_path / "probe", metrics.MetricsWriter(tmp_path / "probe", resume_step=3 * 3), stream)

@@ -256,8 +256,9 @@ def test_uint8_images_are_normalised_in_the_step():
 @pytest.mark.slow
 def test_the_in_training_knn_runs(tmp_path):
   # eval.every > 0 used to fail with a TypeError (the kNN's arguments had changed); its batch is checked too.
-  config = train_testing.long_tiny_config(stop_after_step=5, **{"input.source": "fashion_mnist", "input.eval_split": "test", "eval.every": 5,
-                                         "eval.batch_size": 32, "eval.k": 5, "eval.num_train_examples": 64,
-                                         "eval.num_eval_examples": 32})
+  config = train_testing.long_tiny_config(
+      stop_after_step=5, **{"input.source": "fashion_mnist", "input.eval_split": "test", "eval.every": 5,
+                            "eval.batch_size": 32, "eval.k": 5, "eval.num_train_examples": 64,
+                            "eval.num_eval_examples": 32})
   result = runner.run("pretrain", config, str(tmp_path))
   assert result["knn_bank_size"] == 64 and 0.0 <= result["knn_top1"] <= 100.0

@@ -3,6 +3,7 @@ preemptions, NaNs, bad configs; every interrupted run resumes to the result of a
 
 Subprocess runs use 2 fake CPU devices and the real Fashion-MNIST input pipeline, so resumption covers the data stream.
 """
+import json
 import logging
 import os
 import random
@@ -173,6 +174,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
   bad_step = int(error.value.args[0].split(" at step ")[1].split(";")[0])
   assert bad_step >= 5
   assert checkpoint.find_step_directory(tmp_path)[1] == 5  # nothing of the broken state was written
+  assert json.loads((tmp_path / "config.json").read_text())["optim"]["base_lr"] != 1e10  # nor its config
   result = runner.run("pretrain", _config(), str(tmp_path))  # the original (fixed) config resumes from step 5
   assert result["step"] == STEPS
 

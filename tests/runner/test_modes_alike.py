@@ -19,6 +19,7 @@ from configs import (
   linear_probe_demo,
   segment_demo,
 )
+from dtm_jax.evaluators import encoding
 from dtm_jax.models import vit
 from dtm_jax.runner import resume
 from dtm_jax.runner import run as runner
@@ -138,3 +139,23 @@ def test_a_second_writer_is_refused_in_every_mode(root, tmp_path, mode):
     holder.kill()
     holder.wait()
   assert not (workdir / "checkpoints").exists() and not (workdir / "results.json").exists()
+
+
+@pytest.mark.parametrize("sig, exit_code, name", [(signal.SIGTERM, 0, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_a_signal_outside_the_training_steps_stops_at_once_with_the_same_exit(root, tmp_path, monkeypatch, sig,
+                                                                              exit_code, name):
+  """The probe encoding its features once, before any step: the signal ends it at once, one line, same status."""
+  extract = encoding.extract_features
+
+  def extract_then_signal(*args, **kwargs):
+    os.kill(os.getpid(), sig)
+    return extract(*args, **kwargs)
+
+  monkeypatch.setattr(encoding, "extract_features", extract_then_signal)
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+  try:
+    with pytest.raises(errors.Interrupted, match=rf"stopped \({name}\) outside its training steps") as stopped:
+      runner.run("linear_probe", tiny_config("linear_probe", root, precompute_features=True), tmp_path / "run")
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert stopped.value.exit_code == exit_code

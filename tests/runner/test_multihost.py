@@ -117,7 +117,8 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_the_rerun_equals
 
 def _wait_for_steps(workdir, procs, steps):
   deadline = time.time() + 300
-  while len(train_testing.jsonl_steps(workdir)) < steps and all(p.poll() is None for p in procs) and time.time() < deadline:
+  while (len(train_testing.jsonl_steps(workdir)) < steps and all(p.poll() is None for p in procs) and
+         time.time() < deadline):
     time.sleep(0.01)
   assert all(p.poll() is None for p in procs), "a process ended before the signal"
 

@@ -60,7 +60,8 @@ def test_ctrl_c_during_fine_tuning_saves_the_step_and_the_rerun_resumes_mid_epoc
   stream = eval_testing.InterruptingStream(16, interrupt_at=8)  # mid-way through the second epoch
   with pytest.raises(errors.Interrupted):
     run(tmp_path / "finetune", stream)
-  assert train_testing.saved_steps(tmp_path / "finetune") == [6, 9]  # the first epoch's evaluation, then the step reached
+  # The first epoch's evaluation, then the step reached.
+  assert train_testing.saved_steps(tmp_path / "finetune") == [6, 9]
   stream = eval_testing.InterruptingStream(16)
   result = run(tmp_path / "finetune", stream)
   assert stream.first == 9 and result["steps"] == 12
