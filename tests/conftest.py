@@ -42,6 +42,25 @@ def sigint_guard():
 
 
 @pytest.fixture(scope="session")
+def torch():
+  """torch, for the tests marked `torch` (imported here, not at module level, so the others run without it)."""
+  return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="session")
+def transformers():
+  return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="session")
+def ref(torch, transformers):
+  """tests/torch_reference.py: PyTorch/transformers references of our models (imports both at its top)."""
+  del torch, transformers  # imported (or skipped) first
+  from tests import torch_reference  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  return torch_reference
+
+
+@pytest.fixture(scope="session")
 def mesh():
   """The (data=4, fsdp=2) mesh over the 8 fake CPU devices."""
   from dtm_jax import sharding  # pylint: disable=g-import-not-at-top

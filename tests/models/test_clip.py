@@ -15,23 +15,6 @@ from dtm_jax.models import clip, convert
 
 
 @pytest.fixture(scope="module")
-def torch():
-  return pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
-def transformers():
-  return pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def ref(torch, transformers):
-  del torch, transformers  # imported (or skipped) before torch_reference imports them
-  from tests import torch_reference  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  return torch_reference
-
-
-@pytest.fixture(scope="module")
 def hf_model(ref):
   return ref.hf_clip()
 

@@ -16,19 +16,6 @@ from dtm_jax.models import clip, convert, position_resize, vit
 pytestmark = pytest.mark.torch
 
 
-@pytest.fixture(scope="module")
-def torch():
-  return pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
-def ref(torch):
-  del torch  # imported (or skipped) before torch_reference imports it
-  pytest.importorskip("transformers")
-  from tests import torch_reference  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  return torch_reference
-
-
 def _run_cli(tmp_path, fmt, source, *flags, output="converted"):
   convert.main([f"--format={fmt}", f"--input={source}", f"--output={tmp_path / output}", *flags])
   return tmp_path / output

@@ -92,10 +92,6 @@ def test_predictions_on_ignored_pixels_do_not_count():
 
 # The tests marked `torch` import it themselves, so the others run without it.
 
-@pytest.fixture(scope="module")
-def torch():
-  return pytest.importorskip("torch")
-
 
 @pytest.mark.torch
 @pytest.mark.parametrize("size", [(20, 28), (3, 4), (1, 1), (13, 9)])

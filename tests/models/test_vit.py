@@ -28,23 +28,6 @@ def model():
 # pylint: disable=redefined-outer-name
 
 
-@pytest.fixture(scope="module")
-def torch():
-  return pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
-def transformers():
-  return pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def ref(torch, transformers):
-  del torch, transformers  # imported (or skipped) before torch_reference imports them
-  from tests import torch_reference  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  return torch_reference
-
-
 def _images(batch=2, seed=0):
   return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, 32, 32, 3)), jnp.float32)
 
