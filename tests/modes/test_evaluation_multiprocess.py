@@ -1,28 +1,22 @@
 """Two processes on localhost: the kNN bank and the accuracy loop count every example exactly once."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import eval_testing
 import numpy as np
 import pytest
+from train_testing import REPO, free_port
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+TESTS = os.path.join(REPO, "tests")  # eval_testing's folder
 
 
 @pytest.mark.slow
 def test_two_processes_count_every_example_once():
   port = free_port()
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.pathsep.join([os.path.dirname(TESTS), TESTS])}
+         "PYTHONPATH": os.pathsep.join([REPO, TESTS])}
   code = f"import eval_testing; eval_testing.multiprocess_eval_worker({port}, {{}}, 2)"
   procs = [subprocess.Popen([sys.executable, "-c", code.format(i)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]

@@ -1,10 +1,12 @@
 """The persistent compilation cache that main.py turns on: a second process reuses what the first compiled."""
-import pytest
 import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+from train_testing import REPO
+
+ROOT = REPO  # the repository root
 _PROGRAM = """
 import sys, time, jax, jax.numpy as jnp
 from dtm_jax.runtime import compilation_cache

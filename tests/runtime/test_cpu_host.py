@@ -1,13 +1,15 @@
 """dtm_jax.cpu_host: XLA:CPU steps stop page-faulting once freed host memory is kept; YNNPACK fusions go off."""
-import pytest
 import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
+from train_testing import REPO
+
 from dtm_jax.runtime import cpu_host
 
-_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+_ROOT = REPO  # the repository root
 
 # A jitted step with ~25 MB temporaries, timed after warm-up; prints the minor page faults per call.
 _STEP = textwrap.dedent("""

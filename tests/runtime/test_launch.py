@@ -10,10 +10,11 @@ import sys
 import types
 
 import pytest
+from train_testing import REPO
 
 from dtm_jax.runtime import errors, launch
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+ROOT = REPO  # the repository root
 _LAUNCH_VARS = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JOB_COMPLETION_INDEX",
                 "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "JAX_COORDINATOR", "JAX_LOCAL_DEVICE_IDS", "CUDA_VISIBLE_DEVICES")

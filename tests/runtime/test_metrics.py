@@ -1,6 +1,5 @@
 """Metrics: console progress counts finished steps; metrics.jsonl keeps one line per step after a kill and resume;
 lines are flushed on a timer, never on the step's path, and a kill loses at most the last interval's lines."""
-import pytest
 import logging
 import os
 import re
@@ -9,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import train_testing
 from train_testing import main_env
 
