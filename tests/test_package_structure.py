@@ -107,3 +107,11 @@ def test_a_config_for_another_mode_is_refused():
   config = importlib.import_module("configs.finetune_demo").get_config()
   with pytest.raises(ValueError, match="for --mode=finetune"):
     registry.mode_of(config, "pretrain")
+
+
+def test_make_test_fast_runs_the_tests_not_marked_slow_and_make_test_runs_all():
+  makefile = (PACKAGE.parent / "Makefile").read_text()
+  fast = makefile.split("\ntest-fast:", 1)[1].split("\n\n", 1)[0]
+  full = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+  assert '-m "not slow" tests' in fast
+  assert "pytest" in full and "-m " not in full
