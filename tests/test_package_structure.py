@@ -114,4 +114,4 @@ def test_make_test_fast_runs_the_tests_not_marked_slow_and_make_test_runs_all():
   fast = makefile.split("\ntest-fast:", 1)[1].split("\n\n", 1)[0]
   full = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
   assert '-m "not slow" tests' in fast
-  assert "pytest" in full and "-m " not in full
+  assert "-m pytest" in full and "-m \"" not in full and full.rstrip().endswith(" tests")
