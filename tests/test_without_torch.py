@@ -15,7 +15,7 @@ import pytest
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_TESTS)
 _TORCH_MISSING = "torch is not installed (pip install -r requirements-test.txt)"  # tests/conftest.py's reason
-_QUICK_FILE = "tests/test_position_resize.py"  # few torch tests, cheap to run
+_QUICK_FILE = "tests/models/test_position_resize.py"  # few torch tests, cheap to run
 
 _BLOCKER = textwrap.dedent('''
     """Makes torch, transformers and timm fail to import (tests/test_without_torch.py)."""
