@@ -4,11 +4,10 @@ Command (after `make demo`, which pretrains into workdirs/demo):
   python main.py --mode=finetune --config=configs/finetune_demo.py --workdir=workdirs/demo/finetune \
       --config.pretrained.workdir=workdirs/demo
 Rerunning the same command resumes (or, once finished, just reports).
-Expected result: top-1 75.1%, top-5 99.3% on the 10,000 test images after 2 epochs (67.0% after the first) for the
-step-500 checkpoint of `make demo` (linear probe: 74.4%), in 4m32s on 2 idle cores of an AMD EPYC VM (measured
-2026-11-28 on the final code of that day; earlier code of the day gave 73.0–74.6% on its own checkpoints). The 76.8%
-measured before that day predates decaying the relative-position tables (dtm_jax.optim.weight_decay_mask), which the
-recipe comments below do not yet account for.
+Expected result (2026-12-07, Python 3.11.7, jax/jaxlib 0.10.2, flax 0.12.8, numpy 2.4.6, 2 cores of an AMD
+EPYC VM): top-1 73.0%, top-5 99.2% on the 10,000 test images after 2 epochs, for the
+step-500 checkpoint of `make demo` (its linear probe: 73.4%, configs/linear_probe_demo.py). Earlier measurements:
+docs/RESULTS.md ("The demo's figures over time").
 """
 import ml_collections
 from ml_collections import config_dict

@@ -4,9 +4,10 @@ configs/compare_demo.py (beside the untrained student and raw pixels, and a line
 Command (after `make demo`, which pretrains into workdirs/demo):
   python main.py --mode=knn --config=configs/knn_demo.py --workdir=workdirs/demo/knn \
       --config.pretrained.workdir=workdirs/demo
-Expected result: top-1 61.1%, top-5 96.0% on the 10,000 test images for the step-500 checkpoint of `make demo`
-(measured 2026-12-03; 58.8% with the code of 2026-11-28, before images travelled as uint8; the student at
-initialisation gives 53.7%, raw pixels 82.0% with this bank: configs/compare_demo.py, docs/RESULTS.md).
+Expected result (2026-12-07, Python 3.11.7, jax/jaxlib 0.10.2, flax 0.12.8, numpy 2.4.6, 2 cores of an AMD
+EPYC VM): top-1 58.3%, top-5 94.4% on the 10,000 test images for the step-500
+checkpoint of `make demo` (the student at initialisation gives 53.7%, raw pixels 82.0% with this bank:
+configs/compare_demo.py). Earlier measurements: docs/RESULTS.md ("The demo's figures over time").
 """
 import ml_collections
 from ml_collections import config_dict
