@@ -361,10 +361,13 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict[st
     writer.write_scalars(step, evaluated)
     throughput.start(step)
 
+  config_written = []
+
   def save(state, step):
     checkpointer.save_state(step, state, data_iterator=data, metadata={**metadata, "step": step})
-    if jax.process_index() == 0:  # with this run's first checkpoint: config.json always describes the checkpoints
-      (workdir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str))
+    if jax.process_index() == 0 and not config_written:  # with this run's first checkpoint, once: config.json
+      (workdir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str))  # describes them
+      config_written.append(step)
 
   throughput.start(start_step)
   finished = loop.train_loop(
