@@ -31,6 +31,10 @@ from dtm_jax import (
 ROWS = {
     "b16_v4_32": ("DTM B/16 + CLIP-B/16", "configs.dtm_vit_b16_in1k", {}, "v4-32"),
     "b16_v5p32": ("DTM B/16 + CLIP-B/16", "configs.dtm_vit_b16_in1k", {}, "v5p-32"),
+    "b16_v5p32_teacher_f32": ("DTM B/16 + CLIP-B/16, float32 teacher", "configs.dtm_vit_b16_in1k",
+                              {"target.dtype": "float32"}, "v5p-32"),
+    "b16_v5p32_teacher_f32_head": ("DTM B/16 + CLIP-B/16, bf16 teacher with float32 ln_post/proj",
+                                   "configs.dtm_vit_b16_in1k", {"target.head_dtype": "float32"}, "v5p-32"),
     "b16_v5p32_no_dtm": ("token-wise B/16 + CLIP-B/16 (no morphing)", "configs.dtm_vit_b16_in1k",
                          {"dtm.enabled": False}, "v5p-32"),
     "b16_v5p32_scatter": ("DTM B/16 + CLIP-B/16, morphing by scatters (before)", "configs.dtm_vit_b16_in1k", {},

@@ -10,6 +10,9 @@ threads, with antialiased resizing (the default, as PIL) and without. Two figure
          rate, which holds on a machine shared with other work.
 Also times the mask generator alone (masks/s on one core, batches of 256, 14x14 grid).
 
+Then the colour-jitter order: ours (after the crop) and the released one (`input.jitter_before_crop`), timed
+ours / released / ours on one thread.
+
   python benchmarks/input_pipeline.py [--num_images=384] [--seconds=20] [--threads=1 ...]
 Recorded in docs/BENCHMARKS.md ("Input pipeline").
 """
@@ -48,12 +51,13 @@ def write_jpegs(root, num_images, num_classes=8, seed=0):
     image.save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
 
 
-def time_pipeline(root, threads, antialias, seconds, batch_size):
+def time_pipeline(root, threads, antialias, seconds, batch_size, jitter_before_crop=False):
   """Returns (images per wall-second, images per process CPU-second) after a warm-up."""
   cfg = input_pipeline.default_config()
   cfg.source, cfg.data_dir = "folder", root
   cfg.threadpool_size = threads
   cfg.resize_antialias = antialias
+  cfg.jitter_before_crop = jitter_before_crop
   it = input_pipeline.build_pretrain(cfg, image_size=224, patch_size=16,
                                      global_batch_size=batch_size, seed=0, process_index=0,
                                      process_count=1)
@@ -87,6 +91,12 @@ def main(argv):
         wall, cpu = time_pipeline(root, threads, antialias, _SECONDS.value, _BATCH.value)
         print(f"| {antialias} | {threads} | {wall:.0f} | {wall / threads:.0f} | {cpu:.0f} |",
               flush=True)
+    # The released order (jitter and flip the whole image, then crop) beside ours, one thread, side by side.
+    print("\n| colour jitter | cpu images/s/core |\n|---|---|")
+    for before in (False, True, False):
+      _, cpu = time_pipeline(root, 1, True, _SECONDS.value, _BATCH.value, jitter_before_crop=before)
+      print(f"| {'before the crop (released order)' if before else 'after the crop (ours)'} | {cpu:.0f} |",
+            flush=True)
   print(f"Mask generator: {time_masks():.0f} masks/s on one core (14x14 grid, 75 masked).")
 
 

@@ -17,6 +17,7 @@ The step is built by train.build_program, as main.py builds it.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -59,6 +60,7 @@ def _config(*, student: str, teacher: str, batch: int, dtype: str, image_size: i
                   dtype=dtype)
   c.input.source = "synthetic"
   c.dtm.enabled = dtm
+  c.dtm.schedule_group_size = math.gcd(batch, c.dtm.schedule_group_size)  # the recipe's 256, or fewer: must divide
   c.batch_size, c.grad_accum_steps = batch, accum
   c.mesh.fsdp = fsdp
   c.total_steps, c.warmup_steps = 10_000, 100

@@ -1,6 +1,7 @@
 """The pretraining config every recipe starts from: DTM's ViT-B/16 ImageNet-1K recipe (docs/METHOD.md §6).
 
-Recipes override what differs. Values the paper does not publish are marked "unpublished" with the choice made.
+Recipes override what differs. Values the paper does not publish are marked "unpublished" with the choice made and
+its source; docs/METHOD.md "Recipe" tabulates every value beside the released code's, its docs' and BEiT v2's.
 """
 import ml_collections
 from ml_collections import config_dict
@@ -16,13 +17,14 @@ def pretrain_config() -> ml_collections.ConfigDict:
   # kernel on GPUs (bf16), XLA on TPUs, the native kernel on CPUs; or "xla" / "cudnn" / "cpu".
   # remat: what the backward pass recomputes — "none", "dots" (keeps the matmul outputs) or "full".
   c.model = dict(
-      variant="base", image_size=224, patch_size=16, drop_path_rate=0.1,  # drop path 0.1: unpublished.
+      variant="base", image_size=224, patch_size=16, drop_path_rate=0.0,  # unpublished: see set_epochs
       layer_scale_init=0.1, out_dim=512, abs_pos_emb=False, block_rel_pos_bias=True, shared_rel_pos_bias=True,
       dtype="bfloat16", attention_impl=config_dict.placeholder(str), remat="none")
 
   # Target: frozen CLIP ViT-B/16 converted with `python -m dtm_jax.models.convert` (see README).
   c.target = dict(
       kind="clip", checkpoint="", init="checkpoint", dtype="bfloat16",
+      head_dtype=config_dict.placeholder(str),  # clip: ln_post and proj dtype when not `dtype`
       variant="B/16", overrides={}, seed=0,  # used by init="random" only
       features="head", step=config_dict.placeholder(int),  # used by kind="checkpoint" only
       normalize_patches=True,  # used by kind="pixels" only
@@ -30,8 +32,10 @@ def pretrain_config() -> ml_collections.ConfigDict:
 
   # Dynamic token morphing (docs/METHOD.md §2–3); enabled=False is token-wise distillation.
   # fixed_schedule=(num_merge, num_iters) replaces the random draw (the paper's "no dynamic schedule" ablation).
-  c.dtm = dict(enabled=True, num_schedules=2, max_merge=-1, max_iters=14, per_image=False, protect_first=True,
-               loss="smooth_l1", beta=2.0, normalize_target=False, weighting="token",
+  # schedule_group_size: images that share one schedule draw; the released code draws once per GPU per step and its
+  # 8-GPU run has 256 images per GPU. 1: a draw per image; -1: one draw for the whole global batch.
+  c.dtm = dict(enabled=True, num_schedules=2, max_merge=-1, max_iters=14, schedule_group_size=256,
+               protect_first=True, loss="smooth_l1", beta=2.0, normalize_target=False, weighting="token",
                fixed_schedule=config_dict.placeholder(tuple))
 
   c.input = input_config(crop_scale_min=0.2)  # crop scale min 0.2: unpublished (BEiT v2; released code: 0.08).
@@ -45,7 +49,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.warmup_steps = config_dict.placeholder(int)
 
   c.optim = dict(base_lr=1.5e-3, lr_scaling="sqrt", lr_reference_batch=2048, min_lr=1e-5,
-                 b1=0.9, b2=0.98,  # β2 0.98: unpublished.
+                 b1=0.9, b2=0.98,  # unpublished: see set_epochs
                  eps=1e-8, weight_decay=0.05, no_decay_names=("cls_token", "pos_embed"), grad_clip=3.0,
                  layer_decay=1.0)
 
@@ -62,6 +66,23 @@ def pretrain_config() -> ml_collections.ConfigDict:
   # kNN (DINO protocol) every `every` steps (0: never) on slices of the train split (bank) and eval split (queries).
   c.eval = dict(every=0, k=20, temperature=0.07, batch_size=1024, train_split="train", eval_split="validation",
                 num_train_examples=50_000, num_eval_examples=10_000)
+  return c
+
+
+# BEiT v2's guidance by schedule length (its PRETRAINING.md, which DTM's code was forked from; DTM's docs/Training.md
+# leaves both as placeholders): drop path 0.0 and β2 0.98 for 300 epochs, 0.1 and 0.999 for 1600. Schedules of 800
+# epochs and longer take the long values; shorter ones the 300-epoch values.
+LONG_SCHEDULE_EPOCHS = 800
+SHORT_SCHEDULE = dict(drop_path_rate=0.0, b2=0.98)
+LONG_SCHEDULE = dict(drop_path_rate=0.1, b2=0.999)
+
+
+def set_epochs(c: ml_collections.ConfigDict, epochs: int) -> ml_collections.ConfigDict:
+  """Sets the schedule length and the drop path and β2 that go with it (BEiT v2's guidance, above)."""
+  values = LONG_SCHEDULE if epochs >= LONG_SCHEDULE_EPOCHS else SHORT_SCHEDULE
+  c.total_epochs = epochs
+  c.model.drop_path_rate = values["drop_path_rate"]
+  c.optim.b2 = values["b2"]
   return c
 
 

@@ -44,6 +44,7 @@ def get_config(arg: str = ""):
   c.optim.base_lr = 1.5e-3
   c.optim.lr_scaling = "none"
   c.dtm.max_iters = 7
+  c.dtm.schedule_group_size = -1  # one draw per step, as the released code on one GPU
   c.log_every = 100
   c.progress_every_secs = 20.0
   c.checkpoint_every = 500

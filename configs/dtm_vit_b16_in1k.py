@@ -11,8 +11,11 @@ Slices (the step compiled for each with --mode=compile, docs/BENCHMARKS.md "Comp
 v5p-32 (16 chips, 128 images each: 16.8 GiB of 95), v4-32 (16 chips: 17.0 of 32 GiB), v5e-64 (64 chips, 32 images
 each: 4.8 of 16 GiB). Check another slice first with
   python main.py --mode=compile --config=configs/dtm_vit_b16_in1k.py --topology=<slice> --workdir=/tmp/compile
-Unpublished choices (stated in configs/common.py): batch 2048, warmup 10 epochs, β2 0.98, drop path 0.1, crop scale
-min 0.2 (BEiT v2; the released code defaults to 0.08).
+Unpublished choices (configs/common.py; every value with its source in docs/METHOD.md §6): batch 2048, warmup 10
+epochs, crop scale min 0.2 (BEiT v2; the released code defaults to 0.08), drop path and β2 by schedule length as BEiT
+v2 advises (300 epochs: 0.0 and 0.98; `:epochs=800`: 0.1 and 0.999), one schedule draw per 256 images (the released
+8-GPU run's per-GPU batch: 8 draws per step), a bfloat16 teacher (the measured choice in docs/BENCHMARKS.md
+"Teacher precision").
 """
 from configs import common
 
@@ -20,5 +23,4 @@ from configs import common
 def get_config(arg: str = ""):
   args = dict(kv.split("=") for kv in arg.split(",") if kv)
   c = common.pretrain_config()
-  c.total_epochs = int(args.get("epochs", 300))
-  return c
+  return common.set_epochs(c, int(args.get("epochs", 300)))

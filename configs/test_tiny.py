@@ -21,6 +21,7 @@ def get_config(arg: str = ""):
   c.optim.base_lr = 2e-3
   c.optim.lr_scaling = "none"
   c.dtm.max_iters = 4
+  c.dtm.schedule_group_size = 8  # two schedule draws per batch, each spanning devices
   c.log_every = 5
   c.checkpoint_every = 10
   c.progress_every_secs = 5.0

@@ -186,6 +186,7 @@ def check_input(c: Checker, *, pretraining: bool) -> None:
   c.number("input.crop_scale_min", 0.0, 1.0, min_open=True)
   c.boolean("input.flip")
   c.number("input.color_jitter", 0.0)
+  c.boolean("input.jitter_before_crop", optional=True)
   c.numbers("input.mean", 3)
   c.numbers("input.std", 3, positive=True)
   c.boolean("input.resize_antialias")

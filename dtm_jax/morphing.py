@@ -51,24 +51,28 @@ _CPU_GRAM_BLOCK = 8
 _MIN_SQUARED_NORM = 1e-24
 
 
-def sample_schedules(rng, batch_size, num_schedules=2, max_merge=196, max_iters=14, per_image=False):
+def sample_schedules(rng, batch_size, num_schedules=2, max_merge=196, max_iters=14, group_size=None):
   """Draws the random morphing schedules of one step (docs/METHOD.md §2.4).
 
-  num_merge ~ U{0..max_merge} (tokens to remove) and num_iters ~ U{1..max_iters} (rounds), inclusive bounds. The
-  released code draws one schedule per step and shares it over the batch (per_image=False); per_image=True draws one
-  per image. Set max_merge to the number of tokens when it is not 196.
+  num_merge ~ U{0..max_merge} (tokens to remove) and num_iters ~ U{1..max_iters} (rounds), inclusive bounds. Each
+  run of `group_size` consecutive images shares one draw: the released code draws once per GPU per step, so its
+  8-GPU run averages 8 draws of 256 images each. group_size 1 draws per image; None, one draw for the whole batch.
+  The draw depends on the global batch only, never on how it is spread over devices. Set max_merge to the number
+  of tokens when it is not 196.
 
   Returns:
     (num_merge, num_iters), each int32 [num_schedules, batch_size].
   """
   if max_merge < 0 or max_iters < 1:
     raise ValueError(f"Need max_merge >= 0 and max_iters >= 1; got max_merge={max_merge}, max_iters={max_iters}.")
+  group_size = batch_size if group_size is None else group_size
+  if group_size < 1 or batch_size % group_size:
+    raise ValueError(f"A batch of {batch_size} images does not split into schedule groups of {group_size}.")
   merge_rng, iters_rng = jax.random.split(rng)
-  draw_shape = (num_schedules, batch_size if per_image else 1)
+  draw_shape = (num_schedules, batch_size // group_size)
   num_merge = jax.random.randint(merge_rng, draw_shape, 0, max_merge + 1, dtype=jnp.int32)
   num_iters = jax.random.randint(iters_rng, draw_shape, 1, max_iters + 1, dtype=jnp.int32)
-  shape = (num_schedules, batch_size)
-  return jnp.broadcast_to(num_merge, shape), jnp.broadcast_to(num_iters, shape)
+  return jnp.repeat(num_merge, group_size, axis=1), jnp.repeat(num_iters, group_size, axis=1)
 
 
 def merges_per_round(num_merge, num_iters, num_tokens):

@@ -91,7 +91,13 @@ def _module_target(kind: str, module: nnx.Module, description: str) -> Target:
 def random_clip_config(cfg: ml_collections.ConfigDict, image_size: int) -> clip.CLIPVisionConfig:
   """CLIP tower of `cfg.variant` ("test", "B/16", …) at the run's image size, with `cfg.overrides` applied."""
   overrides = dict(cfg.get("overrides") or {})
-  return clip.get_config(cfg.variant, **{"image_size": image_size, "dtype": _dtype(cfg.dtype), **overrides})
+  return clip.get_config(cfg.variant, **{"image_size": image_size, "dtype": _dtype(cfg.dtype),
+                                         "head_dtype": _head_dtype(cfg), **overrides})
+
+
+def _head_dtype(cfg: ml_collections.ConfigDict):
+  """The CLIP tower's ln_post/proj dtype: `cfg.head_dtype`, or None (the tower's dtype) when unset."""
+  return _dtype(cfg.head_dtype) if cfg.get("head_dtype") else None
 
 
 def _clip_target(cfg: ml_collections.ConfigDict, image_size: int, abstract: bool) -> Target:
@@ -105,7 +111,7 @@ def _clip_target(cfg: ml_collections.ConfigDict, image_size: int, abstract: bool
     return _module_target("clip", module, f"randomly initialised CLIP tower ({cfg.variant}, width {clip_cfg.width}, "
                           f"depth {clip_cfg.depth}, patch {clip_cfg.patch_size}, seed {cfg.get('seed', 0)})")
   path = epath.Path(cfg.checkpoint)
-  module = convert.load_converted(path, dtype=_dtype(cfg.dtype), image_size=image_size)
+  module = convert.load_converted(path, dtype=_dtype(cfg.dtype), head_dtype=_head_dtype(cfg), image_size=image_size)
   return _module_target("clip", module, f"CLIP tower from {path}")
 
 

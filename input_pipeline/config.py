@@ -36,6 +36,9 @@ def default_config():
   c.crop_scale_min = 0.08   # The released code's default; BEiT v2 uses 0.2.
   c.flip = True             # Random horizontal flip (pretraining and fine-tuning).
   c.color_jitter = 0.4      # Brightness, contrast and saturation strength; 0 turns it off.
+  # The released order instead: jitter and flip the whole decoded image, then crop (contrast pivots on the whole
+  # image's mean). Costs CPU time per image (docs/BENCHMARKS.md "Input pipeline"); see docs/METHOD.md §8.3.
+  c.jitter_before_crop = False
   c.mean = IMAGENET_MEAN    # Normalisation of [0, 1] RGB, for student and teacher alike.
   c.std = IMAGENET_STD
   # Every crop is resized bicubically. Antialiased shrinking is what PIL (so the released

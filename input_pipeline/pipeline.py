@@ -59,13 +59,18 @@ def build_pretrain(input_cfg, *, image_size, patch_size, global_batch_size, seed
                      min_aspect=input_cfg.min_mask_aspect)
   masking.check_mask_params(**mask_params)
 
-  pixels = _pretrain_pixels(bool(input_cfg.flip), float(input_cfg.color_jitter))
+  jitter_first = bool(input_cfg.get("jitter_before_crop", False))
+  pixels = _pretrain_pixels(bool(input_cfg.flip), float(input_cfg.color_jitter), fused=not jitter_first)
 
   def view(image, rng):
     crop_rng, pixel_rng = transforms.split_rng(rng, 2)
-    image = transforms.decode_and_crop(image, functools.partial(
-        transforms.random_resized_crop_window, crop_rng, scale_min=input_cfg.crop_scale_min))
-    image = transforms.resize(image, image_size, input_cfg.resize_antialias)
+    window = functools.partial(transforms.random_resized_crop_window, crop_rng, scale_min=input_cfg.crop_scale_min)
+    if jitter_first:  # the released order: the whole image is jittered and flipped, then cropped
+      whole = transforms.decode_and_crop(image, transforms.whole_image_window)
+      image = pixels(tf.cast(whole, tf.float32), pixel_rng)
+      image = transforms.resize(transforms.decode_and_crop(image, window), image_size, input_cfg.resize_antialias)
+      return _uint8_pixels()(image)
+    image = transforms.resize(transforms.decode_and_crop(image, window), image_size, input_cfg.resize_antialias)
     return pixels(image, pixel_rng)
 
   source = sources.get_source(input_cfg)
@@ -204,8 +209,9 @@ def _fused(fn):
 
 
 @functools.lru_cache(maxsize=None)
-def _pretrain_pixels(flip, color_jitter):
-  """Random flip, colour jitter, rounded to uint8 as PIL-based pipelines (the released code's) do."""
+def _pretrain_pixels(flip, color_jitter, fused=True):
+  """Random flip, colour jitter, rounded to uint8 as PIL-based pipelines (the released code's) do. fused=False for
+  whole images, whose many sizes would each compile a fused program."""
   def pixels(image, rng):
     flip_rng, jitter_rng = transforms.split_rng(rng, 2)
     image = image / 255.0
@@ -214,7 +220,7 @@ def _pretrain_pixels(flip, color_jitter):
     if color_jitter:
       image = transforms.color_jitter(image, jitter_rng, color_jitter)
     return transforms.to_uint8(image * 255.0)
-  return _fused(pixels)
+  return _fused(pixels) if fused else tf.function(pixels, autograph=False)
 
 
 @functools.lru_cache(maxsize=None)

@@ -53,6 +53,11 @@ def decode_and_crop(image, window_fn):
   return cropped
 
 
+def whole_image_window(height, width):
+  """The window of the whole image (decode without cropping)."""
+  return tf.stack([0, 0, height, width])
+
+
 def _crop(image, window_fn):
   shape = tf.shape(image)
   top, left, height, width = tf.unstack(window_fn(shape[0], shape[1]))

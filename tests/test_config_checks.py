@@ -31,6 +31,9 @@ def no_compilation(monkeypatch):
     ({"optim.base_lr": -1.0}, "config.optim.base_lr=-1.0"),
     ({"model.drop_path_rate": 1.5}, "config.model.drop_path_rate=1.5"),
     ({"dtm.num_schedules": 0}, "config.dtm.num_schedules=0"),
+    ({"dtm.schedule_group_size": 0}, "config.dtm.schedule_group_size=0"),
+    ({"dtm.schedule_group_size": 6}, "config.dtm.schedule_group_size=6 does not divide batch_size=16"),
+    ({"dtm.schedule_group_size": 32}, "config.dtm.schedule_group_size=32 does not divide batch_size=16"),
     ({"input.crop_scale_min": 0.0}, "config.input.crop_scale_min=0.0"),
     ({"eval.every": 5, "eval.batch_size": 12}, "config.eval.batch_size=12"),
     ({"eval.every": -1}, "config.eval.every=-1"),
@@ -143,3 +146,18 @@ def test_a_missing_config_file_is_one_line(tmp_path):
   verbose = subprocess.run(main_command(tmp_path / "run", "--verbose", config="configs/no_such_config.py"),
                            env=main_env(), capture_output=True, text=True, timeout=120)
   assert "Traceback" in verbose.stderr and verbose.stderr.strip().splitlines()[-1] == last  # still last
+
+
+@pytest.mark.parametrize("module", ["configs.dtm_vit_b16_in1k", "configs.dtm_vit_s16_in1k", "configs.dtm_vit_l16_in1k"])
+@pytest.mark.parametrize("epochs, drop_path, b2", [(300, 0.0, 0.98), (800, 0.1, 0.999), (1600, 0.1, 0.999)])
+def test_recipes_take_drop_path_and_beta2_by_schedule_length(module, epochs, drop_path, b2):
+  # docs/METHOD.md §6 "Recipe": BEiT v2's guidance, 300 epochs → (0.0, 0.98), long schedules → (0.1, 0.999).
+  import importlib
+  get_config = importlib.import_module(module).get_config
+  config = get_config(f"epochs={epochs}") if epochs != 300 else get_config()
+  assert (config.total_epochs, config.model.drop_path_rate, config.optim.b2) == (epochs, drop_path, b2)
+  assert config.dtm.schedule_group_size == 256 and config.batch_size % 256 == 0  # 8 draws of the released per-GPU batch
+  assert config.model.layer_scale_init == (1e-5 if module.endswith("l16_in1k") else 0.1)
+  assert (config.optim.b1, config.optim.eps, config.optim.weight_decay, config.optim.grad_clip) == (0.9, 1e-8, 0.05, 3.0)
+  assert (config.optim.base_lr, config.optim.lr_scaling, config.optim.min_lr) == (1.5e-3, "sqrt", 1e-5)
+  assert (config.warmup_epochs, config.input.crop_scale_min, config.input.num_masking_patches) == (10, 0.2, 75)

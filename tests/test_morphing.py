@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dtm_jax import aot, losses, morphing, platform
+from dtm_jax import aot, losses, morphing, platform, sharding
 
 # Token values on this grid keep the test inputs exactly representable in float32, as in the float64 reference.
 _GRID = 1.0 / 1024
@@ -127,7 +127,7 @@ def test_one_compilation_for_any_schedule():
   realised = set()
   for seed in range(50):
     num_merge, num_iters = morphing.sample_schedules(jax.random.key(seed), batch, num_schedules=1,
-                                                     max_merge=side * side, per_image=seed % 2 == 1)
+                                                     max_merge=side * side, group_size=1 if seed % 2 else None)
     realised.update(np.asarray(morphing.num_groups(morph(tokens, num_merge[0], num_iters[0]))).tolist())
   assert len(traces) == 1
   assert morph._cache_size() == 1  # pylint: disable=protected-access
@@ -255,7 +255,7 @@ def test_grouping_is_a_constant_for_gradients():
 
 
 def test_sample_schedules_ranges_and_sharing():
-  num_merge, num_iters = morphing.sample_schedules(jax.random.key(0), 4096, num_schedules=2, per_image=True)
+  num_merge, num_iters = morphing.sample_schedules(jax.random.key(0), 4096, num_schedules=2, group_size=1)
   assert num_merge.shape == num_iters.shape == (2, 4096)
   assert num_merge.dtype == num_iters.dtype == jnp.int32
   assert set(np.unique(num_merge).tolist()) == set(range(197))  # U{0..196}, both ends included
@@ -267,6 +267,30 @@ def test_sample_schedules_ranges_and_sharing():
   assert len(set(np.asarray(shared_merge[:, 0]).tolist())) > 1  # schedules differ from one another
   with pytest.raises(ValueError, match="max_iters"):
     morphing.sample_schedules(jax.random.key(0), 2, max_iters=0)
+
+
+def test_schedule_groups_share_one_draw_each():
+  batch, group = 48, 8
+  num_merge, num_iters = morphing.sample_schedules(jax.random.key(3), batch, num_schedules=2, group_size=group)
+  for drawn in (np.asarray(num_merge), np.asarray(num_iters)):
+    assert drawn.shape == (2, batch)
+    groups = drawn.reshape(2, batch // group, group)
+    assert np.all(groups == groups[:, :, :1])  # each image has its group's schedule
+  # B/g independent draws: the groups' values differ (6 groups × 2 schedules of U{0..196}: a repeat of all is ~0).
+  assert len(set(np.asarray(num_merge)[0, ::group].tolist())) > 3
+  assert len(set(map(tuple, np.asarray(num_merge).T[::group].tolist()))) == batch // group
+
+
+def test_group_size_one_is_per_image_and_the_whole_batch_is_one_draw():
+  key, batch = jax.random.key(5), 24
+  per_image = morphing.sample_schedules(key, batch, group_size=1)
+  assert len(set(np.asarray(per_image[0])[0].tolist())) > batch // 2  # ≈ one draw per image
+  whole = morphing.sample_schedules(key, batch, group_size=batch)
+  np.testing.assert_array_equal(whole[0], morphing.sample_schedules(key, batch)[0])  # None: the whole batch
+  np.testing.assert_array_equal(whole[1], morphing.sample_schedules(key, batch)[1])
+  assert np.all(np.asarray(whole[0]) == np.asarray(whole[0])[:, :1])
+  with pytest.raises(ValueError, match="does not split into schedule groups of 5"):
+    morphing.sample_schedules(key, batch, group_size=5)
 
 
 def _morphing_and_loss_step(batch, num_tokens, kind="smooth_l1"):
@@ -317,3 +341,17 @@ def test_compiled_tpu_program_has_no_scatter():
   assert re.search(r"\swhile\(", text) and re.search(r"\sconvolution\(", text)  # the rounds, as matmuls
   assert not re.search(r"\sscatter\(", text)
   assert re.search(r"\sscatter\(", with_scatter)  # the check sees scatters where there are some
+
+
+def test_schedule_draw_does_not_depend_on_the_device_count():
+  # The same seed and step give the same schedules whether the batch lives on 1 device or is split over 8.
+  key = jax.random.fold_in(jax.random.key(0), 7)
+  draw = lambda k: morphing.sample_schedules(k, 32, group_size=8, max_merge=49)
+  drawn = {}
+  for devices in (1, 8):
+    mesh = sharding.make_mesh(devices, 1, devices=jax.devices()[:devices])
+    spread = NamedSharding(mesh, P(None, mesh.axis_names))
+    drawn[devices] = jax.device_get(jax.jit(draw, out_shardings=(spread, spread))(key))
+    assert jax.jit(draw, out_shardings=(spread, spread))(key)[0].sharding.num_devices == devices
+  for one, eight in zip(drawn[1], drawn[8]):
+    np.testing.assert_array_equal(one, eight)

@@ -23,7 +23,7 @@ def target_config(**fields) -> ml_collections.ConfigDict:
   """A `config.target` block with configs/common.py's defaults (built here: that module would load TensorFlow)."""
   config = ml_collections.ConfigDict(dict(
       kind="clip", checkpoint="", init="checkpoint", dtype="float32", variant="test", overrides={}, seed=0,
-      features="head", step=None, normalize_patches=True, ema_momentum=0.996, ema_momentum_end=1.0))
+      head_dtype=None, features="head", step=None, normalize_patches=True, ema_momentum=0.996, ema_momentum_end=1.0))
   config.update(fields)
   return config
 
@@ -86,6 +86,23 @@ def test_random_clip_target_gives_projected_patch_tokens(random_clip):
   assert target.forward_flops > 0 and not target.is_ema
   # Different images, different targets: the tower is not a constant.
   assert float(jnp.abs(tokens[0] - tokens[1]).max()) > 1e-3
+
+
+def test_a_float32_head_takes_the_last_rounding_out_of_a_bfloat16_teacher():
+  # target.head_dtype: ln_post and proj in float32 after bfloat16 blocks (the teacher-precision option).
+  build = lambda **f: targets.build_target(target_config(init="random", overrides={"patch_size": PATCH}, **f),
+                                           image_size=IMAGE, patch_size=PATCH)
+  exact, low, head = build(), build(dtype="bfloat16"), build(dtype="bfloat16", head_dtype="float32")
+  x = images(4)
+  reference = np.asarray(exact.tokens(exact.params, x))
+  error = lambda t: float(np.linalg.norm(np.asarray(t.tokens(t.params, x)) - reference) / np.linalg.norm(reference))
+  assert head.params is not None and jax.tree.structure(head.params) == jax.tree.structure(low.params)
+  assert 0 < error(head) < error(low)
+  # The bf16 head rounds its output to bf16; the float32 head's tokens are not representable in bf16.
+  tokens = np.asarray(head.tokens(head.params, x))
+  assert np.any(tokens != np.asarray(jnp.asarray(tokens, jnp.bfloat16), np.float32))
+  low_tokens = np.asarray(low.tokens(low.params, x))
+  np.testing.assert_array_equal(low_tokens, np.asarray(jnp.asarray(low_tokens, jnp.bfloat16), np.float32))
 
 
 def test_no_gradient_flows_into_a_teacher_or_through_it(random_clip):

@@ -7,6 +7,7 @@ the targets need. Random initialisation only serves tests; real weights come fro
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -36,6 +37,9 @@ class CLIPVisionConfig:
   activation: str = "quick_gelu"  # OpenAI weights; most open_clip (LAION) weights use "gelu".
   layer_norm_eps: float = 1e-5
   dtype: Any = jnp.float32  # Compute dtype; parameters stay float32.
+  # ln_post and proj compute dtype (None: `dtype`). float32 keeps the targets' last rounding out of the tokens; its
+  # proj then runs at HIGHEST precision, so TPUs too compute it in float32 (their default takes one bf16 pass).
+  head_dtype: Any = None
   attention_impl: str | None = None  # "xla", "cudnn", "cpu", or None: the platform's (layers.default_attention_impl)
 
   def __post_init__(self):
@@ -119,9 +123,11 @@ class CLIPVision(nnx.Module):
                      layer_norm_eps=config.layer_norm_eps, dtype=config.dtype,
                      attention_impl=config.attention_impl, rngs=rngs)
         for _ in range(config.depth)])
-    self.ln_post = norm(config.dtype)
-    self.proj = nnx.Linear(config.width, config.proj_dim, use_bias=False, kernel_init=init, dtype=config.dtype,
-                           rngs=rngs)
+    head_dtype = config.dtype if config.head_dtype is None else config.head_dtype
+    self.ln_post = norm(head_dtype)
+    exact_head = jnp.dtype(head_dtype) == jnp.float32 and config.head_dtype is not None
+    self.proj = nnx.Linear(config.width, config.proj_dim, use_bias=False, kernel_init=init, dtype=head_dtype,
+                           precision=jax.lax.Precision.HIGHEST if exact_head else None, rngs=rngs)
 
   def __call__(self, images, *, include_cls=False, project=True, interpolate_pos_encoding=False):
     """Tokens after `ln_post`: [B, N, proj_dim] by default.

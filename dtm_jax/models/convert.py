@@ -504,6 +504,8 @@ _CONFIG_CLASSES = {"clip": clip.CLIPVisionConfig, "vit": vit.ViTConfig, "vit_cla
 def _config_to_json(config):
   fields = dataclasses.asdict(config)
   fields["dtype"] = jnp.dtype(fields["dtype"]).name
+  if fields.get("head_dtype") is not None:
+    fields["head_dtype"] = jnp.dtype(fields["head_dtype"]).name
   return fields
 
 
@@ -521,11 +523,12 @@ def save_converted(converted, directory, source=None):
   (directory / CONFIG_FILE).write_text(json.dumps(metadata, indent=2))
 
 
-def load_converted(directory, *, dtype=None, attention_impl=None, image_size=None):
+def load_converted(directory, *, dtype=None, head_dtype=None, attention_impl=None, image_size=None):
   """Rebuilds the converted module (CLIPVision, PretrainViT or ViTClassifier) with its weights.
 
   dtype / attention_impl override the saved compute settings (e.g. bfloat16 and "cudnn" for a frozen teacher);
-  parameters stay float32. image_size resizes the position tables for another input size (`_with_image_size`).
+  head_dtype, a CLIP tower's ln_post and proj dtype; parameters stay float32. image_size resizes the position tables
+  for another input size (`_with_image_size`).
   """
   directory = _path(directory)  # local or gs://…
   config_path = directory / CONFIG_FILE
@@ -538,6 +541,10 @@ def load_converted(directory, *, dtype=None, attention_impl=None, image_size=Non
   fields = dict(metadata["config"], dtype=jnp.dtype(dtype or metadata["config"]["dtype"]))
   if attention_impl is not None:
     fields["attention_impl"] = attention_impl
+  if head_dtype is not None:
+    if kind != "clip":
+      raise ConversionError(f"head_dtype applies to CLIP towers; {config_path} holds a {kind!r}.")
+    fields["head_dtype"] = jnp.dtype(head_dtype)
   config = _CONFIG_CLASSES[kind](**fields)
   _, state = _abstract_module(kind, config, metadata["module_kwargs"])
   params = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, state.to_pure_dict())

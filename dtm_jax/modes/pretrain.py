@@ -68,6 +68,11 @@ def total_and_warmup_steps(config: ml_collections.ConfigDict) -> tuple[int, int]
 # ----------------------------------------------------------------------------------------------------------------
 # The step.
 # ----------------------------------------------------------------------------------------------------------------
+def schedule_group_size(configured: int, batch_size: int) -> int:
+  """Images per morphing-schedule draw: `config.dtm.schedule_group_size`, where -1 means the whole global batch."""
+  return batch_size if configured == -1 else configured
+
+
 def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets.Target,
                         config: ml_collections.ConfigDict, tokens: int, mesh=None):
   """(params, target_params, batch, step) → (loss, mean number of groups, gradients) for one global batch.
@@ -115,7 +120,7 @@ def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets
     else:
       num_merge, num_iters = morphing.sample_schedules(
           schedule_rng, images.shape[0], num_schedules=dtm.num_schedules, max_merge=max_merge,
-          max_iters=dtm.max_iters, per_image=dtm.per_image)
+          max_iters=dtm.max_iters, group_size=schedule_group_size(dtm.schedule_group_size, images.shape[0]))
     if accum == 1:
       (loss, groups), grads = grad_fn(params, target_params, images, mask, num_merge, num_iters, dropout_rng)
       return loss, groups, grads
@@ -455,6 +460,7 @@ def check_config(c: config_checks.Checker, num_devices: int, check_paths: bool =
   except (ValueError, FileNotFoundError) as e:
     c.problems.append(str(e))
   c.string("target.dtype", config_checks.DTYPES)
+  c.string("target.head_dtype", config_checks.DTYPES, optional=True)
   c.number("target.ema_momentum", 0.0, 1.0, optional=True)
   c.number("target.ema_momentum_end", 0.0, 1.0, optional=True)
 
@@ -463,7 +469,7 @@ def check_config(c: config_checks.Checker, num_devices: int, check_paths: bool =
   c.integer("dtm.num_schedules", 1)
   max_merge = c.integer("dtm.max_merge", 0, also=(-1,))
   max_iters = c.integer("dtm.max_iters", 1)
-  c.boolean("dtm.per_image")
+  group_size = c.integer("dtm.schedule_group_size", 1, also=(-1,))
   c.boolean("dtm.protect_first")
   c.string("dtm.loss", ("smooth_l1", "l1", "l2", "cosine"))
   c.number("dtm.beta", 0.0, min_open=True)
@@ -490,6 +496,11 @@ def check_config(c: config_checks.Checker, num_devices: int, check_paths: bool =
     c.batch("batch_size", num_devices, per=accum, per_name="grad_accum_steps")
   else:
     c.integer("batch_size", 1)
+  batch_size = c.get("batch_size")
+  if group_size not in (None, -1) and isinstance(batch_size, int) and batch_size > 0 and batch_size % group_size:
+    c.add("dtm.schedule_group_size", group_size, f"does not divide batch_size={batch_size}: every schedule draw "
+          "covers this many images; choose a divisor of the batch (the released code's per-GPU batch, 256, is the "
+          "default), or -1 for one draw per global batch.")
   c.integer("num_train_examples", 1, optional=True)
   total_steps = c.integer("total_steps", 1, optional=True)
   warmup_steps = c.integer("warmup_steps", 0, optional=True)

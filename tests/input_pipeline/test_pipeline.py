@@ -352,3 +352,44 @@ def test_a_folder_stream_started_at_a_step_says_unreadable_files_shift_it(image_
   ids = _ids(np.concatenate([next(it)["image"] for _ in range(8)]))
   assert set(ids) == set(range(_CLASSES * _TRAIN_PER_CLASS))
   assert it.num_corrupt() <= 2 and "unreadable files" in it.start_note
+
+
+@pytest.fixture(scope="module")
+def two_tone_root(tmp_path_factory):
+  """One class of 48×64 images, dark on the left (40) and bright on the right (200): crops differ in mean."""
+  root = tmp_path_factory.mktemp("two_tone")
+  folder = root / "train" / "class_0"
+  folder.mkdir(parents=True)
+  image = np.full((48, 64, 3), 40, np.uint8)
+  image[:, 32:] = 200
+  for i in range(4):
+    Image.fromarray(image).save(str(folder / f"img_{i}.png"))
+  return str(root)
+
+
+@pytest.mark.parametrize("jitter_before_crop, whole_image_mean", [(False, False), (True, True)])
+def test_colour_jitter_sees_the_crop_or_the_whole_image(two_tone_root, monkeypatch, jitter_before_crop,
+                                                        whole_image_mean):
+  # A stand-in jitter that replaces every pixel by its input's mean (contrast factor 0) shows what the jitter saw:
+  # after the crop (ours), each crop's own mean; before it (the released order), the whole image's mean, 120.
+  from input_pipeline import transforms  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(transforms, "color_jitter", lambda image, rng, strength: tf.zeros_like(image) +
+                      tf.reduce_mean(image))
+  strength = 0.3 + 0.01 * jitter_before_crop  # a setting no other test builds (the pixel stages are cached by it)
+  cfg = _folder_cfg(two_tone_root, color_jitter=strength, jitter_before_crop=jitter_before_crop, flip=False,
+                    crop_scale_min=0.05)
+  batch = np.concatenate([next(_pretrain(cfg, seed=s, batch=4))["image"] for s in range(4)]).astype(float)
+  assert np.all(batch.std(axis=(1, 2, 3)) < 1.0)  # flat: every pixel is the mean the jitter saw
+  levels = batch.mean(axis=(1, 2, 3))
+  if whole_image_mean:
+    np.testing.assert_allclose(levels, 120, atol=1)
+  else:
+    assert levels.max() - levels.min() > 20  # crops of different mixes of the two halves
+
+
+def test_jitter_order_changes_nothing_without_jitter(image_root):
+  read = lambda before: next(_pretrain(_folder_cfg(image_root, flip=False, jitter_before_crop=before), seed=1))
+  after, before = read(False), read(True)
+  np.testing.assert_array_equal(after["image"], before["image"])
+  np.testing.assert_array_equal(after["label"], before["label"])
