@@ -99,7 +99,7 @@ class Ade20kFolderSource(sources.IndexedSource):
     except tf.errors.OpError:
       return   # A corrupt file: skipped and counted like the others.
     if image_size != label_size:
-      raise ValueError(f"{image_paths[first]} is {image_size[0]}x{image_size[1]} px but its label map "
+      raise errors.DataError(f"{image_paths[first]} is {image_size[0]}x{image_size[1]} px but its label map "
                        f"{label_paths[first]} is {label_size[0]}x{label_size[1]}; images and annotations must both "
                        f"come from {ADE20K_FOLDER}.zip.")
 
@@ -112,7 +112,7 @@ class TfdsSegmentSource(sources.TfdsSource):
     super().__init__(name, data_dir, shuffle_buffer)
     features = self._builder.info.features
     if "annotation" not in features:
-      raise ValueError(f"TFDS dataset {name!r} has no 'annotation' feature (it has {sorted(features)}); "
+      raise errors.DataError(f"TFDS dataset {name!r} has no 'annotation' feature (it has {sorted(features)}); "
                        "segmentation reads the label map from 'annotation', as scene_parse150 stores it.")
     self.has_labels = True
     if self._builder.name == "scene_parse150":

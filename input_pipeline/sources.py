@@ -72,11 +72,11 @@ class TfdsSource:
     try:
       self._builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-      raise ValueError(f"input.dataset={name!r} is not a TFDS dataset (see "
+      raise errors.DataError(f"input.dataset={name!r} is not a TFDS dataset (see "
                        "https://www.tensorflow.org/datasets/catalog).") from e
     features = self._builder.info.features
     if "image" not in features:
-      raise ValueError(f"TFDS dataset {name!r} has no 'image' feature (it has "
+      raise errors.DataError(f"TFDS dataset {name!r} has no 'image' feature (it has "
                        f"{sorted(features)}); only image datasets can feed this pipeline.")
     self.has_labels = "label" in features
     self._name = name
@@ -122,7 +122,7 @@ class TfdsSource:
         raise
       raise errors.MissingDataError(_not_prepared_message(self._builder, self._name)) from e
     except ValueError as e:      # Unknown split names and malformed slices.
-      raise ValueError(f"Split {requested!r} of TFDS dataset {self._builder.name!r}: {e}") from e
+      raise errors.DataError(f"Split {requested!r} of TFDS dataset {self._builder.name!r}: {e}") from e
     return examples.map(self._select)
 
   def _select(self, example):
@@ -165,7 +165,7 @@ def _not_prepared_message(builder, name):
 def _check_enough(split, host_examples, min_examples, process_count):
   """A training split must fill at least one local batch on every host (else it would only repeat itself)."""
   if host_examples < max(min_examples, 1):
-    raise ValueError(f"Split {split!r} gives this process {host_examples} examples ({process_count} "
+    raise errors.DataError(f"Split {split!r} gives this process {host_examples} examples ({process_count} "
                      f"processes), fewer than one local batch of {min_examples}; use a smaller "
                      "batch_size or a larger dataset.")
 
@@ -251,7 +251,7 @@ class FolderSource(IndexedSource):
     self._files = {}
     self._classes = _subfolders(self._split_dir(train_split))
     if not self._classes:
-      raise ValueError(f"{self._split_dir(train_split)} has no class sub-folders; expected "
+      raise errors.DataError(f"{self._split_dir(train_split)} has no class sub-folders; expected "
                        "<split>/<class>/<image files>.")
 
   def _split_dir(self, split):
@@ -276,7 +276,7 @@ class FolderSource(IndexedSource):
     for name in _subfolders(split_dir):
       class_dir = os.path.join(split_dir, name)
       if name not in class_ids:
-        raise ValueError(f"Class folder {class_dir} is not in the training split's folder "
+        raise errors.DataError(f"Class folder {class_dir} is not in the training split's folder "
                          f"{os.path.join(self._root, self._train_split)}; labels would not "
                          "match. Every split must use the training split's classes.")
       images = sorted(f for f in tf.io.gfile.listdir(class_dir)
@@ -284,7 +284,7 @@ class FolderSource(IndexedSource):
       paths += [os.path.join(class_dir, f) for f in images]
       labels += [class_ids[name]] * len(images)
     if not paths:
-      raise ValueError(f"No {'/'.join(IMAGE_EXTENSIONS)} files in the class folders of "
+      raise errors.DataError(f"No {'/'.join(IMAGE_EXTENSIONS)} files in the class folders of "
                        f"{split_dir}.")
     return paths, labels
 
@@ -313,7 +313,7 @@ def check_decodable(paths, host_indices, where):
       return
     except tf.errors.OpError:
       continue
-  raise ValueError(f"None of the {len(host_indices)} image files of {where} that this host reads can be decoded.")
+  raise errors.DataError(f"None of the {len(host_indices)} image files of {where} that this host reads can be decoded.")
 
 
 def _subfolders(directory):
@@ -337,7 +337,7 @@ class FashionMnistSource(IndexedSource):
     images = _read_idx(self._path(f"{prefix}-images-idx3-ubyte"))
     labels = _read_idx(self._path(f"{prefix}-labels-idx1-ubyte"))
     if images.ndim != 3 or labels.shape != images.shape[:1]:
-      raise ValueError(f"Fashion-MNIST {split} files in {self._dir} disagree: images "
+      raise errors.DataError(f"Fashion-MNIST {split} files in {self._dir} disagree: images "
                        f"{images.shape}, labels {labels.shape}.")
     images_t = tf.constant(images)
     labels_t = tf.constant(labels.astype(np.int32))

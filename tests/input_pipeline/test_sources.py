@@ -62,3 +62,30 @@ def test_a_run_on_a_truncated_file_ends_with_one_line_naming_it(tmp_path):
   last = done.stderr.strip().splitlines()[-1]
   assert last.startswith("Error: ") and str(directory / "train-images-idx3-ubyte.gz") in last, done.stderr[-3000:]
   assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("layout, expected", [
+    ({"train": []}, "has no class sub-folders"),
+    ({"train": ["class_0"]}, "No "),
+])
+def test_folders_without_images_are_data_errors_naming_the_folder(tmp_path, layout, expected):
+  # An empty split is the user's data, not a bug: a DataError (one line from main.py), naming the folder.
+  for split, classes in layout.items():
+    (tmp_path / split).mkdir()
+    for name in classes:
+      (tmp_path / split / name).mkdir()
+  with pytest.raises(errors.DataError, match=expected) as error:
+    sources.FolderSource(str(tmp_path), train_split="train").files("train")
+  assert str(tmp_path / "train") in str(error.value)
+
+
+@pytest.mark.slow
+def test_a_run_on_an_empty_image_folder_ends_with_one_line_naming_it(tmp_path):
+  (tmp_path / "images" / "train").mkdir(parents=True)
+  done = subprocess.run(main_command(tmp_path / "run", "--config.input.source=folder",
+                                     f"--config.input.data_dir={tmp_path / 'images'}"),
+                        env=main_env(), capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1, done.stderr[-3000:]
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith("Error: ") and str(tmp_path / "images" / "train") in last, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
