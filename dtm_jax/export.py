@@ -78,6 +78,9 @@ def load_run(workdir, step=None) -> Trained:
   if kind == "linear-probe":
     raise ExportError(f"{workdir} is a linear-probe run, whose checkpoint holds only the probe; export the "
                       "pretraining run it probed (or a fine-tuning run).")
+  if "model_config" not in metadata:
+    raise ExportError(f"The metadata of {step_dir} records no model_config, so the architecture is unknown; export "
+                      "a checkpoint written by main.py.")
   config = checkpoint.model_config_from_metadata(metadata, vit.ViTConfig, dtype="float32", attention_impl=None,
                                                  remat="none", drop_path_rate=0.0)
   fields = {"config": config}
@@ -149,7 +152,8 @@ def _hf_name(name: str) -> str | None:
     return f"{tops[head]}.{leaf}"
   _, i, rest = name.split(".", 2)
   block = {"norm1": "layernorm_before", "norm2": "layernorm_after", "gamma_1": "lambda_1", "gamma_2": "lambda_2",
-           "attn.relative_position_bias_table": "attention.attention.relative_position_bias.relative_position_bias_table",
+           "attn.relative_position_bias_table":
+               "attention.attention.relative_position_bias.relative_position_bias_table",
            "attn.proj": "attention.output.dense", "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
            "attn.q_bias": "attention.attention.query.bias", "attn.v_bias": "attention.attention.value.bias"}
   for theirs, ours in block.items():
@@ -243,9 +247,9 @@ def timm_files(trained: Trained, heads: dict, timm: dict) -> dict:
                     use_abs_pos_emb=cfg.abs_pos_emb, use_rel_pos_bias=cfg.block_rel_pos_bias,
                     use_shared_rel_pos_bias=cfg.shared_rel_pos_bias, init_values=cfg.layer_scale_init or None,
                     num_classes=trained.num_classes or 0, global_pool=global_pool)
-  mean, std, _, crop = _image_settings(trained)
+  mean, std, resize, crop = _image_settings(trained)
   pretrained_cfg = dict(input_size=[cfg.in_channels, crop, crop], interpolation="bicubic",
-                        crop_pct=crop / _image_settings(trained)[2], crop_mode="center", mean=list(mean),
+                        crop_pct=crop / resize, crop_mode="center", mean=list(mean),
                         std=list(std), num_classes=trained.num_classes or 0, first_conv="patch_embed.proj",
                         classifier="head", fixed_input_size=True)
   config = dict(architecture="beit_base_patch16_224", num_classes=trained.num_classes or 0, num_features=cfg.width,

@@ -248,7 +248,7 @@ def _beit_rules(config, kind, pooling):
   return rules
 
 
-# Our layout → PyTorch's, the inverse of each transform above (the export, dtm_jax/export.py, runs the rules backwards).
+# Our layout → PyTorch's: the inverse of each transform above (dtm_jax/export.py runs the rules backwards).
 _INVERSES = {_linear_t: _linear_t, _conv_t: lambda w: w.transpose(3, 2, 0, 1), _same: _same, _token: _same,
              _positions: _same}
 
