@@ -227,6 +227,7 @@ def _run_timm(tmp_path, directory, x):
   return np.load(tmp_path / "out.npz")
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.torch
 def test_timm_beit_loads_strictly_and_computes_our_outputs(tmp_path, torch):
   del torch  # the subprocess imports it
