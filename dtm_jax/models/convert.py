@@ -248,6 +248,16 @@ def _beit_rules(config, kind, pooling):
   return rules
 
 
+# Our layout → PyTorch's: the inverse of each transform above (dtm_jax/export.py runs the rules backwards).
+_INVERSES = {_linear_t: _linear_t, _conv_t: lambda w: w.transpose(3, 2, 0, 1), _same: _same, _token: _same,
+             _positions: _same}
+
+
+def beit_export_rules(config, kind, pooling):
+  """[(our parameter path, unilm/timm name, our layout → theirs)]: `_beit_rules` backwards, for the export."""
+  return [(ours, keys[0], _INVERSES[fn]) for ours, keys, fn in _beit_rules(config, kind, pooling)]
+
+
 def _listing(names):
   names = sorted(names)
   more = f" … and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
