@@ -52,6 +52,10 @@ class WorkdirLockedError(errors.RunError):
   """Another run holds the workdir (or its lock file cannot be used)."""
 
 
+class WorkdirUnwritableError(errors.RunError):
+  """The workdir cannot be created or written by this user."""
+
+
 def _is_local(path: epath.Path) -> bool:
   return "://" not in str(path)
 
@@ -298,12 +302,15 @@ def hold(workdir, *, mode: str):
       lock = WorkdirLock(workdir, mode=mode).acquire()
     except WorkdirLockedError as e:
       failure = e
+    except OSError as e:  # not creatable or not writable: read-only filesystem, permissions, a file in the path
+      failure = WorkdirUnwritableError(f"Cannot write the workdir {workdir}: {e.strerror or e}. Choose a --workdir "
+                                       "this user can create and write (a local path or gs://).")
   if jax.process_count() > 1:
     import numpy as np  # pylint: disable=g-import-not-at-top
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     refused = int(np.asarray(multihost_utils.broadcast_one_to_all(np.int32(failure is not None))))
     if refused and failure is None:
-      failure = WorkdirLockedError(f"{workdir} is in use by another run; process 0's log names it.")
+      failure = WorkdirLockedError(f"Process 0 could not take the lock of {workdir}; its log says why.")
   if failure is not None:
     raise failure
   try:

@@ -114,3 +114,30 @@ def test_a_run_whose_lock_is_taken_over_stops_naming_the_other_holder(tmp_path):
   finally:
     lock.release()
   workdir_lock.raise_if_taken_over()  # released: nothing held, nothing to report
+
+
+def _unwritable_workdirs(tmp_path):
+  """A path below a regular file (cannot be created by anyone) and an existing directory of sysfs (root included)."""
+  (tmp_path / "a_file").write_text("not a directory")
+  return {"below a file": tmp_path / "a_file" / "run", "read-only": "/sys/kernel"}
+
+
+@pytest.mark.parametrize("case", ["below a file", "read-only"])
+def test_a_workdir_that_cannot_be_written_is_one_clear_refusal(tmp_path, case):
+  workdir = _unwritable_workdirs(tmp_path)[case]
+  assert case != "read-only" or os.path.isdir("/sys/kernel"), "no sysfs here: pick another read-only directory"
+  with pytest.raises(workdir_lock.WorkdirUnwritableError, match=r"Cannot write the workdir") as error:
+    with workdir_lock.hold(workdir, mode="pretrain"):
+      pass
+  assert str(workdir) in str(error.value) and "--workdir" in str(error.value)
+
+
+@pytest.mark.slow
+def test_a_run_on_an_unwritable_workdir_ends_with_one_line_naming_it(tmp_path):
+  workdir = _unwritable_workdirs(tmp_path)["below a file"]
+  done = train_testing.subprocess.run(train_testing.main_command(workdir), env=train_testing.main_env(),
+                                      capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1, done.stderr[-3000:]
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith("Error: Cannot write the workdir") and str(workdir) in last, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr
