@@ -51,14 +51,25 @@ def test_damaged_metadata_of_the_newest_fine_tuning_step_resumes_from_the_older_
 _FULL_DISK = """
 import errno, os, sys
 import orbax.checkpoint as ocp
+from dtm_jax.runtime import metrics
 save = ocp.CheckpointManager.save
+disk_full = []
 def full_disk_save(self, step, *args, **kwargs):
   if step >= 10:
+    disk_full.append(step)
     path = os.path.join(str(self.directory), f"{step}.orbax-checkpoint-tmp", "params.orbax-checkpoint-tmp", "d", "x")
     raise ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{path}": Failed to write 2889 bytes to file 19: '
                      "No space left on device [os_error_code='28']")
   return save(self, step, *args, **kwargs)
 ocp.CheckpointManager.save = full_disk_save
+def full_disk_writes(method):  # the metrics.jsonl / TensorBoard writers fail on the same full disk
+  def failing(self, *args, **kwargs):
+    if disk_full:
+      raise OSError(errno.ENOSPC, "No space left on device", "metrics.jsonl")
+    return method(self, *args, **kwargs)
+  return failing
+metrics.MetricsWriter.flush = full_disk_writes(metrics.MetricsWriter.flush)
+metrics.MetricsWriter.close = full_disk_writes(metrics.MetricsWriter.close)
 sys.argv = [sys.argv[1]] + sys.argv[2:]
 sys.path.insert(0, os.path.dirname(sys.argv[0]))
 import runpy
@@ -68,6 +79,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 @pytest.mark.slow
 def test_a_full_disk_during_a_save_is_one_clear_error_and_older_checkpoints_stay(tmp_path):
+  # ENOSPC in the checkpointer and then in the metrics writers: the save error stays the last line.
   workdir = tmp_path / "run"
   command = main_command(workdir, "--config.checkpoint_every=5", "--config.total_steps=1000",
                      "--config.async_checkpointing=False")
@@ -78,6 +90,7 @@ def test_a_full_disk_during_a_save_is_one_clear_error_and_older_checkpoints_stay
   last = done.stderr.strip().splitlines()[-1]
   assert "No space left on device" in last and "step 10" in last and "step 5" in last, last
   assert str(workdir / "checkpoints") in last
+  assert "No space left on device: 'metrics.jsonl'" in done.stderr  # the writers failed too, reported before it
   assert "Traceback" not in done.stderr and "ImportError" not in done.stderr, done.stderr[-3000:]
   assert train_testing.saved_steps(workdir) == [5]
   params, _, step = checkpoint.restore_params(workdir)
