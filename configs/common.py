@@ -23,7 +23,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
 
   # Target: frozen CLIP ViT-B/16 converted with `python -m dtm_jax.models.convert` (see README).
   c.target = dict(
-      kind="clip", checkpoint="", init="checkpoint", dtype="bfloat16",
+      # dtype "auto": float32 on TPUs (no dearer than bf16 there), float16 on GPUs (the released code's autocast);
+      # measured in docs/BENCHMARKS.md "Teacher precision".
+      kind="clip", checkpoint="", init="checkpoint", dtype="auto",
       head_dtype=config_dict.placeholder(str),  # clip: ln_post and proj dtype when not `dtype`
       variant="B/16", overrides={}, seed=0,  # used by init="random" only
       features="head", step=config_dict.placeholder(int),  # used by kind="checkpoint" only

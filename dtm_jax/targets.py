@@ -11,8 +11,8 @@ Kinds (`config.target.kind`):
               its last K blocks' patch tokens), standardised per token.
               The EMA parameters live in the train state (`ema_params`) and follow `ema_momentum(step)`.
   pixels      per-patch pixels (the normalised input image cut into patches), optionally standardised per patch.
-Morphing always computes its groups from these target tokens. Teachers run in `dtype` (bf16 by default) under
-stop_gradient; their outputs are returned as float32.
+Morphing always computes its groups from these target tokens. Teachers run in `dtype` ("auto" by default: float32 on
+TPUs and CPUs, float16 on GPUs; `teacher_dtype`) under stop_gradient; their outputs are returned as float32.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from dtm_jax import flops
+from dtm_jax import flops, platform
 from dtm_jax import sharding as sharding_lib
 from dtm_jax.models import clip, convert, functional, vit
 from dtm_jax.runtime import checkpoint as checkpoint_lib
@@ -50,8 +50,17 @@ class Target:
     return jax.lax.stop_gradient(self._apply(params, images).astype(jnp.float32))
 
 
-def _dtype(name: str):
-  return jnp.dtype(name)
+# `target.dtype="auto"` by the platform the program is built for (docs/BENCHMARKS.md "Teacher precision"). TPUs:
+# float32, whose matmuls TPUs run as one bfloat16 pass with float32 accumulation by default, so it costs no more than
+# bfloat16 (the compiled B/16 step even accesses 3% fewer bytes) and rounds no activation to bfloat16. GPUs: float16,
+# the released code's autocast dtype, at bfloat16's tensor-core rate and with 6× fewer tokens regrouped than
+# bfloat16 on the semantic teacher. CPUs: float32.
+AUTO_DTYPES = {"tpu": "float32", "gpu": "float16", "cpu": "float32"}
+
+
+def teacher_dtype(name: str):
+  """The compute dtype of a teacher: `name`, or the platform's for "auto" (AUTO_DTYPES)."""
+  return jnp.dtype(AUTO_DTYPES[platform.current().platform] if name == "auto" else name)
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -91,13 +100,13 @@ def _module_target(kind: str, module: nnx.Module, description: str) -> Target:
 def random_clip_config(cfg: ml_collections.ConfigDict, image_size: int) -> clip.CLIPVisionConfig:
   """CLIP tower of `cfg.variant` ("test", "B/16", …) at the run's image size, with `cfg.overrides` applied."""
   overrides = dict(cfg.get("overrides") or {})
-  return clip.get_config(cfg.variant, **{"image_size": image_size, "dtype": _dtype(cfg.dtype),
+  return clip.get_config(cfg.variant, **{"image_size": image_size, "dtype": teacher_dtype(cfg.dtype),
                                          "head_dtype": _head_dtype(cfg), **overrides})
 
 
 def _head_dtype(cfg: ml_collections.ConfigDict):
   """The CLIP tower's ln_post/proj dtype: `cfg.head_dtype`, or None (the tower's dtype) when unset."""
-  return _dtype(cfg.head_dtype) if cfg.get("head_dtype") else None
+  return jnp.dtype(cfg.head_dtype) if cfg.get("head_dtype") else None
 
 
 def _clip_target(cfg: ml_collections.ConfigDict, image_size: int, abstract: bool) -> Target:
@@ -111,7 +120,8 @@ def _clip_target(cfg: ml_collections.ConfigDict, image_size: int, abstract: bool
     return _module_target("clip", module, f"randomly initialised CLIP tower ({cfg.variant}, width {clip_cfg.width}, "
                           f"depth {clip_cfg.depth}, patch {clip_cfg.patch_size}, seed {cfg.get('seed', 0)})")
   path = epath.Path(cfg.checkpoint)
-  module = convert.load_converted(path, dtype=_dtype(cfg.dtype), head_dtype=_head_dtype(cfg), image_size=image_size)
+  module = convert.load_converted(path, dtype=teacher_dtype(cfg.dtype), head_dtype=_head_dtype(cfg),
+                                  image_size=image_size)
   return _module_target("clip", module, f"CLIP tower from {path}")
 
 
@@ -132,13 +142,13 @@ def _checkpoint_target(cfg: ml_collections.ConfigDict, image_size: int, student_
   if abstract:  # shapes only, nothing read: a teacher of the student's architecture
     if student_config is None:
       raise ValueError("The 'checkpoint' target built without reading it needs the student config.")
-    model_cfg = dataclasses.replace(student_config, dtype=_dtype(cfg.dtype), drop_path_rate=0.0, remat="none")
+    model_cfg = dataclasses.replace(student_config, dtype=teacher_dtype(cfg.dtype), drop_path_rate=0.0, remat="none")
     directory, step = cfg.checkpoint, "(shapes of the student's architecture)"
     fm, params = functional.abstract_split(lambda: vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
   else:
     directory, step = checkpoint_lib.find_step_directory(cfg.checkpoint, cfg.get("step"))
     metadata = json.loads((directory / str(step) / "metadata" / "metadata").read_text())
-    model_cfg = checkpoint_lib.model_config_from_metadata(metadata, vit.ViTConfig, dtype=_dtype(cfg.dtype),
+    model_cfg = checkpoint_lib.model_config_from_metadata(metadata, vit.ViTConfig, dtype=teacher_dtype(cfg.dtype),
                                                           drop_path_rate=0.0)
     if model_cfg.image_size != image_size:
       raise ValueError(f"The teacher checkpoint {cfg.checkpoint} was trained at image size "

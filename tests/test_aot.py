@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import finetune_demo, knn_demo, linear_probe_demo, test_tiny
-from dtm_jax import aot, platform, sharding
+from dtm_jax import aot, platform, sharding, targets
 from dtm_jax.modes import pretrain as train
 
 pytestmark = pytest.mark.tpu_compiler
@@ -251,3 +251,20 @@ def test_missing_tpu_runtime_says_what_to_install(monkeypatch):
 def test_impossible_compile_flags_are_refused_before_the_tpu_runtime_starts(num_slices, hbm_limit, message):
   with pytest.raises(ValueError, match=message):
     aot.run(test_tiny.get_config(), None, topology_name=SLICE, num_slices=num_slices, hbm_limit=hbm_limit)
+
+
+def test_an_auto_teacher_runs_float16_on_gpus_and_float32_on_tpus_and_cpus(cudnn_version_faked):
+  """`target.dtype="auto"` (the recipes' default) is chosen from the devices the program is built for."""
+  del cudnn_version_faked
+  for name, expected in (("tpu", jnp.float32), ("gpu", jnp.float16), ("cpu", jnp.float32)):
+    with platform.building_for(platform=name, num_devices=1):
+      assert targets.teacher_dtype("auto") == expected
+      assert targets.teacher_dtype("bfloat16") == jnp.bfloat16  # a named dtype is kept everywhere
+  config = aot.with_overrides(test_tiny.get_config(), {"batch_size": 8, "model.dtype": "bfloat16",
+                                                       "target.dtype": "auto"})
+  mesh = sharding.make_mesh(-1, 1, devices=jax.devices()[:1])
+  with platform.building_for(mesh, platform="gpu"):
+    program = train.build_program(config, mesh)
+    text = program.step.trace(*program.abstract_inputs()).lower(lowering_platforms=("cuda",)).as_text()
+  assert re.findall(r"custom_call @([^(]+)\(", text).count("__cudnn$fmhaSoftmax") == 2  # the teacher's, in float16
+  assert "x16xf16>" in text and "x16xbf16>" in text  # teacher attention in float16, the student's in bfloat16

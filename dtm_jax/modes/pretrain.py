@@ -459,7 +459,7 @@ def check_config(c: config_checks.Checker, num_devices: int, check_paths: bool =
     targets.validate_target_config(c.config.target, check_paths=check_paths)
   except (ValueError, FileNotFoundError) as e:
     c.problems.append(str(e))
-  c.string("target.dtype", config_checks.DTYPES)
+  c.string("target.dtype", config_checks.DTYPES + ("auto",))
   c.string("target.head_dtype", config_checks.DTYPES, optional=True)
   c.number("target.ema_momentum", 0.0, 1.0, optional=True)
   c.number("target.ema_momentum_end", 0.0, 1.0, optional=True)
