@@ -16,25 +16,18 @@ Command (the figures of docs/BENCHMARKS.md "Teacher precision"):
 """
 from __future__ import annotations
 
+import argparse
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 
 from configs import demo
 from dtm_jax import morphing
 from dtm_jax.evaluators import frozen_features
 from dtm_jax.models import convert, functional
 from dtm_jax.runtime import checkpoint as checkpoint_lib
-
-_TEACHER = flags.DEFINE_string("teacher", None, "Converted CLIP teacher directory (params/, model_config.json).")
-_OUT = flags.DEFINE_string("out", None, "Where to write the figures as JSON (optional).")
-_IMAGES = flags.DEFINE_integer("images", 2000, "Test images to encode.")
-_DRAWS = flags.DEFINE_integer("draws", 4, "Schedule pairs drawn per image (each counted).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the schedule draws.")
-flags.mark_flag_as_required("teacher")
 
 # name → (compute dtype, head dtype): the rows of the table.
 PRECISIONS = {"float32": (jnp.float32, None), "bfloat16": (jnp.bfloat16, None),
@@ -89,20 +82,26 @@ def table(result: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m tools.teacher_precision", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--teacher", required=True, help="converted CLIP teacher directory (params/, model_config.json)")
+  parser.add_argument("--out", help="where to write the figures as JSON")
+  parser.add_argument("--images", type=int, default=2000, help="test images to encode")
+  parser.add_argument("--draws", type=int, default=4, help="schedule pairs drawn per image (each counted)")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the schedule draws")
+  args = parser.parse_args(argv)
   config = demo.get_config()
-  teacher = str(checkpoint_lib.absolute_path(_TEACHER.value))
+  teacher = str(checkpoint_lib.absolute_path(args.teacher))
   image_size = convert.load_converted(teacher).config.image_size
-  split = frozen_features.load_split(config.input, "test", _IMAGES.value, image_size=image_size)
-  result = measure(teacher, split.images, draws=_DRAWS.value, max_iters=config.dtm.max_iters,
-                   protect_first=config.dtm.protect_first, seed=_SEED.value)
+  split = frozen_features.load_split(config.input, "test", args.images, image_size=image_size)
+  result = measure(teacher, split.images, draws=args.draws, max_iters=config.dtm.max_iters,
+                   protect_first=config.dtm.protect_first, seed=args.seed)
   print(table(result))
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
+  if args.out:
+    with open(args.out, "w") as f:
       json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()
