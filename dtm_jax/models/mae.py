@@ -100,6 +100,16 @@ def random_masking(rng, batch_size: int, num_patches: int, num_visible: int):
   return ids_shuffle[:, :num_visible], ids_restore, ids_restore >= num_visible
 
 
+def gather_visible(tokens, ids_keep):
+  """tokens [B, N, C] → the visible ones [B, keep, C], in the order of ids_keep [B, keep]."""
+  return jnp.take_along_axis(tokens, ids_keep[..., None], axis=1)
+
+
+def restore_order(visible, fill, ids_restore):
+  """[visible [B, keep, C]..., fill [B, N − keep, C]...] put back in image order [B, N, C] (ids_restore [B, N])."""
+  return jnp.take_along_axis(jnp.concatenate([visible, fill], axis=1), ids_restore[..., None], axis=1)
+
+
 def _fixed_table(width, grid):
   return nnx.Param(jnp.asarray(sincos_2d(width, grid))[None])
 
@@ -141,7 +151,7 @@ class MAEStudent(vit.ViTTrunk):
     pos = jax.lax.stop_gradient(self.pos_embed[...])
     x = self.patch_embed(images.astype(cfg.dtype))
     x = x.reshape(x.shape[0], -1, cfg.width).astype(jnp.float32) + pos[:, 1:]
-    x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
+    x = gather_visible(x, ids_keep)
     cls = jnp.broadcast_to(self.cls_token[...] + pos[:, :1], (x.shape[0], 1, cfg.width))
     x = jnp.concatenate([cls, x], axis=1)
     for i, block in enumerate(self.blocks):
@@ -154,8 +164,7 @@ class MAEStudent(vit.ViTTrunk):
     x = layers.per_token(self.decoder_embed, encoded).astype(jnp.float32)
     batch, hidden = x.shape[0], ids_restore.shape[1] - (x.shape[1] - 1)
     fill = jnp.broadcast_to(self.decoder_mask_token[...], (batch, hidden, x.shape[-1]))
-    patches = jnp.take_along_axis(jnp.concatenate([x[:, 1:], fill], axis=1), ids_restore[..., None], axis=1)
-    x = jnp.concatenate([x[:, :1], patches], axis=1) + jax.lax.stop_gradient(self.decoder_pos_embed[...])
+    x = jnp.concatenate([x[:, :1], restore_order(x[:, 1:], fill, ids_restore)], axis=1) + jax.lax.stop_gradient(self.decoder_pos_embed[...])
     for block in self.decoder_blocks:
       x = layers.run_block(block, x, None, None, remat=self.config.remat)
     return layers.per_token(self.lm_head, layers.per_token(self.decoder_norm, x[:, 1:]))
