@@ -16,8 +16,8 @@ scale [0.2, 1] with flips, 75% of the patches hidden at random per image, a deco
 heads. Our choices where the DTM paper gives none: 800 epochs (MAE's ablation length; `:epochs=1600` its longest),
 the DTM settings of configs/common.py (2 schedules, up to 14 rounds, one draw per 256 images, smooth-L1 with β = 2,
 every position scored as the released code does), the trunk's initialisation and its BEiT-style q/v biases (MAE uses
-xavier-uniform linears and full qkv biases; the decoder's blocks here have full qkv biases), position tables fixed in
-pretraining (MAE) but trained by fine-tuning (ours: they are ordinary trunk parameters there).
+xavier-uniform linears and full qkv biases; the decoder's blocks here have full qkv biases). The position tables are
+fixed sin-cos in pretraining (MAE) and ordinary trunk parameters in fine-tuning.
 The pipeline still draws its block-wise BEiT mask; the MAE-style step ignores it and draws its own on the device.
 """
 from configs import common
