@@ -129,9 +129,11 @@ def abstract_student(config: vit.ViTConfig, mesh: Mesh, min_fsdp_size: int = 2 *
 def student_config_of(config: ml_collections.ConfigDict) -> vit.ViTConfig:
   """The student an evaluation config names in `config.pretrained.architecture` (default ViT-B/16) with the config's
   model overrides: what `--mode=compile` builds (runs read the architecture from the checkpoint), and the trunk of
-  a from-scratch segmentation baseline."""
-  architecture = dict(config.pretrained.get("architecture") or {"variant": "base"})
-  return vit.config_from_fields({**architecture, **dict(config.get("model", {}))})
+  a from-scratch segmentation baseline. An MAE-style pretraining model block (`kind="mae"`) names its encoder."""
+  fields = {**dict(config.pretrained.get("architecture") or {"variant": "base"}), **dict(config.get("model", {}))}
+  if fields.pop("kind", "beit") == "mae":  # a pretraining config's model block: its encoder is the trunk
+    return mae.config_from_fields(fields).encoder
+  return vit.config_from_fields(fields)
 
 
 def _restore_converted(pretrained, mesh, min_fsdp_size, overrides) -> Student:

@@ -119,3 +119,12 @@ def test_an_mae_style_checkpoint_restores_with_its_encoder_as_the_trunk(tmp_path
   assert student.model.apply(student.params, images, method="encode").shape == (2, 17, architecture.width)
   untrained = students.initial_student(student.pretraining_architecture, mesh, seed=0)  # compare's baseline
   assert set(untrained.params) == set(saved) and untrained.config == student.config
+
+
+def test_an_mae_style_architecture_names_its_encoder_for_compile():
+  from configs import dtm_mae_vit_b16_in1k, knn_demo  # pylint: disable=g-import-not-at-top
+  config = knn_demo.get_config()
+  config.pretrained.architecture = dtm_mae_vit_b16_in1k.get_config().model.to_dict()
+  trunk = students.student_config_of(config)
+  assert type(trunk) is vit.ViTConfig and trunk.abs_pos_emb and not trunk.block_rel_pos_bias
+  assert (trunk.width, trunk.depth, trunk.image_size) == (768, 12, 224)
