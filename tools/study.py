@@ -124,7 +124,7 @@ def study_config(kind: str, variant: str, seed: int, *, steps: int, batch_size: 
                  student: str = "beit", decoder: tuple[int, int, int] = (64, 2, 2)):
   """configs/demo.py (`base_config`) with the study's target, variant, seed and run length."""
   c = base_config(student, decoder)
-  c.then_evaluate = None  # the study scores every student itself (run_one); the demo's follow-up compare would repeat it
+  c.then_evaluate = None  # the study scores every student itself (run_one): the demo's follow-up compare is skipped
   c.seed = seed
   c.total_steps = steps
   c.warmup_steps = max(1, steps // 10)

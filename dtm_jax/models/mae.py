@@ -164,7 +164,8 @@ class MAEStudent(vit.ViTTrunk):
     x = layers.per_token(self.decoder_embed, encoded).astype(jnp.float32)
     batch, hidden = x.shape[0], ids_restore.shape[1] - (x.shape[1] - 1)
     fill = jnp.broadcast_to(self.decoder_mask_token[...], (batch, hidden, x.shape[-1]))
-    x = jnp.concatenate([x[:, :1], restore_order(x[:, 1:], fill, ids_restore)], axis=1) + jax.lax.stop_gradient(self.decoder_pos_embed[...])
+    x = jnp.concatenate([x[:, :1], restore_order(x[:, 1:], fill, ids_restore)], axis=1)
+    x = x + jax.lax.stop_gradient(self.decoder_pos_embed[...])
     for block in self.decoder_blocks:
       x = layers.run_block(block, x, None, None, remat=self.config.remat)
     return layers.per_token(self.lm_head, layers.per_token(self.decoder_norm, x[:, 1:]))
