@@ -166,9 +166,8 @@ def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets
 
 def _per_batch_shard(morphed_loss, mesh):
   """Runs morphed_loss(pred [B, N, C], target tokens [B, N, D], mask [B, N], num_merge, num_iters [L, B]) →
-  (loss, groups) on
-  every device's images and averages the two means over the devices (the shards are equal, so that is the mean over
-  the batch).
+  (loss, groups) on every device's images and averages the two means over the devices (the shards are equal, so that
+  is the mean over the batch).
 
   Morphing and the loss work image by image, so this is exact. It keeps their gathers, scatters and while loops
   local to a device, and lets the CPU kernels (dtm_jax.kernels), which the SPMD partitioner cannot split, see only
