@@ -16,8 +16,10 @@ def pretrain_config() -> ml_collections.ConfigDict:
   # residual stream and LayerNorm statistics are float32. attention_impl None picks per platform: cuDNN's fused
   # kernel on GPUs (bf16), XLA on TPUs, the native kernel on CPUs; or "xla" / "cudnn" / "cpu".
   # remat: what the backward pass recomputes — "none", "dots" (keeps the matmul outputs) or "full".
+  # kind: "beit" (mask tokens in the encoder, the pipeline's block-wise mask) or "mae" (encoder on the visible
+  # patches, light decoder: dtm_jax/models/mae.py; configs/dtm_mae_vit_b16_in1k.py adds its fields).
   c.model = dict(
-      variant="base", image_size=224, patch_size=16, drop_path_rate=0.0,  # unpublished: see set_epochs
+      kind="beit", variant="base", image_size=224, patch_size=16, drop_path_rate=0.0,  # unpublished: see set_epochs
       layer_scale_init=0.1, out_dim=512, abs_pos_emb=False, block_rel_pos_bias=True, shared_rel_pos_bias=True,
       dtype="bfloat16", attention_impl=config_dict.placeholder(str), remat="none")
 
@@ -36,8 +38,10 @@ def pretrain_config() -> ml_collections.ConfigDict:
   # fixed_schedule=(num_merge, num_iters) replaces the random draw (the paper's "no dynamic schedule" ablation).
   # schedule_group_size: images that share one schedule draw; the released code draws once per GPU per step and its
   # 8-GPU run has 256 images per GPU. 1: a draw per image; -1: one draw for the whole global batch.
+  # loss_positions: "all" scores every patch (the released code), "masked" only the hidden ones (MAE's loss).
   c.dtm = dict(enabled=True, num_schedules=2, max_merge=-1, max_iters=14, schedule_group_size=256,
                protect_first=True, loss="smooth_l1", beta=2.0, normalize_target=False, weighting="token",
+               loss_positions="all",
                fixed_schedule=config_dict.placeholder(tuple))
 
   c.input = input_config(crop_scale_min=0.2)  # crop scale min 0.2: unpublished (BEiT v2; released code: 0.08).

@@ -62,6 +62,20 @@ def transformer_flops(cfg: Any, out_dim: int) -> float:
       in_channels=cfg.in_channels, out_dim=out_dim, out_tokens=patches)
 
 
+def mae_student_flops(cfg: Any) -> float:
+  """Forward FLOPs per image of the MAE-style student (dtm_jax.models.mae): the patch embedding of every patch, the
+  encoder on CLS + the visible patches, the decoder's input projection, its blocks on CLS + every patch and the head
+  at every patch."""
+  patches, visible = cfg.num_patches, cfg.num_visible
+  encoder = transformer_forward_flops(width=cfg.width, depth=cfg.depth, tokens=visible + 1, mlp_dim=cfg.mlp_dim,
+                                      patch_size=cfg.patch_size, in_channels=cfg.in_channels)
+  hidden_embed = 2.0 * (patches - visible) * cfg.patch_size ** 2 * cfg.in_channels * cfg.width
+  decoder = transformer_forward_flops(width=cfg.decoder_width, depth=cfg.decoder_depth, tokens=patches + 1,
+                                      mlp_dim=int(cfg.decoder_width * cfg.mlp_ratio), patch_size=0,
+                                      out_dim=cfg.out_dim, out_tokens=patches)
+  return encoder + hidden_embed + 2.0 * (visible + 1) * cfg.width * cfg.decoder_width + decoder
+
+
 def encoder_flops(config: Any) -> float:
   """Analytic forward FLOPs per image of the student's encoder (no head)."""
   return transformer_forward_flops(width=config.width, depth=config.depth, tokens=config.num_patches + 1,

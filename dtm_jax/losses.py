@@ -49,18 +49,23 @@ def standardize(x, eps=1e-6):
   return (x - mean) * lax.rsqrt(var + eps)
 
 
-def token_wise_loss(student, target, kind="smooth_l1", beta=2.0, normalize_target=False):
+def token_wise_loss(student, target, kind="smooth_l1", beta=2.0, normalize_target=False, scored=None):
   """The loss without morphing (every token its own group): the mean per-token loss, which equals `dtm_loss` with
-  singleton groups under either weighting. Scalar float32."""
+  singleton groups under either weighting. `scored`: optional bool [B, N], the positions scored (the mean over each
+  image's scored tokens, then over the images). Scalar float32."""
   student = student.astype(jnp.float32)
   target = lax.stop_gradient(target).astype(jnp.float32)
   if normalize_target:
     target = standardize(target)
-  return jnp.mean(token_loss(student, target, kind, beta))
+  per_token = token_loss(student, target, kind, beta)
+  if scored is None:
+    return jnp.mean(per_token)
+  weights = scored.astype(jnp.float32)
+  return jnp.mean(jnp.sum(weights * per_token, axis=-1) / jnp.maximum(jnp.sum(weights, axis=-1), 1.0))
 
 
 def dtm_loss(student, target, groups_per_schedule, kind="smooth_l1", beta=2.0, normalize_target=False,
-             weighting="token"):
+             weighting="token", scored=None):
   """The DTM loss: morphed student vs morphed target, averaged over the L schedules.
 
   Args:
@@ -72,6 +77,8 @@ def dtm_loss(student, target, groups_per_schedule, kind="smooth_l1", beta=2.0, n
     normalize_target: standardise every target token over channels before the group means.
     weighting: "token" (faithful) averages over all B·N positions, so a group weighs by its size; "group" (the
       paper's reading) weighs every group of an image equally.
+    scored: optional bool [B, N], the positions scored (MAE's "masked patches only"). Groups still span all
+      tokens; a group then counts by its scored tokens ("token") or counts at all only if it has one ("group").
 
   Returns:
     Scalar float32 loss.
@@ -102,8 +109,12 @@ def dtm_loss(student, target, groups_per_schedule, kind="smooth_l1", beta=2.0, n
   else:  # group means are linear: mean(student) − mean(target) = mean(student − target)
     difference_means, sizes = morphing.per_group_means(difference, groups_per_schedule)
     per_group = jnp.mean(elementwise_loss(difference_means, kind, beta), axis=-1)
+  if scored is not None:  # the scored tokens of every group: its size times its mean of the 0/1 indicator
+    scored_means, _ = morphing.per_group_means(scored[..., None].astype(jnp.float32), groups_per_schedule)
+    sizes = jnp.round(scored_means[..., 0] * sizes)
   if weighting == "token":
-    weights = sizes / sizes.shape[-1]
+    weights = (sizes / sizes.shape[-1] if scored is None else
+               sizes / jnp.maximum(jnp.sum(sizes, axis=-1, keepdims=True), 1.0))
   else:
     present = (sizes > 0).astype(jnp.float32)
     weights = present / jnp.sum(present, axis=-1, keepdims=True)

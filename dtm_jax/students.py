@@ -1,6 +1,10 @@
 """The pretrained student an evaluation starts from: restored from a pretraining run's checkpoint (or a converted
 BEiT/DTM checkpoint) straight into its shardings, the same student at initialisation (the untrained baseline), or
 its shapes only (`--mode=compile`).
+
+An MAE-style run's checkpoint (dtm_jax.models.mae) is restored whole; its encoder is the trunk: `Student.config` is
+the encoder's `ViTConfig` and `encode` runs the encoder on every patch. The decoder is never run and fine-tuning and
+segmentation copy only the trunk (`vit.init_trunk_from_pretrained`).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dtm_jax import sharding
-from dtm_jax.models import convert, functional, vit
+from dtm_jax.models import convert, functional, mae, vit
 from dtm_jax.runtime import checkpoint, errors
 
 PyTree = Any
@@ -23,12 +27,19 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class Student:
-  """A pretrained student: its config, functional `PretrainViT`, sharded parameters and where they came from."""
+  """A pretrained student: its trunk's config, functional student (`PretrainViT` or `mae.MAEStudent`), sharded
+  parameters and where they came from. `architecture`: what pretraining built (an `mae.MAEConfig` for an MAE-style
+  student; None: `config`)."""
   config: vit.ViTConfig
   model: functional.FunctionalModule
   params: PyTree
   checkpoint: str
   step: int | None
+  architecture: vit.ViTConfig | None = None
+
+  @property
+  def pretraining_architecture(self) -> vit.ViTConfig:
+    return self.architecture or self.config
 
   def source(self) -> dict:
     return {"checkpoint": self.checkpoint, "step": self.step}
@@ -81,27 +92,35 @@ def restore_student(pretrained: ml_collections.ConfigDict, mesh: Mesh, *, min_fs
     raise errors.ConfigError(
         f"{pretrained.workdir} is a {kind} run (its checkpoint {step_dir}); --config.pretrained.workdir wants a "
         "pretraining run's workdir (or a converted checkpoint).")
-  config = checkpoint.model_config_from_metadata(metadata, vit.ViTConfig, **overrides)
-  model, abstract = functional.abstract_split(lambda: vit.PretrainViT(config, rngs=nnx.Rngs(0)))
+  is_mae = "decoder_width" in metadata.get("model_config", {})
+  architecture = checkpoint.model_config_from_metadata(metadata, mae.MAEConfig if is_mae else vit.ViTConfig,
+                                                       **overrides)
+  model, abstract = functional.abstract_split(lambda: mae.student_model(architecture, rngs=nnx.Rngs(0)))
   shardings = sharding.param_shardings(abstract, mesh, min_fsdp_size)
   target = sharding.with_shardings(abstract, shardings)
   params, _, step = checkpoint.restore_params(step_dir, step, target)
-  logging.info("Evaluating the student of %s (step %d).", step_dir, step)
-  return Student(config=config, model=model, params=params, checkpoint=str(step_dir), step=step)
+  logging.info("Evaluating the %s student of %s (step %d).", "MAE-style" if is_mae else "BEiT-style", step_dir, step)
+  return Student(config=_trunk_config(architecture), model=model, params=params, checkpoint=str(step_dir), step=step,
+                 architecture=architecture)
+
+
+def _trunk_config(architecture: vit.ViTConfig) -> vit.ViTConfig:
+  return architecture.encoder if isinstance(architecture, mae.MAEConfig) else architecture
 
 
 def initial_student(config: vit.ViTConfig, mesh: Mesh, *, seed: int, min_fsdp_size: int = 2 ** 18) -> Student:
-  """The student of `config` as pretraining with `seed` initialises it (dtm_jax.modes.pretrain): the untrained
-  baseline."""
-  model, abstract = functional.abstract_split(lambda: vit.PretrainViT(config, rngs=nnx.Rngs(0)))
-  _, host_params = functional.split_module(vit.PretrainViT(config, rngs=nnx.Rngs(seed)))
+  """The student of `config` (a `ViTConfig` or `mae.MAEConfig`: a Student's `pretraining_architecture`) as
+  pretraining with `seed` initialises it (dtm_jax.modes.pretrain): the untrained baseline."""
+  model, abstract = functional.abstract_split(lambda: mae.student_model(config, rngs=nnx.Rngs(0)))
+  _, host_params = functional.split_module(mae.student_model(config, rngs=nnx.Rngs(seed)))
   params = sharding.put_global(host_params, sharding.param_shardings(abstract, mesh, min_fsdp_size))
-  return Student(config=config, model=model, params=params, checkpoint=f"initialisation (seed {seed})", step=0)
+  return Student(config=_trunk_config(config), model=model, params=params,
+                 checkpoint=f"initialisation (seed {seed})", step=0, architecture=config)
 
 
 def abstract_student(config: vit.ViTConfig, mesh: Mesh, min_fsdp_size: int = 2 ** 18) -> Student:
   """A student of `config` whose params are ShapeDtypeStructs with their shardings (`--mode=compile`)."""
-  model, abstract = functional.abstract_split(lambda: vit.PretrainViT(config, rngs=nnx.Rngs(0)))
+  model, abstract = functional.abstract_split(lambda: mae.student_model(config, rngs=nnx.Rngs(0)))
   shardings = sharding.param_shardings(abstract, mesh, min_fsdp_size)
   params = sharding.with_shardings(abstract, shardings)
   return Student(config=config, model=model, params=params, checkpoint="(shapes only)", step=None)
@@ -110,9 +129,11 @@ def abstract_student(config: vit.ViTConfig, mesh: Mesh, min_fsdp_size: int = 2 *
 def student_config_of(config: ml_collections.ConfigDict) -> vit.ViTConfig:
   """The student an evaluation config names in `config.pretrained.architecture` (default ViT-B/16) with the config's
   model overrides: what `--mode=compile` builds (runs read the architecture from the checkpoint), and the trunk of
-  a from-scratch segmentation baseline."""
-  architecture = dict(config.pretrained.get("architecture") or {"variant": "base"})
-  return vit.config_from_fields({**architecture, **dict(config.get("model", {}))})
+  a from-scratch segmentation baseline. An MAE-style pretraining model block (`kind="mae"`) names its encoder."""
+  fields = {**dict(config.pretrained.get("architecture") or {"variant": "base"}), **dict(config.get("model", {}))}
+  if fields.pop("kind", "beit") == "mae":  # a pretraining config's model block: its encoder is the trunk
+    return mae.config_from_fields(fields).encoder
+  return vit.config_from_fields(fields)
 
 
 def _restore_converted(pretrained, mesh, min_fsdp_size, overrides) -> Student:

@@ -12,7 +12,7 @@ from flax import nnx
 from configs import finetune_demo, knn_demo, linear_probe_demo
 from dtm_jax import sharding, students
 from dtm_jax.evaluators import classification, knn
-from dtm_jax.models import functional, vit
+from dtm_jax.models import functional, mae, vit
 from dtm_jax.modes import finetune
 from dtm_jax.runtime import checkpoint
 
@@ -26,14 +26,22 @@ def tiny_student_config(**overrides):
   return vit.get_config("test", image_size=IMAGE_SIZE, patch_size=4, out_dim=8, **overrides)
 
 
+def tiny_mae_config(**overrides):
+  """An MAE-style student of tiny_student_config's encoder: 12 of 16 patches hidden, a 1-block decoder."""
+  fields = dict(variant="test", image_size=IMAGE_SIZE, patch_size=4, out_dim=8, decoder_width=16, decoder_depth=1,
+                decoder_num_heads=2)
+  return mae.config_from_fields({**fields, **overrides})
+
+
 def save_pretraining_checkpoints(workdir, steps, config=None, run_config=None):
-  """Random students saved as a pretraining run would (one per step, different weights); returns their params.
+  """Random students (BEiT-style, or MAE-style for an `mae.MAEConfig`) saved as a pretraining run would (one per
+  step, different weights); returns their params.
   `run_config`: the pretraining config the metadata records (a dict, e.g. {"seed": 3}), as a pretraining run saves
   it."""
   config = config or tiny_student_config()
   saved = {}
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=len(steps), async_save=False)
-  init = jax.jit(lambda key: functional.split_module(vit.PretrainViT(config, rngs=nnx.Rngs(key)))[1])
+  init = jax.jit(lambda key: functional.split_module(mae.student_model(config, rngs=nnx.Rngs(key)))[1])
   for step in steps:
     params = init(jax.random.key(step))
     ckpt.save(step, params=params, train={"step": np.int32(step)}, data_iterator=None,

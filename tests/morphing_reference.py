@@ -158,8 +158,9 @@ def token_loss(prediction, target, kind, beta):
 
 
 def dtm_loss(student, target, groups_per_schedule, kind="smooth_l1", beta=2.0, normalize_target=False,
-             weighting="token"):
-  """Mean over schedules of the morphed-token loss; student/target [B, N, C], groups [L][B][N]."""
+             weighting="token", scored=None):
+  """Mean over schedules of the morphed-token loss; student/target [B, N, C], groups [L][B][N]. `scored` [B][N]
+  (bools): only those tokens count ("token": their mean; "group": the groups holding one, equally)."""
   schedule_losses = []
   for groups in groups_per_schedule:
     image_losses = []
@@ -168,7 +169,16 @@ def dtm_loss(student, target, groups_per_schedule, kind="smooth_l1", beta=2.0, n
       morphed_student = group_mean(np.asarray(student[b], np.float64), groups[b])
       morphed_target = group_mean(t, groups[b])
       per_token = [token_loss(morphed_student[i], morphed_target[i], kind, beta) for i in range(len(t))]
-      if weighting == "token":
+      if scored is not None:
+        kept = [i for i in range(len(t)) if scored[b][i]]
+        if weighting == "token":
+          image_losses.append(sum(per_token[i] for i in kept) / len(kept))
+        else:
+          first = {}
+          for i in kept:
+            first.setdefault(groups[b][i], i)
+          image_losses.append(sum(per_token[i] for i in first.values()) / len(first))
+      elif weighting == "token":
         image_losses.append(sum(per_token) / len(per_token))
       else:
         sizes = [list(groups[b]).count(g) for g in groups[b]]

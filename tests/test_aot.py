@@ -60,10 +60,12 @@ def _assert_tpu_program(report):
 
 
 @pytest.mark.slow
-def test_tiny_pretraining_compiles_for_a_tpu_slice_without_cpu_kernels(slice_4):
-  """The pretraining step (morphing and attention included) compiles for 4 TPU chips; on a single CPU device the
-  same config would take the CPU kernels, so the choice really follows the mesh's devices."""
-  config = test_tiny.get_config()
+@pytest.mark.parametrize("kind", ["beit", "mae"])
+def test_tiny_pretraining_compiles_for_a_tpu_slice_without_cpu_kernels(slice_4, kind):
+  """The pretraining step (morphing and attention included; the BEiT-style or MAE-style student) compiles for 4 TPU
+  chips; on a single CPU device the same config would take the CPU kernels, so the choice really follows the mesh's
+  devices."""
+  config = test_tiny.get_config(f"kind={kind}")
   reports = aot.compile_config(config, slice_4)
   assert [r["program"] for r in reports] == ["train_step"]
   _assert_tpu_program(reports[0])

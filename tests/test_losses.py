@@ -49,6 +49,24 @@ def test_matches_loop_reference(kind, weighting, normalize_target):
   np.testing.assert_allclose(float(loss), expected, rtol=2e-5)
 
 
+@pytest.mark.usefixtures("built_for")
+@pytest.mark.parametrize("kind,weighting", list(itertools.product(losses.LOSS_KINDS, losses.WEIGHTINGS)))
+def test_scored_positions_match_loop_reference(kind, weighting):
+  """dtm.loss_positions="masked": groups span every token, only the scored ones count."""
+  student, target, groups = _case(0)
+  scored = np.random.default_rng(1).random(student.shape[:2]) < 0.6
+  scored[:, 0] = True  # at least one per image
+  loss = losses.dtm_loss(jnp.asarray(student), jnp.asarray(target), jnp.asarray(groups), kind=kind,
+                         weighting=weighting, scored=jnp.asarray(scored))
+  expected = reference.dtm_loss(student, target, groups.tolist(), kind=kind, weighting=weighting,
+                                scored=scored.tolist())
+  np.testing.assert_allclose(float(loss), expected, rtol=2e-5)
+  singletons = np.broadcast_to(np.arange(student.shape[1]), groups.shape)
+  token_wise = losses.token_wise_loss(jnp.asarray(student), jnp.asarray(target), kind=kind, scored=jnp.asarray(scored))
+  np.testing.assert_allclose(float(token_wise), reference.dtm_loss(student, target, singletons.tolist(), kind=kind,
+                                                                   scored=scored.tolist()), rtol=2e-5)
+
+
 def _per_token_gradient(prediction, target, kind, beta=2.0):
   """d(per-token loss)/d(prediction) for one token's channels."""
   d = prediction - target

@@ -1,4 +1,5 @@
 """Restoring the student for evaluation: the right step, its weights, sharded, and clear errors."""
+import dataclasses
 import json
 
 import eval_testing
@@ -104,3 +105,26 @@ def test_weights_of_another_architecture_name_the_parameters_and_shapes_that_dif
   assert str(tmp_path / "checkpoints" / "4" / "params") in message
   assert "blocks.0.mlp.fc1.kernel: saved" in message and "missing (blocks.1." in message, message
   assert isinstance(error.value, errors.RunError)  # one line from main.py
+
+
+def test_an_mae_style_checkpoint_restores_with_its_encoder_as_the_trunk(tmp_path, mesh):
+  architecture = eval_testing.tiny_mae_config()
+  saved = eval_testing.save_pretraining_checkpoints(tmp_path, steps=(4,), config=architecture)[4]
+  student = students.restore_student(pretrained(tmp_path), mesh, model_overrides={"drop_path_rate": 0.1})
+  assert student.config == dataclasses.replace(architecture.encoder, drop_path_rate=0.1)
+  assert type(student.config) is vit.ViTConfig  # what a classifier or segmenter is built from
+  assert student.pretraining_architecture == dataclasses.replace(architecture, drop_path_rate=0.1)
+  assert_same_params(student.params, saved)
+  images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  assert student.model.apply(student.params, images, method="encode").shape == (2, 17, architecture.width)
+  untrained = students.initial_student(student.pretraining_architecture, mesh, seed=0)  # compare's baseline
+  assert set(untrained.params) == set(saved) and untrained.config == student.config
+
+
+def test_an_mae_style_architecture_names_its_encoder_for_compile():
+  from configs import dtm_mae_vit_b16_in1k, knn_demo  # pylint: disable=g-import-not-at-top
+  config = knn_demo.get_config()
+  config.pretrained.architecture = dtm_mae_vit_b16_in1k.get_config().model.to_dict()
+  trunk = students.student_config_of(config)
+  assert type(trunk) is vit.ViTConfig and trunk.abs_pos_emb and not trunk.block_rel_pos_bias
+  assert (trunk.width, trunk.depth, trunk.image_size) == (768, 12, 224)

@@ -12,8 +12,9 @@ from dtm_jax.runtime import metrics
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
-def tiny_config(**overrides):
-  config = test_tiny.get_config()
+def tiny_config(kind="beit", **overrides):
+  """configs/test_tiny.py (`kind="mae"`: its MAE-style student) with dotted-key overrides."""
+  config = test_tiny.get_config(f"kind={kind}")
   with config.unlocked():
     for key, value in overrides.items():
       node = config

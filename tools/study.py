@@ -12,6 +12,10 @@ same images for every run). Floors: the student at initialisation and raw pixels
 student is also fine-tuned (configs/finetune_demo.py for that many epochs, same seed) and scored on the whole test
 split.
 
+`--student=mae` studies the MAE-style student instead (dtm_jax/models/mae.py: the demo's encoder on the visible
+quarter of the patches, 37 of 49 hidden, and a decoder of `--decoder` = width,depth,heads); the floors' untrained
+student is then the MAE-style one. Give it its own `--out`.
+
 Target kinds: pixels, ema, clip (a randomly initialised CLIP-style tower), checkpoint (the student of
 `--teacher_run`), and clip_fmnist: the semantic teacher of tools/train_teacher.py (a CLIP-style tower trained on
 labelled Fashion-MNIST), read from `--clip_teacher`.
@@ -29,6 +33,8 @@ The semantic-teacher study (the demo's 500 steps at batch 128, 1.07 epochs; fine
   python -m tools.study --out=workdirs/study_semantic --grid=clip_fmnist:dtm+tokenwise+fixed --steps=500 \
       --batch_size=128 --train_examples=10000 --test_examples=10000 --finetune_epochs=1 \
       --clip_teacher=workdirs/teacher_fmnist --results_md=docs/RESULTS.md --results_block="semantic study"
+The MAE-style study (docs/RESULTS.md "MAE-style student"; its header gives the flags and the measured wall time):
+  python -m tools.study --student=mae --out=workdirs/study_mae --grid=clip_fmnist:dtm+tokenwise ...
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from configs import demo, finetune_demo
+from configs import demo, dtm_mae_vit_b16_in1k, finetune_demo
 from dtm_jax import sharding, students, targets
 from dtm_jax.evaluators import encoding, frozen_features
 from dtm_jax.modes import pretrain as train
@@ -70,6 +76,11 @@ _FINETUNE_EPOCHS = flags.DEFINE_integer("finetune_epochs", 0,
 _TRAIN_EXAMPLES = flags.DEFINE_integer("train_examples", 5000, "kNN bank / probe training images (train split).")
 _TEST_EXAMPLES = flags.DEFINE_integer("test_examples", 2000, "Evaluation images (test split).")
 _PROBE_EPOCHS = flags.DEFINE_integer("probe_epochs", 100, "Linear-probe epochs on the frozen features.")
+_STUDENT = flags.DEFINE_enum("student", "beit", ["beit", "mae"],
+                              "The demo's BEiT-style student, or an MAE-style one with the demo's encoder.")
+_DECODER = flags.DEFINE_list("decoder", ["64", "2", "2"],
+                             "--student=mae: the decoder's width,depth,heads (MAE's ViT-B default is 512,8,16; "
+                             "this demo's encoder has width 96).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild the summaries from the runs already in --out.")
 _RESULTS_MD = flags.DEFINE_string("results_md", None,
                                   "Markdown file whose block between the study markers is replaced by the tables.")
@@ -98,10 +109,22 @@ def target_settings(kind: str, *, width: int, ema_momentum: float, teacher_dir: 
   raise ValueError(f"Unknown target kind {kind!r}; choose from {study_summary.KINDS}.")
 
 
-def study_config(kind: str, variant: str, seed: int, *, steps: int, batch_size: int, ema_momentum: float,
-                 fixed_schedule: tuple[int, int], teacher_dir: str = "", clip_teacher: str = ""):
-  """configs/demo.py with the study's target, variant, seed and run length."""
+def base_config(student: str = "beit", decoder: tuple[int, int, int] = (64, 2, 2)):
+  """configs/demo.py, with an MAE-style student of the demo's encoder (decoder = width, depth, heads) for "mae"."""
   c = demo.get_config()
+  if student == "mae":
+    width, depth, heads = decoder
+    dtm_mae_vit_b16_in1k.mae_student(c).model.update(decoder_width=width, decoder_depth=depth,
+                                                     decoder_num_heads=heads)
+  return c
+
+
+def study_config(kind: str, variant: str, seed: int, *, steps: int, batch_size: int, ema_momentum: float,
+                 fixed_schedule: tuple[int, int], teacher_dir: str = "", clip_teacher: str = "",
+                 student: str = "beit", decoder: tuple[int, int, int] = (64, 2, 2)):
+  """configs/demo.py (`base_config`) with the study's target, variant, seed and run length."""
+  c = base_config(student, decoder)
+  c.then_evaluate = None  # the study scores every student itself (run_one): the demo's follow-up compare is skipped
   c.seed = seed
   c.total_steps = steps
   c.warmup_steps = max(1, steps // 10)
@@ -152,10 +175,12 @@ def planned_runs(grid: dict[str, list[str]], seeds: int) -> list[tuple[str, str,
 # ----------------------------------------------------------------------------------------------------------------
 # Running and scoring.
 # ----------------------------------------------------------------------------------------------------------------
-def run_floors(out, data, mesh, *, seeds: int, probe_epochs: int, teacher: targets.Target | None = None) -> None:
-  """The student at initialisation (one per seed) and raw pixels (probe seeds only): the numbers to beat; with a
-  `teacher`, its mean-pooled target tokens (what the students regress, scored like them)."""
-  model_cfg = train.student_config(demo.get_config())
+def run_floors(out, data, mesh, *, seeds: int, probe_epochs: int, teacher: targets.Target | None = None,
+               base: ml_collections.ConfigDict | None = None) -> None:
+  """The student of `base` (default configs/demo.py) at initialisation (one per seed) and raw pixels (probe seeds
+  only): the numbers to beat; with a `teacher`, its mean-pooled target tokens (what the students regress, scored like
+  them)."""
+  model_cfg = train.student_config(base or demo.get_config())
   pixels_train, pixels_test = (frozen_features.pixel_features(split, mesh) for split in data)
   teacher_features = None
   for seed in range(seeds):
@@ -247,7 +272,8 @@ def run_study(out) -> None:
     jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   mesh = sharding.make_mesh(-1, 1)
-  base = demo.get_config()
+  decoder = tuple(int(v) for v in _DECODER.value)
+  base = base_config(_STUDENT.value, decoder)
   start = time.time()
   data = (frozen_features.load_split(base.input, "train", _TRAIN_EXAMPLES.value, image_size=base.model.image_size),
           frozen_features.load_split(base.input, "test", _TEST_EXAMPLES.value, image_size=base.model.image_size))
@@ -256,11 +282,11 @@ def run_study(out) -> None:
     teacher = targets.build_target(ml_collections.ConfigDict(dict(kind="clip", checkpoint=str(clip_teacher),
                                                                   dtype="float32")),
                                    image_size=base.model.image_size, patch_size=base.model.patch_size)
-  run_floors(out, data, mesh, seeds=_SEEDS.value, probe_epochs=_PROBE_EPOCHS.value, teacher=teacher)
+  run_floors(out, data, mesh, seeds=_SEEDS.value, probe_epochs=_PROBE_EPOCHS.value, teacher=teacher, base=base)
   runs = planned_runs(grid, _SEEDS.value)
   config_kwargs = dict(steps=_STEPS.value, batch_size=_BATCH_SIZE.value, ema_momentum=_EMA_MOMENTUM.value,
                        fixed_schedule=tuple(int(v) for v in _FIXED_SCHEDULE.value), teacher_dir=str(teacher_dir),
-                       clip_teacher=str(clip_teacher))
+                       clip_teacher=str(clip_teacher), student=_STUDENT.value, decoder=decoder)
   for i, (kind, variant, seed) in enumerate(runs, 1):
     run_start = time.time()
     record = run_one(out, kind, variant, seed, data, mesh, probe_epochs=_PROBE_EPOCHS.value,

@@ -60,7 +60,8 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh) -> dict:
   student = students.restore_student(config.pretrained, mesh, min_fsdp_size=min_fsdp_size,
                                    model_overrides=config.model)
   seed = pretraining_seed(student, default=config.seed)
-  untrained = students.initial_student(student.config, mesh, seed=seed, min_fsdp_size=min_fsdp_size)
+  untrained = students.initial_student(student.pretraining_architecture, mesh, seed=seed,
+                                       min_fsdp_size=min_fsdp_size)
   cfg, input_cfg = config.compare, config.input
   image_size = student.config.image_size
   train, test = (frozen_features.load_split(input_cfg, split, count, image_size=image_size, batch_size=cfg.batch_size)

@@ -1,13 +1,15 @@
-"""DTM pretraining: distil a frozen target into a BEiT-style student through dynamically morphed tokens.
+"""DTM pretraining: distil a frozen target into a BEiT-style or MAE-style student through dynamically morphed tokens.
 
 One function, `train(config, workdir)`, in sections: checks → mesh → student, target, optimizer → state born sharded
 → resume → input → the jitted step → the loop (logging, evaluation, checkpoints, preemption).
 
 The step is one jitted program per global batch: target forward (bf16, no gradient) → morphing schedules drawn with
-`jax.random` → groups from the target tokens → student forward (bf16 compute, fp32 params) → DTM loss → gradients
-(averaged over `grad_accum_steps` micro-batches by a scan) → optax update. Non-finite loss or gradient norm leaves
-the parameters untouched and records the step; the loop stops with an error at the next sync point and no checkpoint of
-a broken state is ever written.
+`jax.random` → groups from the target tokens → student forward (bf16 compute, fp32 params) on the pipeline's
+block-wise mask (`model.kind="beit"`), or on the visible patches of a per-image random mask drawn on the device from
+the step's key (`"mae"`, dtm_jax.models.mae; the pipeline's mask is then unused) → DTM loss → gradients (averaged over
+`grad_accum_steps` micro-batches by a scan) → optax update. Non-finite loss or gradient norm leaves the parameters
+untouched and records the step; the loop stops with an error at the next sync point and no checkpoint of a broken
+state is ever written.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from dtm_jax import config_checks, flops, losses, morphing, optim, sharding, targets
 from dtm_jax import images as images_lib
 from dtm_jax.evaluators import knn
-from dtm_jax.models import functional, vit
+from dtm_jax.models import functional, mae, vit
 from dtm_jax.program import Mode, Program
 from dtm_jax.runner import loop, resume
 from dtm_jax.runtime import checkpoint as checkpoint_lib
@@ -37,14 +39,18 @@ from dtm_jax.runtime import errors, metrics
 
 PyTree = Any
 NONFINITE_LOSS, NONFINITE_GRAD = 1, 2
+MODEL_KINDS = ("beit", "mae")
+MASKING_STREAM = 2  # the step key's fold-in that draws the MAE-style masks (independent of schedules and dropout)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config → model configs, step counts, checks.
 # ----------------------------------------------------------------------------------------------------------------
 def student_config(config: ml_collections.ConfigDict) -> vit.ViTConfig:
-  """The student a pretraining config describes (`config.model`)."""
-  return vit.config_from_fields(config.model.to_dict())
+  """The student a pretraining config describes (`config.model`): a `mae.MAEConfig` when `model.kind="mae"`."""
+  fields = config.model.to_dict()
+  kind = fields.pop("kind", "beit")
+  return mae.config_from_fields(fields) if kind == "mae" else vit.config_from_fields(fields)
 
 
 def num_patches(config: ml_collections.ConfigDict) -> int:
@@ -85,26 +91,33 @@ def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets
   dtm = config.dtm
   accum = config.grad_accum_steps
   max_merge = tokens if dtm.max_merge < 0 else dtm.max_merge
+  is_mae = config.model.get("kind", "beit") == "mae"
+  num_visible = student_config(config).num_visible if is_mae else None
+  masked_only = dtm.get("loss_positions", "all") == "masked"
 
-  def morphed_loss(pred, target_tokens, num_merge, num_iters):
+  def morphed_loss(pred, target_tokens, mask, num_merge, num_iters):
+    scored = mask if masked_only else None
     if not dtm.enabled:  # token-wise distillation: every token its own group, no morphing in the program
       del num_merge, num_iters
       loss = losses.token_wise_loss(pred, target_tokens, kind=dtm.loss, beta=dtm.beta,
-                                    normalize_target=dtm.normalize_target)
+                                    normalize_target=dtm.normalize_target, scored=scored)
       return loss, jnp.asarray(tokens, jnp.float32)
     groups = morphing.morph_schedules(target_tokens, num_merge, num_iters, max_iters=dtm.max_iters,
                                       protect_first=dtm.protect_first)
     loss = losses.dtm_loss(pred, target_tokens, groups, kind=dtm.loss, beta=dtm.beta,
-                           normalize_target=dtm.normalize_target, weighting=dtm.weighting)
+                           normalize_target=dtm.normalize_target, weighting=dtm.weighting, scored=scored)
     return loss, jnp.mean(jax.vmap(morphing.num_groups)(groups).astype(jnp.float32))
 
   if mesh is not None and mesh.size > 1:
     morphed_loss = _per_batch_shard(morphed_loss, mesh)
 
-  def micro_loss(params, target_params, images, mask, num_merge, num_iters, dropout_rng):
+  def micro_loss(params, target_params, images, masking, num_merge, num_iters, dropout_rng):
     target_tokens = target.tokens(target_params, images)
-    pred = student.apply(params, images, mask, dropout_rng=dropout_rng)
-    return morphed_loss(pred, target_tokens, num_merge, num_iters)
+    if is_mae:
+      pred = student.apply(params, images, masking["ids_keep"], masking["ids_restore"], dropout_rng=dropout_rng)
+    else:
+      pred = student.apply(params, images, masking["mask"], dropout_rng=dropout_rng)
+    return morphed_loss(pred, target_tokens, masking["mask"], num_merge, num_iters)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -112,7 +125,12 @@ def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets
     rng = jax.random.fold_in(jax.random.key(config.seed), step)
     schedule_rng, dropout_rng = jax.random.split(rng)
     images = images_lib.to_model_input(batch["image"], config.input.mean, config.input.std)
-    mask = batch["mask"]
+    if is_mae:  # drawn for the global batch from the step's key: the same masks on any number of devices
+      ids_keep, ids_restore, mask = mae.random_masking(jax.random.fold_in(rng, MASKING_STREAM), images.shape[0],
+                                                       tokens, num_visible)
+      masking = {"ids_keep": ids_keep, "ids_restore": ids_restore, "mask": mask}
+    else:
+      masking = {"mask": batch["mask"]}
     if dtm.get("fixed_schedule"):  # the paper's ablation: the same (num_merge, num_iters) every step
       shape = (dtm.num_schedules, images.shape[0])
       num_merge = jnp.full(shape, dtm.fixed_schedule[0], jnp.int32)
@@ -122,7 +140,7 @@ def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets
           schedule_rng, images.shape[0], num_schedules=dtm.num_schedules, max_merge=max_merge,
           max_iters=dtm.max_iters, group_size=schedule_group_size(dtm.schedule_group_size, images.shape[0]))
     if accum == 1:
-      (loss, groups), grads = grad_fn(params, target_params, images, mask, num_merge, num_iters, dropout_rng)
+      (loss, groups), grads = grad_fn(params, target_params, images, masking, num_merge, num_iters, dropout_rng)
       return loss, groups, grads
 
     # Rows i·A + a go to micro-batch a: each device keeps its own rows, so the split moves no data.
@@ -137,7 +155,8 @@ def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets
       acc_grads, acc_loss, acc_groups = carry
       return (jax.tree.map(jnp.add, acc_grads, gr), acc_loss + l, acc_groups + g), None
 
-    micro = (split(images, 0), split(mask, 0), split(num_merge, 1), split(num_iters, 1), jnp.arange(accum))
+    micro = (split(images, 0), jax.tree.map(lambda x: split(x, 0), masking), split(num_merge, 1),
+             split(num_iters, 1), jnp.arange(accum))
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grads, loss, groups), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
     return loss / accum, groups / accum, jax.tree.map(lambda g: g / accum, grads)
@@ -146,9 +165,9 @@ def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets
 
 
 def _per_batch_shard(morphed_loss, mesh):
-  """Runs morphed_loss(pred [B, N, C], target tokens [B, N, D], num_merge, num_iters [L, B]) → (loss, groups) on
-  every device's images and averages the two means over the devices (the shards are equal, so that is the mean over
-  the batch).
+  """Runs morphed_loss(pred [B, N, C], target tokens [B, N, D], mask [B, N], num_merge, num_iters [L, B]) →
+  (loss, groups) on every device's images and averages the two means over the devices (the shards are equal, so that
+  is the mean over the batch).
 
   Morphing and the loss work image by image, so this is exact. It keeps their gathers, scatters and while loops
   local to a device, and lets the CPU kernels (dtm_jax.kernels), which the SPMD partitioner cannot split, see only
@@ -159,7 +178,7 @@ def _per_batch_shard(morphed_loss, mesh):
   def per_shard(*args):
     return tuple(jax.lax.pmean(mean, sharding.BATCH_AXES) for mean in morphed_loss(*args))
 
-  return jax.shard_map(per_shard, mesh=mesh, in_specs=(batch, batch, schedules, schedules), out_specs=(P(), P()))
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=(batch, batch, batch, schedules, schedules), out_specs=(P(), P()))
 
 
 def make_train_step(*, loss_and_grads, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
@@ -245,7 +264,7 @@ def build_program(config: ml_collections.ConfigDict, mesh, *, abstract_target: b
   total_steps, warmup_steps = total_and_warmup_steps(config)
   tokens = num_patches(config)
   model_cfg = student_config(config)
-  student_fm, abstract_params = functional.abstract_split(lambda: vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
+  student_fm, abstract_params = functional.abstract_split(lambda: mae.student_model(model_cfg, rngs=nnx.Rngs(0)))
   target = targets.build_target(config.target, image_size=model_cfg.image_size, patch_size=model_cfg.patch_size,
                                 in_channels=model_cfg.in_channels, student_config=model_cfg,
                                 abstract=abstract_target, mesh=mesh, min_fsdp_size=config.mesh.min_fsdp_size)
@@ -265,7 +284,7 @@ def build_program(config: ml_collections.ConfigDict, mesh, *, abstract_target: b
     state_sh["ema_params"] = param_sh
 
   def init_state():
-    _, params = functional.split_module(vit.PretrainViT(model_cfg, rngs=nnx.Rngs(config.seed)))
+    _, params = functional.split_module(mae.student_model(model_cfg, rngs=nnx.Rngs(config.seed)))
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
              "nonfinite": jnp.full((2,), -1, jnp.int32)}
     if target.is_ema:
@@ -288,7 +307,9 @@ def build_program(config: ml_collections.ConfigDict, mesh, *, abstract_target: b
   batch_sh = sharding.batch_sharding(mesh)
   step = jax.jit(traced_step, in_shardings=(state_sh, target_sh, batch_sh), out_shardings=(state_sh, rep),
                  donate_argnums=(0,))
-  flops_per_image = (3 * flops.transformer_flops(model_cfg, model_cfg.out_dim) + target.forward_flops +
+  student_flops = (flops.mae_student_flops(model_cfg) if isinstance(model_cfg, mae.MAEConfig) else
+                   flops.transformer_flops(model_cfg, model_cfg.out_dim))
+  flops_per_image = (3 * student_flops + target.forward_flops +
                      morphing_flops(config, tokens, target.out_dim))
   return PretrainProgram(model_config=model_cfg, student=student_fm, target=target, init_state=init_state,
                          state_shardings=state_sh, abstract_state=abstract_state, target_shardings=target_sh,
@@ -453,6 +474,7 @@ def check_config(c: config_checks.Checker, num_devices: int, check_paths: bool =
       c.add("model.image_size", image_size, f"is not divisible by patch_size={patch_size}.")
     else:
       tokens = (image_size // patch_size) ** 2
+  _check_student_kind(c, tokens)
 
   # Target.
   try:
@@ -475,6 +497,7 @@ def check_config(c: config_checks.Checker, num_devices: int, check_paths: bool =
   c.number("dtm.beta", 0.0, min_open=True)
   c.boolean("dtm.normalize_target")
   c.string("dtm.weighting", ("token", "group"))
+  c.string("dtm.loss_positions", ("all", "masked"))
   if tokens is not None and max_merge is not None and max_merge > tokens:
     c.add("dtm.max_merge", max_merge, f"exceeds the {tokens} tokens; use at most {tokens} (or -1 for N).")
   fixed = c.get("dtm.fixed_schedule")
@@ -533,6 +556,38 @@ def check_config(c: config_checks.Checker, num_devices: int, check_paths: bool =
     c.batch("eval.batch_size", num_devices)
   else:
     c.integer("eval.batch_size", 1)
+
+
+def _check_student_kind(c: config_checks.Checker, tokens: int | None) -> None:
+  """model.kind and, for the MAE-style student, its masking ratio and decoder (fields the BEiT-style one refuses)."""
+  kind = c.string("model.kind", MODEL_KINDS)
+  present = [f for f in mae.DECODER_FIELDS if c.get(f"model.{f}") is not config_checks.MISSING]
+  if kind == "beit":
+    for field in present:
+      c.add(f"model.{field}", c.get(f"model.{field}"), "is used by model.kind='mae' only; remove it.")
+    return
+  if kind != "mae":
+    return
+  for field in ("abs_pos_emb", "block_rel_pos_bias", "shared_rel_pos_bias"):
+    value = c.get(f"model.{field}")
+    if value is not config_checks.MISSING and value != (field == "abs_pos_emb"):
+      c.add(f"model.{field}", value, f"must be {field == 'abs_pos_emb'} for model.kind='mae' (sin-cos absolute "
+                                     "position embedding only).")
+  if c.get("model.layer_scale_init") not in (config_checks.MISSING, None, 0, 0.0):
+    c.add("model.layer_scale_init", c.get("model.layer_scale_init"),
+          "must be 0 (no layer scale) for model.kind='mae'.")
+  ratio = c.number("model.mask_ratio", 0.0, 1.0, max_open=True)
+  if ratio is not None and tokens is not None and round(ratio * tokens) >= tokens:
+    c.add("model.mask_ratio", ratio, f"hides all {tokens} patches; leave at least one visible.")
+  width = c.integer("model.decoder_width", 4)
+  heads = c.integer("model.decoder_num_heads", 1)
+  c.integer("model.decoder_depth", 1)
+  if width is not None and width % 4:
+    c.add("model.decoder_width", width, "must be divisible by 4 (2-D sin-cos position table).")
+  if width is not None and heads is not None and width % heads:
+    c.add("model.decoder_num_heads", heads, f"does not divide decoder_width={width}.")
+  if c.get("target.kind") == "ema":
+    c.add("target.kind", "ema", "is not supported with model.kind='mae' (the EMA teacher is a BEiT-style student).")
 
 
 def programs(config: ml_collections.ConfigDict, mesh) -> list[Program]:

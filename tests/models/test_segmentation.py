@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from dtm_jax.evaluators import segmentation_metrics as seg_metrics
-from dtm_jax.models import functional, layers, segmentation, vit
+from dtm_jax.models import functional, layers, mae, segmentation, vit
 
 NUM_CLASSES = 5
 SEG_CONFIG = segmentation.SegmenterConfig(num_classes=NUM_CLASSES, out_indices=(0, 1, 2, 3), channels=8,
@@ -335,6 +335,18 @@ def test_init_segmenter_from_pretrained_copies_the_trunk_only():
   segmentation.init_segmenter_from_pretrained(larger, pretrained)
   table = nnx.state(larger, nnx.Param).to_pure_dict()["blocks"][0]["attn"]["rel_pos_bias"]
   assert table.shape == (layers.num_relative_positions(4), 2) and float(jnp.abs(table).max()) > 0
+
+
+def test_init_segmenter_from_an_mae_style_student_copies_its_encoder():
+  student = mae.MAEStudent(mae.config_from_fields(dict(variant="test", depth=4, image_size=32, patch_size=16,
+                                                       decoder_width=16, decoder_depth=1, decoder_num_heads=2)),
+                           rngs=nnx.Rngs(1))
+  config = vit.finetune_config(student.config, image_size=32)
+  segmenter = segmentation.UperNetSegmenter(config, SEG_CONFIG, rngs=nnx.Rngs(2))
+  segmentation.init_segmenter_from_pretrained(segmenter, student)
+  after, src = (nnx.state(m, nnx.Param).to_pure_dict() for m in (segmenter, student))
+  for name in ("patch_embed", "cls_token", "pos_embed", "blocks"):
+    jax.tree.map(np.testing.assert_array_equal, after[name], src[name])
 
 
 def test_config_errors_say_what_to_do():

@@ -11,11 +11,13 @@ from dtm_jax.runner import run as runner
 from dtm_jax.runtime import metrics
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=["beit", "mae"])
+def setup(tmp_path_factory, request):
+  """A BEiT-style or MAE-style pretraining run (every evaluation takes the MAE-style encoder as its trunk)."""
   root = tmp_path_factory.mktemp("eval_run")
-  eval_testing.save_pretraining_checkpoints(root / "pretrain", steps=(3, 6),
-                                            config=eval_testing.tiny_student_config(depth=1))
+  student_config = (eval_testing.tiny_mae_config(depth=1) if request.param == "mae" else
+                    eval_testing.tiny_student_config(depth=1))
+  eval_testing.save_pretraining_checkpoints(root / "pretrain", steps=(3, 6), config=student_config)
   images = eval_testing.write_image_folder(root / "images", per_class={"train": 16, "test": 6})
   input_config = config_common.input_config(source="folder", data_dir=str(images), train_split="train",
                                             eval_split="test", num_parallel_calls=2)

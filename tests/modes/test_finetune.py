@@ -205,3 +205,20 @@ def test_training_loop_stops_at_a_non_finite_loss_before_evaluating_or_saving(tm
         save=lambda state, step: saved.append(step),
         checkpointer=checkpoint_lib.Checkpointer(tmp_path, async_save=False), writer=writer, log_every=100)
   assert evaluated == saved == [1, 2]  # the last good state is the last checkpoint
+
+
+def test_finetuning_from_an_mae_style_checkpoint_starts_from_its_encoder(tmp_path):
+  """The classifier's trunk (patch embedding, CLS, position table, blocks) equals the MAE-style encoder; the decoder
+  and head are dropped."""
+  saved = eval_testing.save_pretraining_checkpoints(tmp_path / "pretrain", steps=(5,),
+                                                    config=eval_testing.tiny_mae_config())[5]
+  mesh = sharding.make_mesh(data=4, fsdp=2)
+  config = finetune_config(tmp_path / "pretrain")
+  student = students.restore_student(config.pretrained, mesh, model_overrides=config.model)
+  classifier, params = finetune.classifier_from_student(
+      student, config, lambda tree: sharding.param_shardings(tree, mesh, config.mesh.min_fsdp_size))
+  assert not classifier.config.block_rel_pos_bias and classifier.config.abs_pos_emb
+  params = jax.device_get(params)
+  for name in ("patch_embed", "cls_token", "pos_embed", "blocks"):
+    jax.tree.map(np.testing.assert_array_equal, params[name], saved[name])
+  assert not {k for k in params if k.startswith("decoder") or k == "lm_head"}

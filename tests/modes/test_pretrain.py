@@ -13,7 +13,7 @@ from flax import nnx
 from train_testing import free_port, losses_by_step, main_command, main_env, tiny_config
 
 from dtm_jax import morphing, sharding, targets
-from dtm_jax.models import functional, vit
+from dtm_jax.models import functional, mae
 from dtm_jax.modes import pretrain as train
 from dtm_jax.runner import run as runner
 from dtm_jax.runtime import checkpoint, metrics
@@ -21,8 +21,8 @@ from dtm_jax.runtime import checkpoint, metrics
 
 def _components(config, mesh=None):
   model_cfg = train.student_config(config)
-  student, _ = functional.abstract_split(lambda: vit.PretrainViT(model_cfg, rngs=nnx.Rngs(0)))
-  _, params = functional.split_module(vit.PretrainViT(model_cfg, rngs=nnx.Rngs(config.seed)))
+  student, _ = functional.abstract_split(lambda: mae.student_model(model_cfg, rngs=nnx.Rngs(0)))
+  _, params = functional.split_module(mae.student_model(model_cfg, rngs=nnx.Rngs(config.seed)))
   target = targets.build_target(config.target, image_size=model_cfg.image_size, patch_size=model_cfg.patch_size)
   loss_and_grads = train.make_loss_and_grads(student=student, target=target, config=config,
                                              tokens=train.num_patches(config), mesh=mesh)
@@ -47,12 +47,14 @@ def _run_on_mesh(mesh, params, target, loss_and_grads, batch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("implementation", ["cpu_kernel", "pairwise", "scatter", "matmul"])
-def test_first_step_on_sharded_mesh_equals_one_device(implementation, monkeypatch):
-  # Every morphing implementation, as GPUs/TPUs ("matmul") and CPUs without a compiler ("pairwise") run it too.
+@pytest.mark.parametrize("implementation, kind", [("cpu_kernel", "beit"), ("pairwise", "beit"), ("scatter", "beit"),
+                                                  ("matmul", "beit"), ("cpu_kernel", "mae"), ("matmul", "mae")])
+def test_first_step_on_sharded_mesh_equals_one_device(implementation, kind, monkeypatch):
+  # Every morphing implementation, as GPUs/TPUs ("matmul") and CPUs without a compiler ("pairwise") run it too; the
+  # MAE-style student's masks are drawn for the global batch, so they are the same on any mesh.
   resolve = morphing._resolve_implementation
   monkeypatch.setattr(morphing, "_resolve_implementation", lambda name: resolve(implementation))
-  config = tiny_config()
+  config = tiny_config(kind)
   params, target, loss_and_grads = _components(config)
   batch = _batch(config)
   one = _run_on_mesh(sharding.make_mesh(1, 1, devices=jax.devices()[:1]), params, target, loss_and_grads, batch)
@@ -66,10 +68,11 @@ def test_first_step_on_sharded_mesh_equals_one_device(implementation, monkeypatc
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_equals_full_batch():
-  config = tiny_config(batch_size=32)
+@pytest.mark.parametrize("kind", ["beit", "mae"])
+def test_gradient_accumulation_equals_full_batch(kind):
+  config = tiny_config(kind, batch_size=32)
   params, target, full = _components(config)
-  accumulated = _components(tiny_config(batch_size=32, grad_accum_steps=4))[2]
+  accumulated = _components(tiny_config(kind, batch_size=32, grad_accum_steps=4))[2]
   batch = _batch(config)
   mesh = sharding.make_mesh(8, 1)
   loss_full, groups_full, grads_full = _run_on_mesh(mesh, params, target, full, batch)
@@ -81,8 +84,10 @@ def test_gradient_accumulation_equals_full_batch():
 
 
 @pytest.mark.slow
-def test_training_on_data_fsdp_mesh_learns_compiles_once_and_checkpoints(tmp_path):
-  config = tiny_config(**{"mesh.data": 4, "mesh.fsdp": 2, "mesh.min_fsdp_size": 64, "log_every": 1})
+@pytest.mark.parametrize("kind", ["beit", "mae"])
+def test_training_on_data_fsdp_mesh_learns_compiles_once_and_checkpoints(tmp_path, kind):
+  # One compilation across the steps' schedules and (MAE-style) masks.
+  config = tiny_config(kind, **{"mesh.data": 4, "mesh.fsdp": 2, "mesh.min_fsdp_size": 64, "log_every": 1})
   result = runner.run("pretrain", config, str(tmp_path))
   assert result["step"] == 20 and result["step_compilations"] == 1
   curve = losses_by_step(tmp_path)
@@ -106,15 +111,15 @@ def test_relative_workdir_checkpoints_and_restores(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["synthetic", "fashion_mnist"])
-def test_resume_continues_exactly(tmp_path, source):
+@pytest.mark.parametrize("source, kind", [("synthetic", "beit"), ("fashion_mnist", "beit"), ("synthetic", "mae")])
+def test_resume_continues_exactly(tmp_path, source, kind):
   overrides = {"log_every": 1, "checkpoint_every": 5, "input.source": source}
   uninterrupted = tmp_path / "uninterrupted"
-  runner.run("pretrain", tiny_config(**overrides), str(uninterrupted))
+  runner.run("pretrain", tiny_config(kind, **overrides), str(uninterrupted))
   resumed = tmp_path / "resumed"
-  first = runner.run("pretrain", tiny_config(**overrides, stop_after_step=10), str(resumed))
+  first = runner.run("pretrain", tiny_config(kind, **overrides, stop_after_step=10), str(resumed))
   assert first["step"] == 10 and first["preempted"] == 1.0
-  second = runner.run("pretrain", tiny_config(**overrides), str(resumed))
+  second = runner.run("pretrain", tiny_config(kind, **overrides), str(resumed))
   assert second["step"] == 20
   expected, got = losses_by_step(uninterrupted), losses_by_step(resumed)
   assert sorted(got) == list(range(1, 21))

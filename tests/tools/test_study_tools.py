@@ -42,6 +42,15 @@ def test_study_configs_are_valid_and_match_their_target(kind):
     assert config.target.ema_momentum == 0.98
 
 
+def test_study_config_of_the_mae_style_student():
+  config = study.study_config("pixels", "tokenwise", 1, steps=20, batch_size=16, ema_momentum=0.99,
+                              fixed_schedule=(24, 4), student="mae", decoder=(32, 1, 2))
+  registry.validate("pretrain", config)
+  model_cfg = train.student_config(config)
+  assert (model_cfg.num_visible, model_cfg.decoder_width, model_cfg.decoder_depth) == (12, 32, 1)
+  assert (model_cfg.width, model_cfg.depth) == (96, 4) and not config.dtm.enabled  # the demo's encoder
+
+
 def test_study_config_of_the_trained_clip_teacher_reads_its_directory(tmp_path):
   from tools import semantic_teacher  # pylint: disable=g-import-not-at-top
   tower = semantic_teacher.tower_config(width=32, depth=1, num_heads=2, mlp_dim=64, proj_dim=24)
