@@ -3,8 +3,8 @@
   python -m dtm_jax.export --workdir=<run> --format=hf|timm --output=<dir> [--step=N] [--overwrite]
 
 The workdir (local or gs://) is a pretraining run (the student trunk; `lm_head` goes to `lm_head.safetensors` unless
---no_lm_head), a fine-tuning run (the classifier with its pooling and head) or a segmentation run (its backbone,
-without the UperNet heads). Names come from `convert.beit_export_rules`: the converter's own mapping, run backwards,
+--no_lm_head; of an MAE-style student, the encoder alone), a fine-tuning run (the classifier with its pooling and
+head) or a segmentation run (its backbone, without the UperNet heads). Names come from `convert.beit_export_rules`: the converter's own mapping, run backwards,
 so an export converts back (`python -m dtm_jax.models.convert --format=beit`) to the same parameters.
 
 Relative positions: `hf` keeps the tables as trained (BeitConfig has both a shared and per-block tables); `timm`
@@ -29,7 +29,7 @@ from flax.nnx import traversals
 from safetensors.numpy import save as safetensors_bytes
 
 from dtm_jax import students
-from dtm_jax.models import convert, segmentation, vit
+from dtm_jax.models import convert, mae, segmentation, vit
 from dtm_jax.runtime import checkpoint, errors
 
 FORMATS = ("hf", "timm")
@@ -39,6 +39,7 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # 
 _LABELS = {"fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                              "Bag", "Ankle boot")}
 _HEADS_FILE = "lm_head.safetensors"
+_MAE_ENCODER = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")  # an MAE-style student's trunk
 
 
 class ExportError(errors.RunError, ValueError):
@@ -81,11 +82,13 @@ def load_run(workdir, step=None) -> Trained:
   if "model_config" not in metadata:
     raise ExportError(f"The metadata of {step_dir} records no model_config, so the architecture is unknown; export "
                       "a checkpoint written by main.py.")
-  config = checkpoint.model_config_from_metadata(metadata, vit.ViTConfig, dtype="float32", attention_impl=None,
-                                                 remat="none", drop_path_rate=0.0)
-  fields = {"config": config}
+  is_mae = mae.is_mae_model_config(metadata["model_config"])
+  config = checkpoint.model_config_from_metadata(metadata, mae.MAEConfig if is_mae else vit.ViTConfig,
+                                                 dtype="float32", attention_impl=None, remat="none",
+                                                 drop_path_rate=0.0)
+  fields = {"config": config.encoder if is_mae else config}
   if kind == "pretraining":
-    constructor = lambda: vit.PretrainViT(config, rngs=nnx.Rngs(0))
+    constructor = lambda: mae.student_model(config, rngs=nnx.Rngs(0))
   elif kind == "fine-tuning":
     fields.update(num_classes=int(run_config["num_classes"]), pooling=run_config.get("pooling", "mean"))
     constructor = lambda: vit.ViTClassifier(config, fields["num_classes"], pooling=fields["pooling"],
@@ -100,6 +103,8 @@ def load_run(workdir, step=None) -> Trained:
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
   params, _, _ = checkpoint.restore_params(step_dir, step, target)
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
+  if is_mae:  # the encoder is the student's trunk; the decoder and its head stay behind (docs/METHOD.md §9)
+    params = {name: value for name, value in params.items() if name in _MAE_ENCODER}
   return Trained(kind=kind, params=params, step_dir=str(step_dir), run_config=run_config, **fields)
 
 
@@ -126,6 +131,8 @@ def timm_weights(trained: Trained) -> tuple[dict, dict]:
   flat = {path: value for path, value in traversals.flatten_mapping(trained.params).items()}
   flat = {tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in path): v for path, v in flat.items()}
   rules = convert.beit_export_rules(trained.config, kind, trained.pooling)
+  if kind == "vit":  # an MAE-style encoder has neither mask token nor (BEiT-style) lm_head
+    rules = [rule for rule in rules if rule[0][0] not in ("mask_token", "lm_head") or rule[0] in flat]
   if trained.kind == "segmentation":  # the backbone alone: no final norm, no head; the UperNet heads stay behind
     rules = [rule for rule in rules if rule[0][0] not in ("norm", "fc_norm", "head")]
   out = {name: np.ascontiguousarray(to_theirs(flat[ours]), np.float32) for ours, name, to_theirs in rules}
@@ -214,9 +221,9 @@ def hf_files(trained: Trained, heads: dict, timm: dict) -> dict:
       layer_norm_eps=vit.LAYER_NORM_EPS, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
       drop_path_rate=0.0, initializer_range=0.02, layer_scale_init_value=float(cfg.layer_scale_init or 0.0),
       use_absolute_position_embeddings=cfg.abs_pos_emb, use_relative_position_bias=cfg.block_rel_pos_bias,
-      use_shared_relative_position_bias=cfg.shared_rel_pos_bias, use_mask_token=trained.kind == "pretraining",
+      use_shared_relative_position_bias=cfg.shared_rel_pos_bias, use_mask_token="mask_token" in trained.params,
       use_mean_pooling=trained.pooling == "mean" or trained.kind == "segmentation", torch_dtype="float32")
-  if trained.kind == "pretraining":
+  if heads:
     config["vocab_size"] = cfg.out_dim  # the lm_head's width (lm_head.safetensors), for BeitForMaskedImageModeling
   if trained.kind == "fine-tuning":
     config["id2label"] = _labels(trained)

@@ -92,7 +92,7 @@ def restore_student(pretrained: ml_collections.ConfigDict, mesh: Mesh, *, min_fs
     raise errors.ConfigError(
         f"{pretrained.workdir} is a {kind} run (its checkpoint {step_dir}); --config.pretrained.workdir wants a "
         "pretraining run's workdir (or a converted checkpoint).")
-  is_mae = "decoder_width" in metadata.get("model_config", {})
+  is_mae = mae.is_mae_model_config(metadata.get("model_config", {}))
   architecture = checkpoint.model_config_from_metadata(metadata, mae.MAEConfig if is_mae else vit.ViTConfig,
                                                        **overrides)
   model, abstract = functional.abstract_split(lambda: mae.student_model(architecture, rngs=nnx.Rngs(0)))

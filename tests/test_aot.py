@@ -197,17 +197,22 @@ def cudnn_version_faked(monkeypatch):
   monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
 
 
+def _tiny_pretraining_step_for_cuda(teacher_dtype):
+  """The tiny pretraining step (bf16 student, teacher in `teacher_dtype`) lowered for CUDA, as StableHLO text."""
+  config = aot.with_overrides(test_tiny.get_config(), {"batch_size": 8, "model.dtype": "bfloat16",
+                                                       "target.dtype": teacher_dtype})
+  mesh = sharding.make_mesh(-1, 1, devices=jax.devices()[:1])
+  with platform.building_for(mesh, platform="gpu"):
+    program = train.build_program(config, mesh)
+    return program.step.trace(*program.abstract_inputs()).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_cuda_programs_use_cudnn_attention_for_student_and_teacher(cudnn_version_faked):
   """In bf16 on GPUs the student (relative-position bias, 17 tokens padded to 18, with gradients) and the CLIP
   teacher (no bias, no gradient) run cuDNN's fused attention: the pretraining step lowered for CUDA holds its
   forward and backward custom calls, and no CPU kernel."""
   del cudnn_version_faked
-  config = aot.with_overrides(test_tiny.get_config(), {"batch_size": 8, "model.dtype": "bfloat16",
-                                                       "target.dtype": "bfloat16"})
-  mesh = sharding.make_mesh(-1, 1, devices=jax.devices()[:1])
-  with platform.building_for(mesh, platform="gpu"):
-    program = train.build_program(config, mesh)
-    text = program.step.trace(*program.abstract_inputs()).lower(lowering_platforms=("cuda",)).as_text()
+  text = _tiny_pretraining_step_for_cuda("bfloat16")
   calls = re.findall(r"custom_call @([^(]+)\(", text)
   assert not [c for c in calls if c.startswith("dtm_")]
   # 2 student blocks, forward and backward with the bias, on 17 tokens padded to 18; 2 teacher blocks, forward only.
@@ -262,11 +267,6 @@ def test_an_auto_teacher_runs_float16_on_gpus_and_float32_on_tpus_and_cpus(cudnn
     with platform.building_for(platform=name, num_devices=1):
       assert targets.teacher_dtype("auto") == expected
       assert targets.teacher_dtype("bfloat16") == jnp.bfloat16  # a named dtype is kept everywhere
-  config = aot.with_overrides(test_tiny.get_config(), {"batch_size": 8, "model.dtype": "bfloat16",
-                                                       "target.dtype": "auto"})
-  mesh = sharding.make_mesh(-1, 1, devices=jax.devices()[:1])
-  with platform.building_for(mesh, platform="gpu"):
-    program = train.build_program(config, mesh)
-    text = program.step.trace(*program.abstract_inputs()).lower(lowering_platforms=("cuda",)).as_text()
+  text = _tiny_pretraining_step_for_cuda("auto")
   assert re.findall(r"custom_call @([^(]+)\(", text).count("__cudnn$fmhaSoftmax") == 2  # the teacher's, in float16
   assert "x16xf16>" in text and "x16xbf16>" in text  # teacher attention in float16, the student's in bfloat16

@@ -158,6 +158,7 @@ def test_recipes_take_drop_path_and_beta2_by_schedule_length(module, epochs, dro
   assert (config.total_epochs, config.model.drop_path_rate, config.optim.b2) == (epochs, drop_path, b2)
   assert config.dtm.schedule_group_size == 256 and config.batch_size % 256 == 0  # 8 draws of the released per-GPU batch
   assert config.model.layer_scale_init == (1e-5 if module.endswith("l16_in1k") else 0.1)
-  assert (config.optim.b1, config.optim.eps, config.optim.weight_decay, config.optim.grad_clip) == (0.9, 1e-8, 0.05, 3.0)
-  assert (config.optim.base_lr, config.optim.lr_scaling, config.optim.min_lr) == (1.5e-3, "sqrt", 1e-5)
+  optim = config.optim
+  assert (optim.b1, optim.eps, optim.weight_decay, optim.grad_clip) == (0.9, 1e-8, 0.05, 3.0)
+  assert (optim.base_lr, optim.lr_scaling, optim.min_lr) == (1.5e-3, "sqrt", 1e-5)
   assert (config.warmup_epochs, config.input.crop_scale_min, config.input.num_masking_patches) == (10, 0.2, 75)

@@ -21,7 +21,7 @@ from flax import nnx
 from flax.nnx import traversals
 
 from dtm_jax import export
-from dtm_jax.models import convert, functional, segmentation, vit
+from dtm_jax.models import convert, functional, mae, segmentation, vit
 from dtm_jax.runtime import checkpoint
 
 # pylint: disable=redefined-outer-name
@@ -134,6 +134,40 @@ def test_hf_student_computes_our_features(tmp_path, layout, rel_pos, torch, tran
   _close(features, model.encode(jnp.asarray(x), jnp.asarray(mask)))
   head = _read(out / "lm_head.safetensors")  # the pretraining head beside the trunk, in torch's Linear layout
   _close(features[:, 1:] @ head["lm_head.weight"].T + head["lm_head.bias"], model(jnp.asarray(x), jnp.asarray(mask)))
+
+
+def mae_pretraining_run(workdir, seed=3, step=5):
+  """(module, params) of a random MAE-style student saved as a pretraining run."""
+  config = mae.MAEConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, out_dim=8, decoder_width=16,
+                         decoder_depth=1, decoder_num_heads=2)
+  graph, params = functional.split_module(mae.MAEStudent(config, rngs=nnx.Rngs(seed)))
+  params = _random(params, seed)
+  _save(workdir, step, params, {"model_config": checkpoint.model_config_to_json(config), "config": {"input": INPUT}})
+  return graph.bind(params), params
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("fmt", ["hf", "timm"])
+def test_an_mae_style_student_exports_its_encoder(tmp_path, fmt, torch, transformers):
+  """The encoder is the trunk (docs/METHOD.md §9): BEiT with an absolute position embedding, no relative tables, no
+  layer scale and no mask token; the decoder and its head are left behind."""
+  model, _ = mae_pretraining_run(tmp_path / "run")
+  out = export.export(tmp_path / "run", fmt, tmp_path / fmt)
+  assert not (out / "lm_head.safetensors").exists()
+  weights = _read(out / "model.safetensors")
+  assert not [name for name in weights if "decoder" in name or "lm_head" in name or "mask_token" in name]
+  if fmt == "timm":
+    assert json.loads((out / "config.json").read_text())["model_args"]["use_abs_pos_emb"] is True
+    np.testing.assert_array_equal(weights["pos_embed"], np.asarray(model.pos_embed[...]))
+    return
+  config = json.loads((out / "config.json").read_text())
+  assert config["use_absolute_position_embeddings"] and not config["use_mask_token"]
+  assert not config["use_relative_position_bias"] and not config["use_shared_relative_position_bias"]
+  hf = _from_pretrained(transformers.BeitModel, out)
+  x = _images()
+  with torch.no_grad():
+    features = hf(_nchw(torch, x)).last_hidden_state.numpy()
+  _close(features, model.encode(jnp.asarray(x)))
 
 
 @pytest.mark.torch

@@ -63,7 +63,8 @@ _GRID = flags.DEFINE_list(
     "tokenwise, fixed.")
 _FIXED_SCHEDULE = flags.DEFINE_list("fixed_schedule", ["24", "4"],
                                     "num_merge,num_iters of the fixed ablation (24 of 49 tokens in 4 rounds).")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per (kind, variant): 0 .. seeds-1 (init, data order, masks, schedules).")
+_SEEDS = flags.DEFINE_integer("seeds", 3,
+                              "Seeds per (kind, variant): 0 .. seeds-1 (init, data order, masks, schedules).")
 _STEPS = flags.DEFINE_integer("steps", 300, "Pretraining steps of every run.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Pretraining batch size.")
 _EMA_MOMENTUM = flags.DEFINE_float("ema_momentum", 0.99, "Start of the EMA teacher's momentum (cosine to 1.0).")

@@ -175,6 +175,11 @@ class MAEStudent(vit.ViTTrunk):
     return self.decode(self.encode_visible(images, ids_keep, dropout_rng), ids_restore)
 
 
+def is_mae_model_config(model_config: dict) -> bool:
+  """Whether a checkpoint's saved `model_config` (metadata) is an `MAEConfig` (it has a decoder)."""
+  return "decoder_width" in model_config
+
+
 def student_model(config: vit.ViTConfig, *, rngs) -> nnx.Module:
   """The pretraining student a config describes: `MAEStudent` for an `MAEConfig`, else the BEiT-style
   `vit.PretrainViT`."""
