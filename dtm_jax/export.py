@@ -4,8 +4,9 @@
 
 The workdir (local or gs://) is a pretraining run (the student trunk; `lm_head` goes to `lm_head.safetensors` unless
 --no_lm_head; of an MAE-style student, the encoder alone), a fine-tuning run (the classifier with its pooling and
-head) or a segmentation run (its backbone, without the UperNet heads). Names come from `convert.beit_export_rules`: the converter's own mapping, run backwards,
-so an export converts back (`python -m dtm_jax.models.convert --format=beit`) to the same parameters.
+head) or a segmentation run (its backbone, without the UperNet heads). Names come from `convert.beit_export_rules`:
+the converter's own mapping, run backwards, so an export converts back (`python -m dtm_jax.models.convert
+--format=beit`) to the same parameters.
 
 Relative positions: `hf` keeps the tables as trained (BeitConfig has both a shared and per-block tables); `timm`
 folds the shared table into every block's table (exact: both are added to the same logits), the layout of timm's
