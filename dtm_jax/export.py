@@ -40,7 +40,6 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # 
 _LABELS = {"fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                              "Bag", "Ankle boot")}
 _HEADS_FILE = "lm_head.safetensors"
-_MAE_ENCODER = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")  # an MAE-style student's trunk
 
 
 class ExportError(errors.RunError, ValueError):
@@ -83,11 +82,9 @@ def load_run(workdir, step=None) -> Trained:
   if "model_config" not in metadata:
     raise ExportError(f"The metadata of {step_dir} records no model_config, so the architecture is unknown; export "
                       "a checkpoint written by main.py.")
-  is_mae = mae.is_mae_model_config(metadata["model_config"])
-  config = checkpoint.model_config_from_metadata(metadata, mae.MAEConfig if is_mae else vit.ViTConfig,
-                                                 dtype="float32", attention_impl=None, remat="none",
-                                                 drop_path_rate=0.0)
-  fields = {"config": config.encoder if is_mae else config}
+  config = students.architecture_of(metadata, dtype="float32", attention_impl=None, remat="none", drop_path_rate=0.0)
+  is_mae = isinstance(config, mae.MAEConfig)
+  fields = {"config": mae.trunk_config(config)}
   if kind == "pretraining":
     constructor = lambda: mae.student_model(config, rngs=nnx.Rngs(0))
   elif kind == "fine-tuning":
@@ -105,7 +102,7 @@ def load_run(workdir, step=None) -> Trained:
   params, _, _ = checkpoint.restore_params(step_dir, step, target)
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
   if is_mae:  # the encoder is the student's trunk; the decoder and its head stay behind (docs/METHOD.md §9)
-    params = {name: value for name, value in params.items() if name in _MAE_ENCODER}
+    params = {name: value for name, value in params.items() if name in mae.ENCODER_PARAMS}
   return Trained(kind=kind, params=params, step_dir=str(step_dir), run_config=run_config, **fields)
 
 

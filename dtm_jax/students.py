@@ -92,20 +92,21 @@ def restore_student(pretrained: ml_collections.ConfigDict, mesh: Mesh, *, min_fs
     raise errors.ConfigError(
         f"{pretrained.workdir} is a {kind} run (its checkpoint {step_dir}); --config.pretrained.workdir wants a "
         "pretraining run's workdir (or a converted checkpoint).")
-  is_mae = mae.is_mae_model_config(metadata.get("model_config", {}))
-  architecture = checkpoint.model_config_from_metadata(metadata, mae.MAEConfig if is_mae else vit.ViTConfig,
-                                                       **overrides)
+  architecture = architecture_of(metadata, **overrides)
+  is_mae = isinstance(architecture, mae.MAEConfig)
   model, abstract = functional.abstract_split(lambda: mae.student_model(architecture, rngs=nnx.Rngs(0)))
   shardings = sharding.param_shardings(abstract, mesh, min_fsdp_size)
   target = sharding.with_shardings(abstract, shardings)
   params, _, step = checkpoint.restore_params(step_dir, step, target)
   logging.info("Evaluating the %s student of %s (step %d).", "MAE-style" if is_mae else "BEiT-style", step_dir, step)
-  return Student(config=_trunk_config(architecture), model=model, params=params, checkpoint=str(step_dir), step=step,
+  return Student(config=mae.trunk_config(architecture), model=model, params=params, checkpoint=str(step_dir), step=step,
                  architecture=architecture)
 
 
-def _trunk_config(architecture: vit.ViTConfig) -> vit.ViTConfig:
-  return architecture.encoder if isinstance(architecture, mae.MAEConfig) else architecture
+def architecture_of(metadata: dict, **overrides) -> vit.ViTConfig:
+  """The student a pretraining checkpoint's metadata records: `mae.MAEConfig` or `vit.ViTConfig`."""
+  is_mae = mae.is_mae_model_config(metadata.get("model_config", {}))
+  return checkpoint.model_config_from_metadata(metadata, mae.MAEConfig if is_mae else vit.ViTConfig, **overrides)
 
 
 def initial_student(config: vit.ViTConfig, mesh: Mesh, *, seed: int, min_fsdp_size: int = 2 ** 18) -> Student:
@@ -114,7 +115,7 @@ def initial_student(config: vit.ViTConfig, mesh: Mesh, *, seed: int, min_fsdp_si
   model, abstract = functional.abstract_split(lambda: mae.student_model(config, rngs=nnx.Rngs(0)))
   _, host_params = functional.split_module(mae.student_model(config, rngs=nnx.Rngs(seed)))
   params = sharding.put_global(host_params, sharding.param_shardings(abstract, mesh, min_fsdp_size))
-  return Student(config=_trunk_config(config), model=model, params=params,
+  return Student(config=mae.trunk_config(config), model=model, params=params,
                  checkpoint=f"initialisation (seed {seed})", step=0, architecture=config)
 
 
@@ -131,9 +132,7 @@ def student_config_of(config: ml_collections.ConfigDict) -> vit.ViTConfig:
   model overrides: what `--mode=compile` builds (runs read the architecture from the checkpoint), and the trunk of
   a from-scratch segmentation baseline. An MAE-style pretraining model block (`kind="mae"`) names its encoder."""
   fields = {**dict(config.pretrained.get("architecture") or {"variant": "base"}), **dict(config.get("model", {}))}
-  if fields.pop("kind", "beit") == "mae":  # a pretraining config's model block: its encoder is the trunk
-    return mae.config_from_fields(fields).encoder
-  return vit.config_from_fields(fields)
+  return mae.trunk_config(mae.student_config_from_fields(fields))
 
 
 def _restore_converted(pretrained, mesh, min_fsdp_size, overrides) -> Student:

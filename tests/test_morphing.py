@@ -351,7 +351,8 @@ def test_schedule_draw_does_not_depend_on_the_device_count():
   for devices in (1, 8):
     mesh = sharding.make_mesh(devices, 1, devices=jax.devices()[:devices])
     spread = NamedSharding(mesh, P(None, mesh.axis_names))
-    drawn[devices] = jax.device_get(jax.jit(draw, out_shardings=(spread, spread))(key))
-    assert jax.jit(draw, out_shardings=(spread, spread))(key)[0].sharding.num_devices == devices
+    merge, iters = jax.jit(draw, out_shardings=(spread, spread))(key)
+    assert merge.sharding.num_devices == iters.sharding.num_devices == devices
+    drawn[devices] = jax.device_get((merge, iters))
   for one, eight in zip(drawn[1], drawn[8]):
     np.testing.assert_array_equal(one, eight)

@@ -65,6 +65,7 @@ class MAEConfig(vit.ViTConfig):
     return vit.ViTConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(vit.ViTConfig)})
 
 
+ENCODER_PARAMS = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")  # named as `vit.PretrainViT`'s trunk
 DECODER_FIELDS = ("mask_ratio", "decoder_width", "decoder_depth", "decoder_num_heads")
 
 
@@ -173,6 +174,18 @@ class MAEStudent(vit.ViTTrunk):
   def __call__(self, images, ids_keep, ids_restore, dropout_rng=None):
     """Predictions [B, N, out_dim] at every patch from the visible patches `ids_keep` (see `random_masking`)."""
     return self.decode(self.encode_visible(images, ids_keep, dropout_rng), ids_restore)
+
+
+def student_config_from_fields(fields: dict) -> vit.ViTConfig:
+  """The pretraining student a config's model block describes: an `MAEConfig` for `kind="mae"`, else the BEiT-style
+  `vit.ViTConfig` (`kind` defaults to "beit")."""
+  fields = dict(fields)
+  return config_from_fields(fields) if fields.pop("kind", "beit") == "mae" else vit.config_from_fields(fields)
+
+
+def trunk_config(config: vit.ViTConfig) -> vit.ViTConfig:
+  """The trunk evaluations use: an MAE-style student's encoder, or the BEiT-style student itself."""
+  return config.encoder if isinstance(config, MAEConfig) else config
 
 
 def is_mae_model_config(model_config: dict) -> bool:

@@ -48,9 +48,7 @@ MASKING_STREAM = 2  # the step key's fold-in that draws the MAE-style masks (ind
 # ----------------------------------------------------------------------------------------------------------------
 def student_config(config: ml_collections.ConfigDict) -> vit.ViTConfig:
   """The student a pretraining config describes (`config.model`): a `mae.MAEConfig` when `model.kind="mae"`."""
-  fields = config.model.to_dict()
-  kind = fields.pop("kind", "beit")
-  return mae.config_from_fields(fields) if kind == "mae" else vit.config_from_fields(fields)
+  return mae.student_config_from_fields(config.model.to_dict())
 
 
 def num_patches(config: ml_collections.ConfigDict) -> int:
@@ -74,11 +72,6 @@ def total_and_warmup_steps(config: ml_collections.ConfigDict) -> tuple[int, int]
 # ----------------------------------------------------------------------------------------------------------------
 # The step.
 # ----------------------------------------------------------------------------------------------------------------
-def schedule_group_size(configured: int, batch_size: int) -> int:
-  """Images per morphing-schedule draw: `config.dtm.schedule_group_size`, where -1 means the whole global batch."""
-  return batch_size if configured == -1 else configured
-
-
 def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets.Target,
                         config: ml_collections.ConfigDict, tokens: int, mesh=None):
   """(params, target_params, batch, step) → (loss, mean number of groups, gradients) for one global batch.
@@ -91,8 +84,10 @@ def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets
   dtm = config.dtm
   accum = config.grad_accum_steps
   max_merge = tokens if dtm.max_merge < 0 else dtm.max_merge
-  is_mae = config.model.get("kind", "beit") == "mae"
-  num_visible = student_config(config).num_visible if is_mae else None
+  model_cfg = student_config(config)
+  is_mae = isinstance(model_cfg, mae.MAEConfig)
+  num_visible = model_cfg.num_visible if is_mae else None
+  group_size = None if dtm.schedule_group_size == -1 else dtm.schedule_group_size  # None: the whole global batch
   masked_only = dtm.get("loss_positions", "all") == "masked"
 
   def morphed_loss(pred, target_tokens, mask, num_merge, num_iters):
@@ -138,7 +133,7 @@ def make_loss_and_grads(*, student: functional.FunctionalModule, target: targets
     else:
       num_merge, num_iters = morphing.sample_schedules(
           schedule_rng, images.shape[0], num_schedules=dtm.num_schedules, max_merge=max_merge,
-          max_iters=dtm.max_iters, group_size=schedule_group_size(dtm.schedule_group_size, images.shape[0]))
+          max_iters=dtm.max_iters, group_size=group_size)
     if accum == 1:
       (loss, groups), grads = grad_fn(params, target_params, images, masking, num_merge, num_iters, dropout_rng)
       return loss, groups, grads
