@@ -7,12 +7,12 @@ kNN as configs/knn_demo.py (bank = the first 20,000 train images, queries = the 
 the linear probe trains on the bank's features and is scored on the test images' features. The untrained student
 (the demo's architecture initialised with the pretraining run's seed) is computed on every run, not cached.
 Expected result for the step-500 checkpoint of `make demo` (2026-12-07, Python 3.11.7, jax/jaxlib 0.10.2, flax
-0.12.8, numpy 2.4.6, 2 cores of an AMD EPYC VM; the code before the restructuring of 2026-12-07 prints the same
-table there):
+0.12.8, numpy 2.4.6, 2 cores of an AMD EPYC VM; code with the exact evaluation crop, input_pipeline.transforms
+.center_crop):
   features                 kNN top-1   linear probe top-1
-  pretrained student           58.3%                71.0%
-  untrained student            53.7%                50.1%
-  raw pixels                   82.0%                78.0%
+  pretrained student           58.9%                71.5%
+  untrained student            54.0%                50.0%
+  raw pixels                   82.0%                79.3%
 Pretraining buys +21 points of probe accuracy and +5 of kNN over the same student untrained; raw pixels still beat
 this 500-step student on both. How the probe's recipe was chosen, and earlier figures: docs/RESULTS.md.
 """

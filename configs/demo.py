@@ -9,16 +9,17 @@ no-download target of the study in docs/RESULTS.md (linear probe 68.7% vs 56.6% 
 The semantic teacher of tools/train_teacher.py makes better students with this same recipe (kNN 71.7%, probe 74.1%
 over 3 seeds, docs/RESULTS.md) but must be trained first (15 min on 2 cores), which a 5-minute first command cannot
 afford.
-Expected result (2026-12-07, Python 3.11.7, jax/jaxlib 0.10.2, flax 0.12.8, numpy 2.4.6, 2 cores of an AMD
-EPYC VM): 500 steps, then `--mode=compare` (configs/compare_demo.py)
+Expected result (2026-12-07, code with the exact evaluation crop, Python 3.11.7, jax/jaxlib 0.10.2, flax 0.12.8,
+numpy 2.4.6, 2 cores of an AMD EPYC VM): 500 steps, then `--mode=compare` (configs/compare_demo.py)
 prints what pretraining bought on the 10,000 test images (kNN bank and probe training set: 20,000 train images;
 the untrained student is computed on each run):
   features                 kNN top-1   linear probe top-1
-  pretrained student           58.3%                71.0%
-  untrained student            53.7%                50.1%
-  raw pixels                   82.0%                78.0%
+  pretrained student           58.9%                71.5%
+  untrained student            54.0%                50.0%
+  raw pixels                   82.0%                79.3%
 i.e. +21 points of probe accuracy (+5 kNN) over the same student untrained; raw pixels remain ahead of this short
-run. `make demo` took 3m38s with an existing .venv. The figures depend on the jax/XLA build (float summation
+run. `make demo` took 3m18s with an existing .venv (code of 2026-12-07 with the exact evaluation
+crop). The figures depend on the jax/XLA build (float summation
 orders): earlier measurements are listed in docs/RESULTS.md ("The demo's figures over time").
 Evaluate further: `python main.py --mode=linear_probe --config=configs/linear_probe_demo.py --workdir=workdirs/demo/probe
 --config.pretrained.workdir=workdirs/demo` (and configs/finetune_demo.py with --mode=finetune).

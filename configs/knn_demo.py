@@ -5,8 +5,8 @@ Command (after `make demo`, which pretrains into workdirs/demo):
   python main.py --mode=knn --config=configs/knn_demo.py --workdir=workdirs/demo/knn \
       --config.pretrained.workdir=workdirs/demo
 Expected result (2026-12-07, Python 3.11.7, jax/jaxlib 0.10.2, flax 0.12.8, numpy 2.4.6, 2 cores of an AMD
-EPYC VM): top-1 58.3%, top-5 94.4% on the 10,000 test images for the step-500
-checkpoint of `make demo` (the student at initialisation gives 53.7%, raw pixels 82.0% with this bank:
+EPYC VM; code with the exact evaluation crop): top-1 58.9%, top-5 94.7% on the 10,000 test images for the step-500
+checkpoint of `make demo` (the student at initialisation gives 54.0%, raw pixels 82.0% with this bank:
 configs/compare_demo.py). Earlier measurements: docs/RESULTS.md ("The demo's figures over time").
 """
 import ml_collections

@@ -189,7 +189,7 @@ def hf_weights(timm: dict, trained: Trained) -> dict:
 
 def _image_settings(trained: Trained):
   """(mean, std, resize side, crop side) of the run's evaluation view: shorter side to size / crop_pct, centre
-  crop (input_pipeline's `_eval_view`); a segmentation run resizes to its crop size."""
+  crop (input_pipeline.transforms.center_crop); a segmentation run resizes to its crop size."""
   inputs = trained.run_config.get("input", {})
   mean, std = tuple(inputs.get("mean", _IMAGENET_MEAN)), tuple(inputs.get("std", _IMAGENET_STD))
   size = trained.config.image_size
@@ -229,8 +229,11 @@ def hf_files(trained: Trained, heads: dict, timm: dict) -> dict:
   if trained.kind == "segmentation":  # BeitBackbone's stages: 0 is the embedding, i + 1 the output of block i
     config.update(out_indices=[i + 1 for i in trained.out_indices], add_fpn=False, reshape_hidden_states=True)
   mean, std, resize, crop = _image_settings(trained)
+  # Pipeline's evaluation view: the shorter side to `resize`, keeping the aspect ratio (torchvision's Resize(int));
+  # a segmentation run's images go to the crop size whole.
+  size = {"height": resize, "width": resize} if trained.kind == "segmentation" else {"shortest_edge": resize}
   processor = dict(image_processor_type="BeitImageProcessor", do_resize=True,
-                   size={"height": resize, "width": resize}, resample=3, do_center_crop=resize != crop,
+                   size=size, resample=3, do_center_crop=resize != crop,
                    crop_size={"height": crop, "width": crop}, do_rescale=True, rescale_factor=1 / 255,
                    do_normalize=True, image_mean=list(mean), image_std=list(std), do_reduce_labels=False)
   files = {"config.json": _json(config), "preprocessor_config.json": _json(processor),

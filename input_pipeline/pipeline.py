@@ -188,13 +188,11 @@ def _no_autograph(fn):
 
 
 def _eval_view(input_cfg, image_size):
-  """image -> the uint8 evaluation crop (shorter side to size / crop_pct, centre), normalised on the device."""
+  """image -> the uint8 evaluation crop (shorter side to size / crop_pct, centre crop), normalised on the device."""
   pixels = _uint8_pixels()
 
   def view(image):
-    image = transforms.decode_and_crop(image, functools.partial(
-        transforms.center_crop_window, size=image_size, crop_pct=input_cfg.crop_pct))
-    return pixels(transforms.resize(image, image_size, input_cfg.resize_antialias))
+    return pixels(transforms.center_crop(image, image_size, input_cfg.crop_pct, input_cfg.resize_antialias))
   return view
 
 

@@ -6,6 +6,8 @@ Images are float32 RGB in [0, 255] until `to_uint8`; the devices normalise them 
 
 The crop is chosen from the stored image's size *before* decoding, so JPEGs are decoded only
 inside the crop window (`decode_and_crop_jpeg`); other formats are decoded, then cropped.
+Training crops are whole pixels (as torchvision's RandomResizedCrop); the evaluation crop is the
+resize-then-centre-crop's exact sub-pixel window (`center_crop`).
 """
 import math
 
@@ -37,31 +39,30 @@ def decode_and_crop(image, window_fn):
   Returns:
     uint8 [crop_h, crop_w, 3].
   """
+  return _decode_and_crop(image, window_fn)[0]
+
+
+def _decode_and_crop(image, window_fn):
+  """decode_and_crop's crop, and the whole image's int32 [height, width]."""
   if image.dtype != tf.string:
     return _crop(image, window_fn)
 
   def jpeg():
     shape = tf.image.extract_jpeg_shape(image)
-    return tf.image.decode_and_crop_jpeg(image, window_fn(shape[0], shape[1]), channels=3)
+    return tf.image.decode_and_crop_jpeg(image, window_fn(shape[0], shape[1]), channels=3), shape[:2]
 
   def other_format():
-    decoded = tf.io.decode_image(image, channels=3, expand_animations=False)
-    return _crop(decoded, window_fn)
+    return _crop(tf.io.decode_image(image, channels=3, expand_animations=False), window_fn)
 
-  cropped = tf.cond(tf.io.is_jpeg(image), jpeg, other_format)
+  cropped, shape = tf.cond(tf.io.is_jpeg(image), jpeg, other_format)
   cropped.set_shape([None, None, 3])
-  return cropped
-
-
-def whole_image_window(height, width):
-  """The window of the whole image (decode without cropping)."""
-  return tf.stack([0, 0, height, width])
+  return cropped, shape
 
 
 def _crop(image, window_fn):
-  shape = tf.shape(image)
+  shape = tf.shape(image)[:2]
   top, left, height, width = tf.unstack(window_fn(shape[0], shape[1]))
-  return image[top:top + height, left:left + width]
+  return image[top:top + height, left:left + width], shape
 
 
 def random_resized_crop_window(rng, height, width, scale_min):
@@ -98,18 +99,41 @@ def _uniform_int(rng, high):
   return tf.minimum(tf.floor(tf.random.stateless_uniform([], rng) * (high + 1)), high)
 
 
-def center_crop_window(height, width, size, crop_pct):
-  """The region that "resize shorter side to size / crop_pct, centre crop size" keeps.
+def center_crop(image, size, crop_pct, antialias):
+  """The released evaluation transform, exactly: torchvision's Resize(floor(size / crop_pct), bicubic), then
+  CenterCrop(size); float32 [size, size, 3] in [0, 255].
 
-  Cropping this window and resizing it to size x size equals resize-then-crop up to
-  resampling at the borders, and decodes far fewer JPEG pixels.
+  The crop keeps a window of the image that is rarely a whole number of pixels (24.5 of a 28-px image at 28 px and
+  crop_pct 0.875), so the resize-then-crop is one resampling with that scale and a sub-pixel offset (TF's
+  ScaleAndTranslate: the Keys cubic kernel as PIL's bicubic, widened when shrinking with `antialias` as PIL always
+  does, weights renormalised at the image's edges as PIL's). Only the window plus the kernel's reach is decoded.
   """
+  def window(height, width):
+    return _center_crop_geometry(height, width, size, crop_pct, antialias)[0]
+
+  cropped, shape = _decode_and_crop(image, window)
+  _, scale, translation = _center_crop_geometry(shape[0], shape[1], size, crop_pct, antialias)
+  resampled = tf.raw_ops.ScaleAndTranslate(
+      images=cropped[None], size=[size, size], scale=scale, translation=translation, kernel_type="keyscubic",
+      antialias=antialias)[0]
+  return tf.clip_by_value(resampled, 0.0, 255.0)
+
+
+def _center_crop_geometry(height, width, size, crop_pct, antialias):
+  """center_crop's source window (int32 [top, left, crop_h, crop_w]: the crop plus the kernel's reach, within the
+  image) and the scale and translation (float32 [2] each, y then x) that map the window onto the output."""
   resize_to = math.floor(size / crop_pct)
-  short = tf.cast(tf.minimum(height, width), tf.float32)
-  side = tf.minimum(tf.round(short * size / resize_to), short)
-  top = tf.round((tf.cast(height, tf.float32) - side) / 2)
-  left = tf.round((tf.cast(width, tf.float32) - side) / 2)
-  return tf.cast(tf.stack([top, left, side, side]), tf.int32)
+  hw = tf.cast(tf.stack([height, width]), tf.float32)
+  short = tf.reduce_min(hw)
+  # torchvision's Resize(int): the shorter side to resize_to, the longer to int(resize_to * long / short).
+  resized = tf.where(hw == short, float(resize_to), tf.floor(resize_to * hw / short))
+  scale = resized / hw
+  offset = tf.round((resized - size) / 2)  # CenterCrop's int(round((new - size) / 2)), in resized pixels
+  reach = 2.0 * (tf.maximum(1.0, 1.0 / scale) if antialias else 1.0) + 1.0  # cubic support, +1 for rounding
+  start = tf.maximum(0.0, tf.floor(offset / scale - reach))
+  stop = tf.minimum(hw, tf.math.ceil((offset + size) / scale + reach))
+  window = tf.cast(tf.concat([start, stop - start], 0), tf.int32)
+  return window, scale, start * scale - offset
 
 
 def resize(image, size, antialias):

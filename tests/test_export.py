@@ -16,13 +16,16 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import pytest
+import tensorflow as tf
 from flax import nnx
 from flax.nnx import traversals
 
 from dtm_jax import export
 from dtm_jax.models import convert, functional, mae, segmentation, vit
 from dtm_jax.runtime import checkpoint
+from input_pipeline import transforms
 
 # pylint: disable=redefined-outer-name
 LAYOUTS = {"shared+block": {}, "block": dict(shared_rel_pos_bias=False),
@@ -189,6 +192,15 @@ def test_hf_classifier_computes_our_logits(tmp_path, pooling, torch, transformer
   pixels = processor(image, return_tensors="np")["pixel_values"][0]
   want = (image[2:18, 2:18] / 255.0 - np.array(INPUT["mean"])) / np.array(INPUT["std"])
   np.testing.assert_allclose(pixels.transpose(1, 2, 0), want, atol=1e-5)
+  # A photo-like image that is not square: the shorter side goes to 20 and the longer keeps the aspect ratio, as in
+  # our pipeline (input_pipeline.transforms.center_crop), up to PIL's rounding to 8 bits.
+  coarse = np.random.default_rng(1).integers(0, 256, (4, 5, 3), dtype=np.uint8)
+  photo = np.asarray(PIL.Image.fromarray(coarse).resize((45, 31), PIL.Image.BICUBIC))
+  levels = processor(photo, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+  levels = (levels * np.array(INPUT["std"]) + np.array(INPUT["mean"])) * 255.0
+  ours = transforms.center_crop(tf.constant(photo), 16, INPUT["crop_pct"], antialias=True).numpy()
+  error = np.abs(levels - ours)
+  assert error.max() <= 1.5 and error.mean() < 0.4, (error.max(), error.mean())
 
 
 @pytest.mark.torch
