@@ -30,6 +30,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+import gcs_emulator  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -58,6 +59,20 @@ def ref(torch, transformers):
   del torch, transformers  # imported (or skipped) first
   from tests import torch_reference  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   return torch_reference
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  """A GCS emulator on 127.0.0.1 with every client pointed at it (tests/gcs_emulator.py), for tests marked `gcs`."""
+  emulator = gcs_emulator.Emulator().start()
+  previous = gcs_emulator.set_env(emulator.env)
+  undo = gcs_emulator.use_fsspec_for_gs()
+  try:
+    yield emulator
+  finally:
+    undo()
+    gcs_emulator.restore_env(previous)
+    emulator.stop()
 
 
 @pytest.fixture(scope="session")

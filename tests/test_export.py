@@ -13,12 +13,14 @@ import subprocess
 import sys
 import textwrap
 
+import gcs_emulator
 import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
 import tensorflow as tf
+from etils import epath
 from flax import nnx
 from flax.nnx import traversals
 
@@ -367,3 +369,22 @@ def test_unfinished_step_is_refused(tmp_path, capsys):
   assert "No complete checkpoint" in _cli(capsys, f"--workdir={tmp_path / 'run'}", "--format=timm",
                                           f"--output={tmp_path / 'out'}")
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gcs
+@pytest.mark.torch
+def test_a_run_in_a_bucket_exports_into_a_bucket(gcs, tmp_path, torch, transformers):
+  del gcs  # the emulator, with every client pointed at it
+  bucket = epath.Path(f"gs://{gcs_emulator.BUCKET}/export_test")
+  model, _ = pretraining_run(bucket / "run", _config())
+  out = export.export(bucket / "run", "hf", bucket / "hf")
+  assert sorted(p.name for p in bucket.iterdir()) == ["hf", "run"]  # no temporary sibling left
+  local = tmp_path / "hf"
+  local.mkdir()
+  for f in out.iterdir():
+    (local / f.name).write_bytes(f.read_bytes())
+  hf = _from_pretrained(transformers.BeitModel, local)
+  x = _images()
+  with torch.no_grad():
+    features = hf(_nchw(torch, x)).last_hidden_state.numpy()
+  _close(features, model.encode(jnp.asarray(x)))
