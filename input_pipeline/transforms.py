@@ -59,6 +59,11 @@ def _decode_and_crop(image, window_fn):
   return cropped, shape
 
 
+def whole_image_window(height, width):
+  """The window of the whole image (decode without cropping)."""
+  return tf.stack([0, 0, height, width])
+
+
 def _crop(image, window_fn):
   shape = tf.shape(image)[:2]
   top, left, height, width = tf.unstack(window_fn(shape[0], shape[1]))
