@@ -60,6 +60,21 @@ def ref(torch, transformers):
   return torch_reference
 
 
+@pytest.fixture(scope="module")
+def gcs():
+  """A GCS emulator on 127.0.0.1 for one module's tests, with every client pointed at it (tests/gcs_emulator.py)."""
+  import gcs_emulator  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  emulator = gcs_emulator.Emulator().start()
+  previous = gcs_emulator.set_env(emulator.env)
+  undo = gcs_emulator.use_fsspec_for_gs()
+  try:
+    yield emulator
+  finally:
+    undo()
+    gcs_emulator.restore_env(previous)
+    emulator.stop()
+
+
 @pytest.fixture(scope="session")
 def mesh():
   """The (data=4, fsdp=2) mesh over the 8 fake CPU devices."""

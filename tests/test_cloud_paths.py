@@ -26,19 +26,6 @@ pytestmark = pytest.mark.gcs
 BUCKET = gcs_emulator.BUCKET
 
 
-@pytest.fixture(scope="module")
-def gcs():
-  emulator = gcs_emulator.Emulator().start()
-  previous = gcs_emulator.set_env(emulator.env)
-  undo = gcs_emulator.use_fsspec_for_gs()
-  try:
-    yield emulator
-  finally:
-    undo()
-    gcs_emulator.restore_env(previous)
-    emulator.stop()
-
-
 def _teacher():
   """The random CLIP tower configs/test_tiny.py's target describes, as a converted checkpoint."""
   cfg = config_common.pretrain_config().target
