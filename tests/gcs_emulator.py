@@ -4,7 +4,7 @@ Clients of the project's `gs://` paths and how they reach the emulator:
   * TensorStore (Orbax's array data): `TENSORSTORE_GCS_HTTP_URL` (its GCS endpoint) and
     `GOOGLE_AUTH_TOKEN_FOR_TESTING` (a fixed bearer token instead of Google credentials).
   * etils.epath (every other file: Orbax's metadata and commit markers, config.json, metrics.jsonl, TensorBoard
-    events, lock.json, converted-checkpoint JSON, iterator states): through its fsspec backend, i.e. gcsfs, which
+    events, converted-checkpoint JSON, iterator states): through its fsspec backend, i.e. gcsfs, which
     honours `STORAGE_EMULATOR_HOST`. When TensorFlow is installed epath sends `gs://` to tf.io.gfile instead, and
     TensorFlow's GCS filesystem cannot be pointed at an emulator (its endpoints, https://www.googleapis.com/storage/v1/
     and .../upload/storage/v1/, are compiled in; no variable overrides them), so these tests select epath's fsspec
