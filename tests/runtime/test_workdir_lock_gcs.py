@@ -141,6 +141,23 @@ def test_a_run_whose_gcs_lock_is_replaced_stops_naming_the_other_holder(gcs):
   workdir_lock.raise_if_taken_over()
 
 
+def test_our_gcs_record_at_a_generation_we_did_not_see_is_still_ours(gcs):
+  """A write of ours whose answer was lost (the client's retry then fails its precondition) leaves our record at a
+  generation this run never saw: the heartbeat's write fails, the record still names this run, and it carries on."""
+  del gcs
+  lock = workdir_lock.WorkdirLock(f"gs://{BUCKET}/retried", heartbeat_s=0.05).acquire()
+  try:
+    blob = _blob("retried/lock.json")
+    ours = blob.download_as_bytes()
+    blob.upload_from_string(ours)  # the same record, a new generation
+    time.sleep(0.5)
+    workdir_lock.raise_if_taken_over()
+    assert json.loads(_blob("retried/lock.json").download_as_bytes())["heartbeat"] > json.loads(ours)["heartbeat"]
+  finally:
+    lock.release()
+  assert not epath.Path(f"gs://{BUCKET}/retried/{workdir_lock.LOCK_FILE}").exists()
+
+
 def test_release_deletes_only_our_own_gcs_record(gcs):
   del gcs
   workdir = f"gs://{BUCKET}/released"
