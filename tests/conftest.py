@@ -63,7 +63,7 @@ def ref(torch, transformers):
 
 @pytest.fixture(scope="module")
 def gcs():
-  """A GCS emulator on 127.0.0.1 with every client pointed at it (tests/gcs_emulator.py), for tests marked `gcs`."""
+  """A GCS emulator on 127.0.0.1 for one module's tests, with every client pointed at it (tests/gcs_emulator.py)."""
   emulator = gcs_emulator.Emulator().start()
   previous = gcs_emulator.set_env(emulator.env)
   undo = gcs_emulator.use_fsspec_for_gs()

@@ -4,20 +4,33 @@ Clients of the project's `gs://` paths and how they reach the emulator:
   * TensorStore (Orbax's array data): `TENSORSTORE_GCS_HTTP_URL` (its GCS endpoint) and
     `GOOGLE_AUTH_TOKEN_FOR_TESTING` (a fixed bearer token instead of Google credentials).
   * etils.epath (every other file: Orbax's metadata and commit markers, config.json, metrics.jsonl, TensorBoard
-    events, lock.json, converted-checkpoint JSON, iterator states): through its fsspec backend, i.e. gcsfs, which
+    events, converted-checkpoint JSON, iterator states): through its fsspec backend, i.e. gcsfs, which
     honours `STORAGE_EMULATOR_HOST`. When TensorFlow is installed epath sends `gs://` to tf.io.gfile instead, and
     TensorFlow's GCS filesystem cannot be pointed at an emulator (its endpoints, https://www.googleapis.com/storage/v1/
     and .../upload/storage/v1/, are compiled in; no variable overrides them), so these tests select epath's fsspec
     backend (`use_fsspec_for_gs`, and `LAUNCHER` for subprocesses); epath's tf.io.gfile backend is covered with a
     fake gfile (tests/test_cloud_paths.py).
+  * google-cloud-storage (the workdir lock's lock.json on gs://): `STORAGE_EMULATOR_HOST`, anonymously.
   * `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`: gcsfs ≥ 2026 otherwise asks the storage-control gRPC API about each
     bucket (60 s timeouts against an emulator).
+
+The emulator (gcp-storage-emulator 2026.7.19) lacks three things GCS does, which `_complete_the_emulator` adds:
+objects.move, the generation headers of downloads, and request preconditions. The last follows GCS's documented
+semantics (https://cloud.google.com/storage/docs/request-preconditions): `ifGenerationMatch=G` on an upload, a delete
+or a read holds only if the object's live generation is G, and G = 0 means "no live object"; `ifGenerationNotMatch=G`
+holds only if it is not G. An upload or delete whose precondition fails changes nothing and is answered 412; so is a
+read of an existing object (a failed ifGenerationNotMatch on a read is 304, as GCS answers it); a read or delete of an
+absent object stays 404. The check and the write run under one lock (the emulator's HTTP server answers one request
+at a time today; the lock keeps check-and-write atomic should it ever answer several at once). Metageneration
+preconditions are not implemented.
 """
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import threading
+from http import HTTPStatus
 
 BUCKET = "dtm-test-bucket"
 
@@ -44,10 +57,62 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+_precondition_lock = threading.RLock()  # reentrant: a handler may call another wrapped handler (get → download)
+
+
+def _object_name(request, storage):
+  """The object a request reads or writes: in the path, in the query (uploads), in the metadata of a multipart
+  upload, or in a resumable upload's session."""
+  if "upload_id" in request.query:
+    return storage.get_resumable_file_obj(request.query["upload_id"][0])["name"]
+  if request.params and "object_id" in request.params:
+    return request.params["object_id"]
+  if "name" in request.query:
+    return request.query["name"][0]
+  data = request.data if isinstance(request.data, dict) else {}
+  return data.get("meta", data).get("name")
+
+
+def _precondition_failure(request, storage, kind: str):
+  """The status GCS answers when the generation precondition of a request of `kind` ("upload", "read", "delete")
+  fails, or None when it holds (or there is none)."""
+  match, not_match = (request.query.get(k, [None])[0] for k in ("ifGenerationMatch", "ifGenerationNotMatch"))
+  if match is None and not_match is None:
+    return None
+  from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=g-import-not-at-top
+  try:
+    generation = int(storage.get_file_obj(request.params["bucket_name"], _object_name(request, storage))["generation"])
+  except NotFound:
+    if kind != "upload":
+      return None  # reads and deletes of an absent object: the handler's 404
+    generation = 0
+  if match is not None and int(match) != generation:
+    return HTTPStatus.PRECONDITION_FAILED
+  if not_match is not None and int(not_match) == generation:
+    return HTTPStatus.NOT_MODIFIED if kind == "read" else HTTPStatus.PRECONDITION_FAILED
+  return None
+
+
+def _honouring_preconditions(handler, kind: str):
+  """`handler` that first checks the request's generation preconditions, under the lock that also holds its write."""
+
+  def conditional(request, response, storage, *args, **kwargs):
+    with _precondition_lock:
+      failure = _precondition_failure(request, storage, kind)
+      if failure is None:
+        return handler(request, response, storage, *args, **kwargs)
+      response.status = failure
+      if failure == HTTPStatus.PRECONDITION_FAILED:
+        message = "At least one of the pre-conditions you specified did not hold."
+        response.json({"error": {"code": 412, "message": message, "errors": [
+            {"domain": "global", "reason": "conditionNotMet", "message": message}]}})
+  return conditional
+
+
 def _complete_the_emulator() -> None:
-  """Two things GCS does that the emulator lacks: objects.move (`POST …/o/SRC/moveTo/o/DST`, which gcsfs tries
-  first for renames, retrying for ~30 s before copying), served as a copy and a delete; and the generation headers of
-  downloads (below)."""
+  """Three things GCS does that the emulator lacks: objects.move (`POST …/o/SRC/moveTo/o/DST`, which gcsfs tries
+  first for renames, retrying for ~30 s before copying), served as a copy and a delete; the generation headers of
+  downloads (below); and generation preconditions on uploads, reads and deletes (the module docstring)."""
   from gcp_storage_emulator import server  # pylint: disable=g-import-not-at-top
   from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
   if getattr(server, "_dtm_move_to", False):
@@ -78,11 +143,17 @@ def _complete_the_emulator() -> None:
       response["x-goog-generation"] = str(obj["generation"])
       response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
 
-  objects.download = download_with_generation  # objects.get calls it by name
-  routes = tuple((rf"^{prefix}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/(?P<dest_object_id>.*[^/]+)$",
-                  {"POST": move}) for prefix in (server.settings.API_ENDPOINT, ""))
-  handlers = tuple((regex, {method: download_with_generation if handler is download else handler
-                            for method, handler in by_method.items()}) for regex, by_method in server.HANDLERS)
+  # Handlers the emulator's code also calls by name (objects.get → download, insert → upload_partial, the router's
+  # uploads without /upload → insert) are replaced in the module too.
+  replaced = {download: _honouring_preconditions(download_with_generation, "read")}
+  for name, kind in (("get", "read"), ("delete", "delete"), ("insert", "upload"), ("upload_partial", "upload")):
+    replaced[getattr(objects, name)] = _honouring_preconditions(getattr(objects, name), kind)
+  for name in ("download", "get", "delete", "insert", "upload_partial"):
+    setattr(objects, name, replaced[getattr(objects, name)])
+  move_to = r"/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/(?P<dest_object_id>.*[^/]+)$"
+  routes = tuple((rf"^{prefix}{move_to}", {"POST": move}) for prefix in (server.settings.API_ENDPOINT, ""))
+  handlers = tuple((regex, {method: replaced.get(handler, handler) for method, handler in by_method.items()})
+                   for regex, by_method in server.HANDLERS)
   server.HANDLERS = routes + handlers
   server._dtm_move_to = True  # pylint: disable=protected-access
 

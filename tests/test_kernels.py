@@ -73,7 +73,8 @@ def test_kernel_morphing_sharded_over_devices_and_vmapped():
 
   mesh = jax.make_mesh((8,), ("data",))
   sharded = jax.jit(lambda t, m, k: morphing.morph_schedules(t, m, k, implementation="cpu_kernel"))(
-      jax.device_put(tokens, NamedSharding(mesh, P("data"))), jax.device_put(num_merge, NamedSharding(mesh, P(None, "data"))),
+      jax.device_put(tokens, NamedSharding(mesh, P("data"))),
+      jax.device_put(num_merge, NamedSharding(mesh, P(None, "data"))),
       jax.device_put(num_iters, NamedSharding(mesh, P(None, "data"))))
   np.testing.assert_array_equal(sharded, expected)
 

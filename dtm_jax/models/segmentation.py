@@ -4,8 +4,8 @@ BEiT's segmentation backbone is the fine-tuning trunk (same parameter paths as `
 decay and `init_segmenter_from_pretrained` apply unchanged) whose patch tokens after four blocks become a feature
 pyramid at ×4, ×2, ×1 and ×½ the token grid (1/4, 1/8, 1/16 and 1/32 of the image for 16-pixel patches; the
 Fashion-MNIST demo's 4-pixel patches give 1/1 … 1/8): two ×2 transposed convolutions (with BatchNorm and GELU
-between), one, none, and a 2×2 max-pool. mmseg's UPerHead (pyramid pooling on the coarsest level, FPN top-down path, fusion at
-1/4) predicts the classes; an FCN head on the third level adds an auxiliary loss during training.
+between), one, none, and a 2×2 max-pool. mmseg's UPerHead (pyramid pooling on the coarsest level, FPN top-down path,
+fusion at 1/4) predicts the classes; an FCN head on the third level adds an auxiliary loss during training.
 
 BatchNorm is mmseg's SyncBN: in training mode it normalises with the statistics of the whole batch the program sees
 (a jitted step over a sharded global batch computes exactly that) and updates running statistics held as

@@ -14,11 +14,17 @@ stale (its holder's OS lock is gone), and so is one whose heartbeat is older tha
 read (other bytes, half a file from an old version) once it has stayed so for UNREADABLE_GRACE_S; a stale record is
 replaced with a warning naming its former holder. A lock.json that is a directory is refused with what to remove.
 
-On object stores (`gs://`, through etils.epath) there is no OS lock and no exclusive create through epath: the run
-writes its token and reads it back after a short pause, which catches all but starts within that pause of each
-other (docs/RELIABILITY.md says what GCS's generation preconditions would add). On every kind of path the heartbeat
-thread checks that the record still names this run; a run whose lock was taken over stops before its next step
-(`raise_if_taken_over`, asked by the training loop) with a message naming the other holder.
+On `gs://` there is no OS lock; lock.json is read and written with the GCS client (google-cloud-storage) and every
+change is conditional on the record's generation (GCS request preconditions, `_GcsRecord`): a run creates the record
+only if there is none (ifGenerationMatch=0) and replaces a stale one only if it is still the generation it judged, so
+of runs starting in the same instant exactly one takes the lock and the others judge its record and refuse. An
+unreadable record there is stale at once (a GCS object appears whole or not at all). The heartbeat writes only if the
+record is still the generation this run last wrote, and release deletes it only then: a run never overwrites or
+removes a record another run wrote. Tests: tests/runtime/test_workdir_lock_gcs.py (a GCS emulator that answers
+preconditions as GCS does). Other object stores (s3://, az://, hf://: epath offers no conditional write) are refused.
+
+On every kind of path the heartbeat checks that the record still names this run; a run whose lock was taken over
+stops before its next step (`raise_if_taken_over`, asked by the training loop) with a message naming the other holder.
 
 In a multi-process job only process 0 takes the lock; the others wait for its verdict and refuse together with it.
 """
@@ -36,6 +42,9 @@ import uuid
 import filelock
 from absl import logging
 from etils import epath
+from google.api_core import exceptions as api_exceptions
+from google.auth import exceptions as auth_exceptions
+from google.cloud import storage
 
 from dtm_jax.runtime import errors
 
@@ -43,7 +52,6 @@ LOCK_FILE = "lock.json"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0
 UNREADABLE_GRACE_S = 5.0
-_OBJECT_STORE_SETTLE_S = 2.0
 _held_tokens: set[str] = set()  # locks this process holds now
 _taken_over: dict[str, str] = {}  # token -> why: locks of this process that another run took
 
@@ -58,6 +66,66 @@ class WorkdirUnwritableError(errors.RunError):
 
 def _is_local(path: epath.Path) -> bool:
   return "://" not in str(path)
+
+
+def _is_gcs(path: epath.Path) -> bool:
+  return str(path).startswith("gs://")
+
+
+@contextlib.contextmanager
+def _gcs_errors_as_os_errors(uri: str):
+  """Other GCS failures (permissions, credentials, a missing bucket) as OSError, which `hold` reports in one line."""
+  try:
+    yield
+  except (api_exceptions.GoogleAPICallError, auth_exceptions.GoogleAuthError) as e:
+    raise OSError(f"{uri}: {e}") from e
+
+
+class _GcsRecord:
+  """One object on GCS, read with its generation and written or deleted only if its generation is still the one
+  given (GCS request preconditions: https://cloud.google.com/storage/docs/request-preconditions). Generation 0 means
+  "no such object", so a write against 0 creates it only if nobody did. GCS applies the check and the write as one
+  step and answers 412 when the check fails, so each change of the record is a compare-and-swap."""
+
+  def __init__(self, uri: str):
+    self.uri = uri
+    bucket, _, self._name = uri[len("gs://"):].partition("/")
+    with _gcs_errors_as_os_errors(uri):
+      # No project: objects are read and written by bucket name. Credentials: Application Default Credentials (on
+      # TPU VMs the metadata server); with STORAGE_EMULATOR_HOST set (tests) the client goes there anonymously.
+      self._bucket = storage.Client(project=None).bucket(bucket)
+
+  def read(self) -> tuple[bytes, int] | None:
+    """The object's bytes and their generation (from one response), or None if there is none."""
+    blob = self._bucket.blob(self._name)
+    with _gcs_errors_as_os_errors(self.uri):
+      try:
+        data = blob.download_as_bytes()
+      except api_exceptions.NotFound:
+        return None
+    if blob.generation is None:  # a write conditional on None would be unconditional
+      raise OSError(f"{self.uri}: the storage server sent no generation with the object")
+    return data, blob.generation
+
+  def write(self, text: str, generation: int) -> int | None:
+    """Writes `text` if the object's generation is still `generation` (0: if there is no object); the new generation,
+    or None when it had changed."""
+    blob = self._bucket.blob(self._name)
+    with _gcs_errors_as_os_errors(self.uri):
+      try:
+        blob.upload_from_string(text, content_type="application/json", if_generation_match=generation)
+      except api_exceptions.PreconditionFailed:
+        return None
+    return blob.generation
+
+  def delete(self, generation: int) -> bool:
+    """Deletes the object if its generation is still `generation`; False when it changed or is gone."""
+    with _gcs_errors_as_os_errors(self.uri):
+      try:
+        self._bucket.blob(self._name).delete(if_generation_match=generation)
+      except (api_exceptions.PreconditionFailed, api_exceptions.NotFound):
+        return False
+    return True
 
 
 def _pid_alive(pid: int) -> bool:
@@ -102,6 +170,15 @@ def stale_reason(holder: dict, *, now: float | None = None, stale_after_s: float
   return None
 
 
+def _parse_record(data: bytes) -> dict:
+  """The holder in a record's bytes; {} when they are not a JSON object (other bytes, half a file)."""
+  try:
+    holder = json.loads(data.decode("utf-8"))
+  except ValueError:  # UnicodeDecodeError included
+    return {}
+  return holder if isinstance(holder, dict) else {}
+
+
 def raise_if_taken_over() -> None:
   """WorkdirLockedError if another run took a lock this process holds (the training loop asks before each step)."""
   if _taken_over:
@@ -122,23 +199,32 @@ class WorkdirLock:
     self._token = uuid.uuid4().hex
     self._holder = None
     self._os_lock = None
+    if not _is_local(self.path) and not _is_gcs(self.path):
+      raise WorkdirLockedError(
+          f"{self.workdir}: the workdir lock works on local (or NFS) paths and on gs://, where writes can be made "
+          "conditional; through etils.epath this store has no conditional write. Use a local path or gs://.")
+    self._gcs = _GcsRecord(str(self.path)) if _is_gcs(self.path) else None
+    self._generation = None  # gs://: the generation of our record, the one our next write or delete must find
     self._stop = threading.Event()
     self._thread = None
 
   # --- Reading and writing the record.
   def read(self) -> dict | None:
     """The holder recorded in lock.json; {} when it exists but cannot be parsed; None when there is none."""
+    return self._read()[0]
+
+  def _read(self) -> tuple[dict | None, int | None]:
+    """`read`'s holder and, on gs://, the generation of the record it came from (0 when there is none)."""
+    if self._gcs is not None:
+      found = self._gcs.read()
+      return (None, 0) if found is None else (_parse_record(found[0]), found[1])
     try:
-      text = self.path.read_bytes().decode("utf-8")
+      data = self.path.read_bytes()
     except FileNotFoundError:
-      return None
-    except (UnicodeDecodeError, OSError):
-      return {} if self.path.is_file() else self._refuse_odd_file()
-    try:
-      holder = json.loads(text)
-      return holder if isinstance(holder, dict) else {}
-    except ValueError:
-      return {}
+      return None, None
+    except OSError:
+      return ({} if self.path.is_file() else self._refuse_odd_file()), None
+    return _parse_record(data), None
 
   def _refuse_odd_file(self):
     kind = "a directory" if self.path.is_dir() else "not a readable file"
@@ -146,15 +232,21 @@ class WorkdirLock:
         f"{self.path} is {kind}, so this workdir's lock cannot be taken. If no run uses {self.workdir}, remove it "
         f"(rm -r {self.path}) and rerun.")
 
-  def _write(self, holder: dict) -> None:
-    """The whole record at once: written under a temporary name, then renamed into place (atomic on local disks)."""
+  def _write(self, holder: dict, generation: int | None) -> bool:
+    """The whole record at once. Locally: written under a temporary name, then renamed into place (atomic; the OS
+    lock keeps other writers out), always True. On gs://: only if the record is still at `generation` (0: absent);
+    False when another run changed it meanwhile."""
     text = json.dumps(holder)
-    if _is_local(self.path):
-      tmp = self.path.parent / f".{LOCK_FILE}.{self._token}.tmp"
-      tmp.write_text(text)
-      os.replace(os.fspath(tmp), os.fspath(self.path))
-    else:
-      self.path.write_text(text)
+    if self._gcs is not None:
+      written = self._gcs.write(text, generation)
+      if written is None:
+        return False
+      self._generation = written
+      return True
+    tmp = self.path.parent / f".{LOCK_FILE}.{self._token}.tmp"
+    tmp.write_text(text)
+    os.replace(os.fspath(tmp), os.fspath(self.path))
+    return True
 
   # --- Taking and giving back.
   def acquire(self) -> "WorkdirLock":
@@ -193,22 +285,23 @@ class WorkdirLock:
       self._os_lock = None
 
   def _take_record(self) -> None:
-    local = _is_local(self.path)
-    deadline = time.time() + self._grace_s
+    """Writes our record unless a live holder's is there. On gs:// every write is conditional on the generation just
+    judged, so of runs that judged the same record only one replaces it; the others judge the new one."""
+    local = self._gcs is None
     while True:
-      holder = self.read()
+      holder, generation = self._read()
       if holder is None:
-        if local:
-          self._write(self._holder)
-          return
-        if self._create_on_object_store():
+        if self._write(self._holder, generation):
           return
         continue
+      if holder.get("token") == self._token:  # gs://: our write landed, but its answer was lost and the retry failed
+        self._generation = generation
+        return
       reason = stale_reason(holder, stale_after_s=self._stale_after_s)
-      if reason == "the lock file is unreadable":
+      if reason == "the lock file is unreadable" and local:
         # A writer on another host (or of an older version) may be mid-write: unreadable counts as stale only once
-        # it has stayed so for the grace period.
-        wait = self._grace_s - self._age() if local else deadline - time.time()
+        # it has stayed so for the grace period. (A GCS object appears whole or not at all: stale at once.)
+        wait = self._grace_s - self._age()
         if wait > 0:
           time.sleep(min(wait, 0.5))
           continue
@@ -220,11 +313,8 @@ class WorkdirLock:
             "its last heartbeat, or delete the lock file.")
       if reason is None:  # this host, and we hold the OS lock: its holder is gone
         reason = "its holder no longer holds the workdir's OS lock"
-      logging.warning("Replacing the stale lock of %s (%s): %s.", self.workdir, describe(holder), reason)
-      if local:
-        self._write(self._holder)
-        return
-      if self._replace_on_object_store(holder):
+      if self._write(self._holder, generation):
+        logging.warning("Replaced the stale lock of %s (%s): %s.", self.workdir, describe(holder), reason)
         return
 
   def _age(self) -> float:
@@ -234,34 +324,34 @@ class WorkdirLock:
     except OSError:
       return float("inf")
 
-  def _create_on_object_store(self) -> bool:
-    if self.path.exists():
-      return False
-    self.path.write_text(json.dumps(self._holder))
-    time.sleep(_OBJECT_STORE_SETTLE_S)  # another writer in the same instant overwrote ours → it wins, we refuse
-    return (self.read() or {}).get("token") == self._token
-
-  def _replace_on_object_store(self, stale: dict) -> bool:
-    current = self.read()
-    if current is not None and current.get("token") != stale.get("token"):
-      return False  # replaced meanwhile: judge the new record
-    self.path.write_text(json.dumps(self._holder))
-    time.sleep(_OBJECT_STORE_SETTLE_S)
-    return (self.read() or {}).get("token") == self._token
+  def _beat(self) -> dict | None:
+    """Refreshes our record's heartbeat; returns the record found instead of ours if another run took the lock.
+    Locally the record is read first (no conditional write). On gs:// the write is conditional on our record's
+    generation: it fails if anyone wrote since, and only then is the record read."""
+    if self._gcs is None:
+      current = self.read()
+      if current is None or current.get("token") != self._token:
+        return current or {}
+    self._holder["heartbeat"] = time.time()
+    if self._write(self._holder, self._generation):
+      return None
+    current, generation = self._read()
+    if current is not None and current.get("token") == self._token:  # our earlier write's answer was lost
+      self._generation = generation
+      return None
+    return current or {}
 
   def _start_heartbeat(self) -> None:
     def beat():
       while not self._stop.wait(self._heartbeat_s):
         try:
-          current = self.read()
-          if current is None or current.get("token") != self._token:
-            why = (f"The lock {self.path} of this run was taken over by another run ({describe(current or {})}); "
+          other = self._beat()
+          if other is not None:
+            why = (f"The lock {self.path} of this run was taken over by another run ({describe(other)}); "
                    f"two runs may be writing {self.workdir}. This run stops; check which run should own it.")
             logging.error("%s", why)
             _taken_over[self._token] = why
             return
-          self._holder["heartbeat"] = time.time()
-          self._write(self._holder)
         except Exception as e:  # pylint: disable=broad-except
           logging.warning("Could not refresh the lock %s: %s", self.path, e)
 
@@ -277,9 +367,13 @@ class WorkdirLock:
     _held_tokens.discard(self._token)
     _taken_over.pop(self._token, None)
     try:
-      current = self.read()
-      if current is not None and current.get("token") == self._token:
-        self.path.unlink()
+      if self._gcs is not None:
+        if not self._gcs.delete(self._generation):  # only our own record: as we last wrote it
+          logging.warning("Left the lock %s in place: it is no longer this run's record.", self.path)
+      else:
+        current = self.read()
+        if current is not None and current.get("token") == self._token:
+          self.path.unlink()
     except (OSError, WorkdirLockedError) as e:
       logging.warning("Could not remove the lock %s: %s", self.path, e)
     finally:

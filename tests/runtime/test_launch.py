@@ -1,5 +1,6 @@
-"""Cluster start-up (dtm_jax/runtime/launch.py): which launcher started this process, what jax.distributed.initialize() is
-called with, and the refusal of processes that a launcher started together but that did not join one job.
+"""Cluster start-up (dtm_jax/runtime/launch.py): which launcher started this process, what
+jax.distributed.initialize() is called with, and the refusal of processes that a launcher started together but that
+did not join one job.
 
 Environment variables are faked; jax.distributed.initialize is replaced by a recorder, but the arguments are also fed
 through JAX's own cluster detection (jax._src.clusters) to check what JAX would make of them.
