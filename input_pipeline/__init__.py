@@ -16,6 +16,7 @@ from input_pipeline.config import segment_config
 
 _PIPELINE_NAMES = ("build_eval", "build_finetune_train", "build_pretrain")
 _SEGMENTATION_NAMES = ("build_segment_eval", "build_segment_train")
+__all__ = ["default_config", "segment_config", *_PIPELINE_NAMES, *_SEGMENTATION_NAMES]
 
 
 def __getattr__(name):
