@@ -4,6 +4,7 @@ every worker has tried, so the number that got it is the number of holders at on
 failed). The root may be local or gs:// (an epath.Path; `prepare` then points each worker's epath at the emulator).
 """
 import multiprocessing
+import time
 
 PROCESSES = 8
 
@@ -83,3 +84,19 @@ def slow_gcs_writers():
 
   gpath.PosixGPath.write_text = slowed(gpath.PosixGPath.write_text)
   storage.Blob.upload_from_string = slowed(storage.Blob.upload_from_string)
+
+
+def wait_for_takeover_notice(other_host: str, other_pid: int, timeout_s: float) -> None:
+  """Waits until this process's heartbeat reports its lock taken over by (other_host, other_pid); fails if it does not
+  within timeout_s."""
+  import pytest  # pylint: disable=g-import-not-at-top  # not in the spawned workers
+  from dtm_jax.runtime import workdir_lock  # pylint: disable=g-import-not-at-top
+  deadline = time.time() + timeout_s
+  while time.time() < deadline:
+    try:
+      workdir_lock.raise_if_taken_over()
+    except workdir_lock.WorkdirLockedError as error:
+      assert "taken over" in str(error) and other_host in str(error) and f"pid {other_pid}" in str(error)
+      return
+    time.sleep(0.05)
+  pytest.fail("the takeover was not noticed")

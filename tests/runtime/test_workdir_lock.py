@@ -8,6 +8,7 @@ import socket
 import time
 
 import eval_testing
+import lock_racing
 import pytest
 import train_testing
 
@@ -101,16 +102,7 @@ def test_a_run_whose_lock_is_taken_over_stops_naming_the_other_holder(tmp_path):
     other = {"host": "some-other-host", "pid": 4242, "start_time": time.time(), "heartbeat": time.time(),
              "token": "theirs", "mode": "finetune"}
     (workdir / workdir_lock.LOCK_FILE).write_text(json.dumps(other))
-    deadline = time.time() + 5
-    while time.time() < deadline:
-      try:
-        workdir_lock.raise_if_taken_over()
-      except workdir_lock.WorkdirLockedError as error:
-        assert "taken over" in str(error) and "some-other-host" in str(error) and "pid 4242" in str(error)
-        break
-      time.sleep(0.05)
-    else:
-      pytest.fail("the takeover was not noticed")
+    lock_racing.wait_for_takeover_notice("some-other-host", 4242, timeout_s=5)
   finally:
     lock.release()
   workdir_lock.raise_if_taken_over()  # released: nothing held, nothing to report

@@ -125,16 +125,7 @@ def test_a_run_whose_gcs_lock_is_replaced_stops_naming_the_other_holder(gcs):
     time.sleep(0.3)
     workdir_lock.raise_if_taken_over()  # ours, refreshed by its heartbeats: nothing to say
     _blob("taken/lock.json").upload_from_string(json.dumps(_other_run(time.time())))
-    deadline = time.time() + 10
-    while time.time() < deadline:
-      try:
-        workdir_lock.raise_if_taken_over()
-      except workdir_lock.WorkdirLockedError as error:
-        assert "taken over" in str(error) and "some-other-host" in str(error) and "pid 4242" in str(error)
-        break
-      time.sleep(0.05)
-    else:
-      pytest.fail("the takeover was not noticed")
+    lock_racing.wait_for_takeover_notice("some-other-host", 4242, timeout_s=10)
   finally:
     lock.release()
   assert json.loads(_blob("taken/lock.json").download_as_bytes())["token"] == "theirs"  # release left theirs
