@@ -11,7 +11,9 @@ threads, with antialiased resizing (the default, as PIL) and without. Two figure
 Also times the mask generator alone (masks/s on one core, batches of 256, 14x14 grid).
 
 Then the colour-jitter order: ours (after the crop) and the released one (`input.jitter_before_crop`), timed
-ours / released / ours on one thread.
+ours / released / ours on one thread. Then the evaluation crop (shorter side to 256, centre 224): ours
+(`transforms.center_crop`, the exact sub-pixel window) beside the whole-pixel window of the code before 2026-12-07,
+timed ours / whole-pixel / ours on one thread (decode + crop + resize + uint8 per image).
 
   python benchmarks/input_pipeline.py [--num_images=384] [--seconds=20] [--threads=1 ...]
 Recorded in docs/BENCHMARKS.md ("Input pipeline").
@@ -32,7 +34,8 @@ from absl import app, flags
 from PIL import Image
 
 import input_pipeline
-from input_pipeline import masking
+import tensorflow as tf
+from input_pipeline import masking, transforms
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 384, "JPEGs to generate.")
 _SECONDS = flags.DEFINE_float("seconds", 20.0, "Timed seconds per setting.")
@@ -69,6 +72,32 @@ def time_pipeline(root, threads, antialias, seconds, batch_size, jitter_before_c
   return images / (time.perf_counter() - wall), images / (time.process_time() - cpu)
 
 
+def _whole_pixel_eval_crop(image, size=224, crop_pct=0.875):
+  """The evaluation crop before 2026-12-07 (for comparison only): a whole-pixel window, then a resize."""
+  def window(height, width):
+    short = tf.cast(tf.minimum(height, width), tf.float32)
+    side = tf.round(short * size / (size // crop_pct))
+    top = tf.round((tf.cast(height, tf.float32) - side) / 2)
+    left = tf.round((tf.cast(width, tf.float32) - side) / 2)
+    return tf.cast(tf.stack([top, left, side, side]), tf.int32)
+  return transforms.resize(transforms.decode_and_crop(image, window), size, antialias=True)
+
+
+def time_eval_crop(root, crop, seconds, batch_size):
+  """Images per process CPU-second of `crop(jpeg bytes)` + uint8, one tf.data thread."""
+  files = tf.data.Dataset.list_files(os.path.join(root, "train", "*", "*.jpg"), shuffle=False).cache().repeat()
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = 1
+  data = files.map(tf.io.read_file).map(lambda image: transforms.to_uint8(crop(image)))
+  it = iter(data.batch(batch_size).with_options(options).as_numpy_iterator())
+  for _ in range(3):
+    next(it)
+  images, start = 0, time.process_time()
+  while time.process_time() - start < seconds:
+    images += len(next(it))
+  return images / (time.process_time() - start)
+
+
 def time_masks(seconds=3.0):
   rng = np.random.default_rng(0)
   made, start = 0, time.process_time()
@@ -97,6 +126,11 @@ def main(argv):
       _, cpu = time_pipeline(root, 1, True, _SECONDS.value, _BATCH.value, jitter_before_crop=before)
       print(f"| {'before the crop (released order)' if before else 'after the crop (ours)'} | {cpu:.0f} |",
             flush=True)
+    print("\n| evaluation crop | cpu images/s/core |\n|---|---|")
+    exact = lambda image: transforms.center_crop(image, 224, 0.875, antialias=True)
+    for name, crop in (("exact (ours)", exact), ("whole-pixel window", _whole_pixel_eval_crop),
+                       ("exact (ours)", exact)):
+      print(f"| {name} | {time_eval_crop(root, crop, _SECONDS.value, _BATCH.value):.0f} |", flush=True)
   print(f"Mask generator: {time_masks():.0f} masks/s on one core (14x14 grid, 75 masked).")
 
 
