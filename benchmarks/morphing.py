@@ -8,8 +8,8 @@ between the JAX and PyTorch versions, the share of a ViT-B/16 DTM step's FLOPs t
 the time the token Gram matmul takes at this machine's measured matmul rate.
 
 The PyTorch version follows the released code's algorithm (ToMe-style bipartite soft matching, size-weighted
-merging, a [B, slots, N] source matrix for the groups, one schedule shared by the batch), written from docs/METHOD.md §3;
-it runs on 2 threads. The loop reference (tests/morphing_reference.py) runs on a few images and is scaled to B.
+merging, a [B, slots, N] source matrix for the groups, one schedule shared by the batch), written from docs/METHOD.md
+§3; it runs on 2 threads. The loop reference (tests/morphing_reference.py) runs on a few images and is scaled to B.
 """
 import argparse
 import math

@@ -12,8 +12,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.mode = "pretrain"  # what main.py runs (dtm_jax/registry.py)
   c.seed = 0
 
-  # Student: BEiT-style ViT (docs/METHOD.md §4). dtype is the compute dtype (matmul and attention inputs); parameters, the
-  # residual stream and LayerNorm statistics are float32. attention_impl None picks per platform: cuDNN's fused
+  # Student: BEiT-style ViT (docs/METHOD.md §4). dtype is the compute dtype (matmul and attention inputs); parameters,
+  # the residual stream and LayerNorm statistics are float32. attention_impl None picks per platform: cuDNN's fused
   # kernel on GPUs (bf16), XLA on TPUs, the native kernel on CPUs; or "xla" / "cudnn" / "cpu".
   # remat: what the backward pass recomputes — "none", "dots" (keeps the matmul outputs) or "full".
   # kind: "beit" (mask tokens in the encoder, the pipeline's block-wise mask) or "mae" (encoder on the visible

@@ -21,8 +21,9 @@ i.e. +21 points of probe accuracy (+5 kNN) over the same student untrained; raw 
 run. `make demo` took 3m18s with an existing .venv (code of 2026-12-07 with the exact evaluation
 crop). The figures depend on the jax/XLA build (float summation
 orders): earlier measurements are listed in docs/RESULTS.md ("The demo's figures over time").
-Evaluate further: `python main.py --mode=linear_probe --config=configs/linear_probe_demo.py --workdir=workdirs/demo/probe
---config.pretrained.workdir=workdirs/demo` (and configs/finetune_demo.py with --mode=finetune).
+Evaluate further: `python main.py --mode=linear_probe --config=configs/linear_probe_demo.py
+--workdir=workdirs/demo/probe --config.pretrained.workdir=workdirs/demo` (and configs/finetune_demo.py with
+--mode=finetune).
 """
 import ml_collections
 

@@ -3,7 +3,8 @@
 Command (one host; on a pod run the same command on every host):
   python main.py --config=configs/dtm_vit_b16_in1k.py --workdir=$WORKDIR \
       --config.target.checkpoint=$CLIP_DIR --config.input.data_dir=$TFDS_DATA_DIR
-where $CLIP_DIR comes from `python -m dtm_jax.models.convert --format=openai_clip --input=ViT-B-16.pt --output=$CLIP_DIR`.
+where $CLIP_DIR comes from
+  python -m dtm_jax.models.convert --format=openai_clip --input=ViT-B-16.pt --output=$CLIP_DIR
 Then fine-tune with configs/finetune_vit_b16_in1k.py.
 Expected result (paper): 85.4% ImageNet-1K top-1 after fine-tuning (BEiT v2 85.0 at the same budget).
 `:epochs=800` gives the 800-epoch run (paper: 85.5%).

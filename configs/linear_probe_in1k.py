@@ -5,8 +5,8 @@ Command:
       --config.pretrained.workdir=$WORKDIR --config.input.data_dir=$TFDS_DATA_DIR
 Frozen student, mean-pooled final patch tokens, BatchNorm without affine + linear head, LARS, lr 0.1 × 16384 / 256,
 90 epochs (10 warm-up), RandomResizedCrop + flip on the training images (features recomputed every step).
-Expected result (paper): none to compare with; docs/METHOD.md §7 lists no ImageNet linear probe of the DTM ViT-B/16 (only
-the pilot study's probe of CLIP tokens, 44.2 → 46.3). We have not run it (no ImageNet here); report your number in
+Expected result (paper): none to compare with; docs/METHOD.md §7 lists no ImageNet linear probe of the DTM ViT-B/16
+(only the pilot study's probe of CLIP tokens, 44.2 → 46.3). We have not run it (no ImageNet here); report your number in
 docs/RESULTS.md.
 """
 import ml_collections

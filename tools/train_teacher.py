@@ -9,7 +9,8 @@ temperature s (CLIP's init 1/0.07, capped at 100), cross-entropy over the classe
 direct supervision and go through the same ln_post and proj as the CLS token, so the targets DTM regresses live in the
 class embeddings' space — which lets the pilot study classify single tokens zero-shot, as the paper does.
 
-The model and its training live in tools/semantic_teacher.py. Writes into --out: `params/` and `model_config.json` (the layout of `python -m dtm_jax.models.convert`, so
+The model and its training live in tools/semantic_teacher.py. Writes into --out: `params/` and `model_config.json`
+(the layout of `python -m dtm_jax.models.convert`, so
 `config.target.kind="clip"` with `config.target.checkpoint=<out>` loads it), `class_embeddings.npy` [10, proj_dim]
 (unit rows, in class-label order) and `teacher.json` (recipe, test top-1, time).
 
