@@ -36,7 +36,6 @@ from dtm_jax.runtime import checkpoint, errors
 FORMATS = ("hf", "timm")
 REL_POS_LAYOUTS = ("as_trained", "per_block")
 _DEFAULT_REL_POS = {"hf": "as_trained", "timm": "per_block"}
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # input_pipeline/config.py's default
 _LABELS = {"fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                              "Bag", "Ankle boot")}
 _HEADS_FILE = "lm_head.safetensors"
@@ -126,8 +125,8 @@ def fold_shared_table(trained: Trained) -> Trained:
 def timm_weights(trained: Trained) -> tuple[dict, dict]:
   """(trunk and head, `lm_head.*` of a pretraining student) as flat {unilm/timm name: float32 array}."""
   kind = "vit" if trained.kind == "pretraining" else "vit_classifier"
-  flat = {path: value for path, value in traversals.flatten_mapping(trained.params).items()}
-  flat = {tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in path): v for path, v in flat.items()}
+  flat = {tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in path): v
+          for path, v in traversals.flatten_mapping(trained.params).items()}
   rules = convert.beit_export_rules(trained.config, kind, trained.pooling)
   if kind == "vit":  # an MAE-style encoder has neither mask token nor (BEiT-style) lm_head
     rules = [rule for rule in rules if rule[0][0] not in ("mask_token", "lm_head") or rule[0] in flat]
@@ -190,10 +189,11 @@ def hf_weights(timm: dict, trained: Trained) -> dict:
 def _image_settings(trained: Trained):
   """(mean, std, resize side, crop side) of the run's evaluation view: shorter side to size / crop_pct, centre
   crop (input_pipeline.transforms.center_crop); a segmentation run resizes to its crop size."""
-  inputs = trained.run_config.get("input", {})
-  mean, std = tuple(inputs.get("mean", _IMAGENET_MEAN)), tuple(inputs.get("std", _IMAGENET_STD))
+  from input_pipeline import config as input_config  # pylint: disable=g-import-not-at-top  # no TensorFlow
+  inputs = {**input_config.default_config().to_dict(), **trained.run_config.get("input", {})}
+  mean, std = tuple(inputs["mean"]), tuple(inputs["std"])
   size = trained.config.image_size
-  resize = size if trained.kind == "segmentation" else math.floor(size / inputs.get("crop_pct", 0.875))
+  resize = size if trained.kind == "segmentation" else math.floor(size / inputs["crop_pct"])
   return mean, std, resize, size
 
 

@@ -100,8 +100,8 @@ class Ade20kFolderSource(sources.IndexedSource):
       return   # A corrupt file: skipped and counted like the others.
     if image_size != label_size:
       raise errors.DataError(f"{image_paths[first]} is {image_size[0]}x{image_size[1]} px but its label map "
-                       f"{label_paths[first]} is {label_size[0]}x{label_size[1]}; images and annotations must both "
-                       f"come from {ADE20K_FOLDER}.zip.")
+                             f"{label_paths[first]} is {label_size[0]}x{label_size[1]}; images and annotations must "
+                             f"both come from {ADE20K_FOLDER}.zip.")
 
 
 class TfdsSegmentSource(sources.TfdsSource):
@@ -113,7 +113,7 @@ class TfdsSegmentSource(sources.TfdsSource):
     features = self._builder.info.features
     if "annotation" not in features:
       raise errors.DataError(f"TFDS dataset {name!r} has no 'annotation' feature (it has {sorted(features)}); "
-                       "segmentation reads the label map from 'annotation', as scene_parse150 stores it.")
+                             "segmentation reads the label map from 'annotation', as scene_parse150 stores it.")
     self.has_labels = True
     if self._builder.name == "scene_parse150":
       logging.warning(

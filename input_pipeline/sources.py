@@ -73,11 +73,11 @@ class TfdsSource:
       self._builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
       raise errors.DataError(f"input.dataset={name!r} is not a TFDS dataset (see "
-                       "https://www.tensorflow.org/datasets/catalog).") from e
+                             "https://www.tensorflow.org/datasets/catalog).") from e
     features = self._builder.info.features
     if "image" not in features:
       raise errors.DataError(f"TFDS dataset {name!r} has no 'image' feature (it has "
-                       f"{sorted(features)}); only image datasets can feed this pipeline.")
+                             f"{sorted(features)}); only image datasets can feed this pipeline.")
     self.has_labels = "label" in features
     self._name = name
     self._shuffle_buffer = shuffle_buffer
@@ -166,8 +166,8 @@ def _check_enough(split, host_examples, min_examples, process_count):
   """A training split must fill at least one local batch on every host (else it would only repeat itself)."""
   if host_examples < max(min_examples, 1):
     raise errors.DataError(f"Split {split!r} gives this process {host_examples} examples ({process_count} "
-                     f"processes), fewer than one local batch of {min_examples}; use a smaller "
-                     "batch_size or a larger dataset.")
+                           f"processes), fewer than one local batch of {min_examples}; use a smaller "
+                           "batch_size or a larger dataset.")
 
 
 class IndexedSource:
@@ -252,7 +252,7 @@ class FolderSource(IndexedSource):
     self._classes = _subfolders(self._split_dir(train_split))
     if not self._classes:
       raise errors.DataError(f"{self._split_dir(train_split)} has no class sub-folders; expected "
-                       "<split>/<class>/<image files>.")
+                             "<split>/<class>/<image files>.")
 
   def _split_dir(self, split):
     path = os.path.join(self._root, split)
@@ -277,15 +277,15 @@ class FolderSource(IndexedSource):
       class_dir = os.path.join(split_dir, name)
       if name not in class_ids:
         raise errors.DataError(f"Class folder {class_dir} is not in the training split's folder "
-                         f"{os.path.join(self._root, self._train_split)}; labels would not "
-                         "match. Every split must use the training split's classes.")
+                               f"{os.path.join(self._root, self._train_split)}; labels would not "
+                               "match. Every split must use the training split's classes.")
       images = sorted(f for f in tf.io.gfile.listdir(class_dir)
                       if f.lower().endswith(IMAGE_EXTENSIONS))
       paths += [os.path.join(class_dir, f) for f in images]
       labels += [class_ids[name]] * len(images)
     if not paths:
       raise errors.DataError(f"No {'/'.join(IMAGE_EXTENSIONS)} files in the class folders of "
-                       f"{split_dir}.")
+                             f"{split_dir}.")
     return paths, labels
 
   def _describe(self, split, index):
@@ -338,7 +338,7 @@ class FashionMnistSource(IndexedSource):
     labels = _read_idx(self._path(f"{prefix}-labels-idx1-ubyte"))
     if images.ndim != 3 or labels.shape != images.shape[:1]:
       raise errors.DataError(f"Fashion-MNIST {split} files in {self._dir} disagree: images "
-                       f"{images.shape}, labels {labels.shape}.")
+                             f"{images.shape}, labels {labels.shape}.")
     images_t = tf.constant(images)
     labels_t = tf.constant(labels.astype(np.int32))
 

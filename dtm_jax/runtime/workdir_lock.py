@@ -32,19 +32,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import os
 import socket
 import threading
 import time
+import types
 import uuid
 
 import filelock
 from absl import logging
 from etils import epath
-from google.api_core import exceptions as api_exceptions
-from google.auth import exceptions as auth_exceptions
-from google.cloud import storage
 
 from dtm_jax.runtime import errors
 
@@ -72,12 +71,24 @@ def _is_gcs(path: epath.Path) -> bool:
   return str(path).startswith("gs://")
 
 
+@functools.cache
+def _gcs_client() -> types.SimpleNamespace:
+  """google-cloud-storage and its exceptions, imported by the first gs:// lock only: importing them costs every run
+  0.2–0.5 s of start-up, gs:// or not."""
+  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from google.api_core import exceptions as api_exceptions
+  from google.auth import exceptions as auth_exceptions
+  from google.cloud import storage
+  return types.SimpleNamespace(storage=storage, api=api_exceptions, auth=auth_exceptions)
+
+
 @contextlib.contextmanager
 def _gcs_errors_as_os_errors(uri: str):
   """Other GCS failures (permissions, credentials, a missing bucket) as OSError, which `hold` reports in one line."""
+  gcs = _gcs_client()
   try:
     yield
-  except (api_exceptions.GoogleAPICallError, auth_exceptions.GoogleAuthError) as e:
+  except (gcs.api.GoogleAPICallError, gcs.auth.GoogleAuthError) as e:
     raise OSError(f"{uri}: {e}") from e
 
 
@@ -93,7 +104,8 @@ class _GcsRecord:
     with _gcs_errors_as_os_errors(uri):
       # No project: objects are read and written by bucket name. Credentials: Application Default Credentials (on
       # TPU VMs the metadata server); with STORAGE_EMULATOR_HOST set (tests) the client goes there anonymously.
-      self._bucket = storage.Client(project=None).bucket(bucket)
+      self._bucket = _gcs_client().storage.Client(project=None).bucket(bucket)
+    self._errors = _gcs_client().api
 
   def read(self) -> tuple[bytes, int] | None:
     """The object's bytes and their generation (from one response), or None if there is none."""
@@ -101,7 +113,7 @@ class _GcsRecord:
     with _gcs_errors_as_os_errors(self.uri):
       try:
         data = blob.download_as_bytes()
-      except api_exceptions.NotFound:
+      except self._errors.NotFound:
         return None
     if blob.generation is None:  # a write conditional on None would be unconditional
       raise OSError(f"{self.uri}: the storage server sent no generation with the object")
@@ -114,7 +126,7 @@ class _GcsRecord:
     with _gcs_errors_as_os_errors(self.uri):
       try:
         blob.upload_from_string(text, content_type="application/json", if_generation_match=generation)
-      except api_exceptions.PreconditionFailed:
+      except self._errors.PreconditionFailed:
         return None
     return blob.generation
 
@@ -123,7 +135,7 @@ class _GcsRecord:
     with _gcs_errors_as_os_errors(self.uri):
       try:
         self._bucket.blob(self._name).delete(if_generation_match=generation)
-      except (api_exceptions.PreconditionFailed, api_exceptions.NotFound):
+      except (self._errors.PreconditionFailed, self._errors.NotFound):
         return False
     return True
 
